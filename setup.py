@@ -1,0 +1,34 @@
+"""Install shortcut_jax: `pip install -e .` (add `[test]` for the test suite)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="shortcut_jax",
+    version="0.1.0",
+    description="Shortcut models (one-step diffusion) in JAX/Flax, from a laptop CPU to TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["shortcut_jax", "shortcut_jax.*"]),
+    install_requires=[
+        "jax>=0.6,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml-collections>=1.0,<2",
+        "clu>=0.0.12,<0.1",
+        "tensorflow-datasets>=4.9.7,<5",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorboard>=2.18,<2.22",
+        "importlib_resources>=6",
+        "mlxtend>=0.23,<0.26",
+        "numpy>=1.26",
+        "pillow>=10",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "scipy>=1.11"],
+    },
+)
