@@ -1,12 +1,14 @@
 """Install shortcut_jax: `pip install -e .` (add `[test]` for the test suite)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="shortcut_jax",
     version="0.1.0",
     description="Shortcut models (one-step diffusion) in JAX/Flax, from a laptop CPU to TPU pods.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

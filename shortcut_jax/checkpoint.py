@@ -1,0 +1,143 @@
+"""Orbax checkpoints of the train state plus the run config, with automatic resume.
+
+The data position needs no entry of its own: every data source is addressed by step
+(`source.iterate(start_step)`), so the restored `state.step` is the data position.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from shortcut_jax import config_lib
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where the checkpoints of a run live."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """An async CheckpointManager over workdir/checkpoints holding 'state' and 'config'."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, step: int
+) -> None:
+    """Starts an async save of `state` and `config` at `step`."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+    )
+
+
+def restore_state(
+    manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+) -> Any:
+    """Restores the state at `step` (default: newest) into the shardings of `abstract_state`.
+
+    Raises:
+      CheckpointError: naming the checkpoint directory when it is unreadable or does not match.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory}")
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+    except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
+        path = os.path.join(str(manager.directory), str(step))
+        steps = sorted(manager.all_steps())
+        raise CheckpointError(
+            f"cannot restore the checkpoint {path} ({type(error).__name__}: {error}). "
+            f"Saved steps: {steps}. If this one is corrupt or from another config, move it out "
+            f"of {manager.directory} to resume from the previous one (nothing was deleted)."
+        ) from error
+    return restored.state
+
+
+def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config saved with a checkpoint (default: newest), or workdir/config.json."""
+    manager = make_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is not None:
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return ml_collections.ConfigDict(restored.config)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)} and no {path}: "
+            "is --workdir the directory a training run wrote to?"
+        )
+    with open(path, encoding="utf-8") as file:
+        return config_lib.from_json(file.read())
+
+
+def restore_or_init(
+    manager: ocp.CheckpointManager, abstract_state: Any, init_fn: Callable[[], Any]
+) -> tuple[Any, bool]:
+    """Resumes from the newest checkpoint if there is one, else calls `init_fn`.
+
+    Returns:
+      (state, resumed).
+    """
+    if manager.latest_step() is None:
+        return init_fn(), False
+    return restore_state(manager, abstract_state), True
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays, as Orbax restore targets."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
+    """Loads a run's config and train state (newest checkpoint by default) onto this process.
+
+    The state is restored into replicated shardings over the local devices, whatever mesh it was
+    saved from. Used by the sampling and evaluation CLIs and notebooks.
+    """
+    import functools
+
+    from shortcut_jax import models, optim, sharding
+    from shortcut_jax.state import init_state
+
+    manager = make_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)}: train first "
+            "(python -m shortcut_jax.main --config ... --workdir ...)"
+        )
+    config = restore_config(workdir, step)
+    model = models.get_model(config)
+    abstract_state = jax.eval_shape(
+        functools.partial(init_state, config, model, optim.make_optimizer(config))
+    )
+    replicated = sharding.replicated(sharding.make_mesh(jax.local_devices()))
+    abstract_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state
+    )
+    state = restore_state(manager, abstract_state, step)
+    manager.close()
+    return config, state

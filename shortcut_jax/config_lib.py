@@ -1,0 +1,199 @@
+"""Validation of a run config before any data is read or any function compiled.
+
+`validate(config)` checks every field the library reads and raises one `ConfigError` listing each
+bad value as `config.<field> = <value>: <what is allowed>`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from shortcut_jax import objectives, timesteps
+
+DATA_NAMES = ("mnist_embedded", "toy2d", "tfds")
+MODEL_NAMES = ("dit", "mlp")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("constant", "cosine")
+TEACHERS = ("params", "ema")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the library cannot run with."""
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Checks the whole config; raises ConfigError naming every bad field, its value and the rule.
+
+    Args:
+      config: the run config.
+      device_count: global number of devices the batch is split over (default: jax.device_count()).
+    """
+    if device_count is None:
+        import jax
+
+        device_count = jax.device_count()
+    problems: list[str] = []
+
+    def check(field: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        try:
+            value = _lookup(config, field)
+        except (AttributeError, KeyError):
+            problems.append(f"config.{field} is missing: {allowed}")
+            return
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            problems.append(f"config.{field} = {value!r}: {allowed}")
+
+    check("objective", lambda v: v in objectives.names(), f"one of {objectives.names()}")
+    check("seed", _is_int, "an integer")
+    check("total_steps", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check(
+        "denoise_timesteps",
+        lambda v: timesteps.is_power_of_two(v) and v >= 2,
+        "a power of two >= 2 (e.g. 128)",
+    )
+    check("bootstrap_teacher", lambda v: v in TEACHERS, f"one of {list(TEACHERS)}")
+    check("teacher_ema_rate", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("ema_rate", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("bootstrap_cfg", lambda v: isinstance(v, bool), "True or False")
+    check("cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
+    check("class_dropout_prob", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("target_clip", lambda v: v >= 0.0, "a float >= 0 (0 = no clipping)")
+
+    if config.get("objective") in objectives.names():
+        minimum = objectives.get(config.objective).min_bootstrap_every
+        if minimum:
+            check(
+                "bootstrap_every",
+                lambda v: _is_int(v) and v >= minimum,
+                f"an integer >= {minimum} for objective {config.objective!r} "
+                "(1/bootstrap_every of the batch is the self-consistency part)",
+            )
+            if _is_int(config.get("bootstrap_every")) and config.bootstrap_every >= minimum:
+                check(
+                    "batch_size",
+                    lambda v: v % config.bootstrap_every == 0,
+                    f"divisible by config.bootstrap_every = {config.bootstrap_every}",
+                )
+    check(
+        "batch_size",
+        lambda v: v % device_count == 0,
+        f"divisible by the number of devices ({device_count})",
+    )
+
+    # Data.
+    check("data.name", lambda v: v in DATA_NAMES, f"one of {list(DATA_NAMES)}")
+    check("data.image_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("data.channels", lambda v: v in (1, 3, 4), "1, 3 or 4")
+    check(
+        "data.num_classes", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = unconditional)"
+    )
+    if config.data.get("name") == "tfds":
+        check(
+            "data.tfds_name", lambda v: isinstance(v, str) and v, "a TFDS name, e.g. 'imagenet2012'"
+        )
+    if config.get("bootstrap_cfg") is True:
+        check(
+            "data.num_classes",
+            lambda v: v > 0,
+            "> 0 when config.bootstrap_cfg is True (guidance needs classes)",
+        )
+
+    # Model.
+    check("model.name", lambda v: v in MODEL_NAMES, f"one of {list(MODEL_NAMES)}")
+    check("model.dtype", lambda v: v in DTYPES, f"one of {list(DTYPES)}")
+    if config.model.get("name") == "dit":
+        _check_dit(config, check, problems)
+    check("model.hidden_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("model.depth", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("model.mlp_ratio", lambda v: v > 0, "a positive float")
+
+    # Optimisation.
+    check("optim.learning_rate", lambda v: v > 0, "a float > 0")
+    check("optim.schedule", lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}")
+    check(
+        "optim.warmup_steps",
+        lambda v: _is_int(v) and 0 <= v <= config.total_steps,
+        "an integer in [0, config.total_steps]",
+    )
+    check("optim.end_lr_fraction", lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]")
+    check("optim.weight_decay", lambda v: v >= 0.0, "a float >= 0")
+    check("optim.beta1", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("optim.beta2", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("optim.grad_clip_norm", lambda v: v >= 0.0, "a float >= 0 (0 = no clipping)")
+
+    # Loop.
+    check("log_every_steps", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("checkpoint_every_steps", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("max_checkpoints_to_keep", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("sample_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = at the end)")
+    check(
+        "sample_steps",
+        lambda v: len(v) > 0 and all(_is_int(n) and 1 <= n <= config.denoise_timesteps for n in v),
+        "a non-empty list of step counts in [1, config.denoise_timesteps]",
+    )
+    check("sample_num", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check("sample_cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
+
+    if problems:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: list[str]) -> None:
+    from shortcut_jax.models import dit_preset
+
+    preset = config.model.get("preset", "")
+    if preset:
+        try:
+            hidden_size, _, num_heads, patch_size = dit_preset(preset)
+        except ValueError as error:
+            problems.append(f"config.model.preset = {preset!r}: {error}")
+            return
+    else:
+        hidden_size = config.model.hidden_size
+        num_heads = config.model.num_heads
+        patch_size = config.model.patch_size
+        check("model.patch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+        check("model.num_heads", lambda v: _is_int(v) and v > 0, "a positive integer")
+    if _is_int(patch_size) and patch_size > 0:
+        check(
+            "data.image_size",
+            lambda v: v % patch_size == 0,
+            f"divisible by the DiT patch size {patch_size}",
+        )
+    if _is_int(num_heads) and num_heads > 0 and not preset:
+        check(
+            "model.hidden_size",
+            lambda v: v % num_heads == 0,
+            f"divisible by config.model.num_heads = {num_heads}",
+        )
+    del hidden_size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Serialises a config (the copy saved in the workdir and in every checkpoint)."""
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Reads a config written by `to_json` (lists come back as lists)."""
+    return ml_collections.ConfigDict(json.loads(text))

@@ -1,0 +1,76 @@
+"""The base config that every file under experiments/ starts from.
+
+Every field the library reads exists here with a safe default, so an experiment file only states
+what differs, and `--config.field=value` can override any of them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the default config (a small class-conditional shortcut model on MNIST-5k)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.objective = "shortcut"  # see shortcut_jax.objectives.names()
+    config.total_steps = 16_000
+    config.batch_size = 32
+
+    # --- Shortcut / flow-matching objective -------------------------------------------------
+    config.denoise_timesteps = 128  # smallest step size d_min = 1 / denoise_timesteps
+    config.bootstrap_every = 8  # 1 / bootstrap_every of the batch is the self-consistency part
+    config.bootstrap_teacher = "params"  # 'params' (stop-gradient) or 'ema' (teacher_ema_rate)
+    config.teacher_ema_rate = 0.999  # only used when bootstrap_teacher == 'ema'
+    config.bootstrap_cfg = False  # classifier-free guidance inside the bootstrap targets
+    config.cfg_scale = 1.5  # guidance scale inside the bootstrap targets (bootstrap_cfg)
+    config.class_dropout_prob = 0.1  # labels replaced by the null class (for CFG)
+    config.target_clip = 4.0  # clip bootstrap targets and the intermediate x to [-c, c]; 0 = off
+
+    # --- Data ------------------------------------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "mnist_embedded"  # 'mnist_embedded', 'toy2d', 'tfds'
+    config.data.tfds_name = ""  # e.g. 'imagenet2012', 'celeb_a_hq/256' when name == 'tfds'
+    config.data.tfds_split = "train"
+    config.data.data_dir = ""  # TFDS data_dir ('' = TFDS default)
+    config.data.manual_dir = ""  # TFDS manual_dir for datasets that need one
+    config.data.image_size = 28
+    config.data.channels = 1
+    config.data.num_classes = 10  # 0 = unconditional; label num_classes is the null class
+    config.data.random_flip = False
+    config.data.shuffle_buffer = 10_000
+    config.data.toy_name = "checkerboard"  # for name == 'toy2d'
+
+    # --- Model -----------------------------------------------------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "dit"  # 'dit' or 'mlp'
+    config.model.preset = ""  # e.g. 'DiT-B/2' overrides hidden_size, depth, num_heads, patch_size
+    config.model.hidden_size = 128
+    config.model.depth = 4
+    config.model.num_heads = 4
+    config.model.patch_size = 4
+    config.model.mlp_ratio = 4.0
+    config.model.dtype = "float32"  # compute dtype; parameters stay float32
+
+    # --- Optimisation ------------------------------------------------------------------------
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 5e-4
+    config.optim.schedule = "cosine"  # 'constant' or 'cosine' (both after linear warm-up)
+    config.optim.warmup_steps = 200
+    config.optim.end_lr_fraction = 0.0  # cosine decays to learning_rate * end_lr_fraction
+    config.optim.weight_decay = 0.1
+    config.optim.beta1 = 0.9
+    config.optim.beta2 = 0.999
+    config.optim.grad_clip_norm = 1.0  # 0 = no clipping
+    config.ema_rate = 0.999  # EMA of the parameters used for sampling and evaluation
+
+    # --- Loop ------------------------------------------------------------------------------
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2_000
+    config.max_checkpoints_to_keep = 3
+    config.sample_every_steps = 4_000  # sample grids at sample_steps; 0 = only at the end
+    config.sample_steps = (1, 4, 128)
+    config.sample_num = 64  # images per grid
+    config.sample_use_ema = True
+    config.sample_cfg_scale = 1.5  # guidance used for sample grids (1 = none)
+    return config

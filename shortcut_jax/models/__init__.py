@@ -1,0 +1,163 @@
+"""Velocity networks s(x_t, t, d_level, y): a DiT for images and a residual MLP for points.
+
+Every model is a `flax.linen.Module` with
+`__call__(x, t, d_level, labels, train=False) -> velocity` (output shape of x, float32).
+
+Parameters are float32 whatever `config.model.dtype` says. Kernels are boxed with logical axis
+names (`nn.with_logical_partitioning`), so `model.init` returns `nn.Partitioned` leaves around the
+kernels; `model.apply` accepts that tree or the plain one. To get plain arrays, e.g. for
+`flax.traverse_util.flatten_dict`, call `nn.unbox(variables)`; for the logical axes call
+`nn.get_partition_spec(jax.eval_shape(model.init, rng, *example_inputs(config, 1)))`.
+
+Logical axis names used: 'embed' (hidden width), 'mlp' (MLP inner width), 'heads', 'kv' (head
+dimension), 'qkv' (the 3 of q/k/v), 'modulation' (adaLN output width), 'frequency' (sinusoidal
+features), 'classes' (label table rows), 'channels' (image channels into the patch embedding),
+'patch' (pixels per patch out of the final layer), 'data' (point dimension). Biases are unboxed.
+
+Typical use::
+
+    model = get_model(config)
+    variables = model.init(rng, *example_inputs(config, batch_size=1))
+    params = nn.unbox(variables)["params"]
+    velocity = model.apply({"params": params}, x_t, t, d_level, labels)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from shortcut_jax.models.dit import PRESETS, DiT, dit_preset
+from shortcut_jax.models.mlp import MLP
+
+__all__ = [
+    "DiT",
+    "MLP",
+    "MODEL_NAMES",
+    "PRESETS",
+    "count_params",
+    "dit_preset",
+    "example_inputs",
+    "get_model",
+]
+
+MODEL_NAMES = ("dit", "mlp")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """Maps config.model.dtype to a jnp dtype, failing clearly on anything else."""
+    name = config.model.dtype
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.dtype={name!r} is not allowed; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the velocity network named by config.model.name.
+
+    Reads config.model.{name, preset, hidden_size, depth, num_heads, patch_size, mlp_ratio, dtype}
+    and config.data.{image_size, channels, num_classes}. A non-empty config.model.preset (e.g.
+    "DiT-B/2") overrides hidden_size, depth, num_heads and patch_size. The step-size level is
+    embedded sinusoidally, so config.denoise_timesteps only bounds the levels the caller feeds.
+
+    Args:
+      config: the experiment config (see shortcut_jax.configs.base_config).
+
+    Returns:
+      An unbound flax.linen.Module.
+
+    Raises:
+      ValueError: for an unknown config.model.name, preset or dtype, or for shapes that do not fit
+        (image size not divisible by the patch size, hidden size not divisible by the heads).
+    """
+    name = config.model.name
+    dtype = _compute_dtype(config)
+    num_classes = int(config.data.num_classes)
+    if num_classes < 0:
+        raise ValueError(f"config.data.num_classes={num_classes} must be >= 0")
+    if name == "dit":
+        hidden_size = config.model.hidden_size
+        depth = config.model.depth
+        num_heads = config.model.num_heads
+        patch_size = config.model.patch_size
+        if config.model.preset:
+            hidden_size, depth, num_heads, patch_size = dit_preset(config.model.preset)
+        if config.data.image_size % patch_size:
+            raise ValueError(
+                f"config.data.image_size={config.data.image_size} is not divisible by the patch "
+                f"size {patch_size} (config.model.patch_size or config.model.preset)"
+            )
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"hidden size {hidden_size} is not divisible by num_heads {num_heads} "
+                "(config.model.hidden_size / num_heads or config.model.preset)"
+            )
+        if hidden_size % 4:
+            raise ValueError(f"config.model.hidden_size={hidden_size} must be a multiple of 4")
+        return DiT(
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            patch_size=patch_size,
+            num_classes=num_classes,
+            mlp_ratio=config.model.mlp_ratio,
+            dtype=dtype,
+        )
+    if name == "mlp":
+        return MLP(
+            hidden_size=config.model.hidden_size,
+            depth=config.model.depth,
+            num_classes=num_classes,
+            mlp_ratio=config.model.mlp_ratio,
+            dtype=dtype,
+        )
+    raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {MODEL_NAMES}")
+
+
+def example_inputs(
+    config: ml_collections.ConfigDict, batch_size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Zero inputs of the right shapes and dtypes for `model.init` / `jax.eval_shape`.
+
+    Args:
+      config: the experiment config.
+      batch_size: B.
+
+    Returns:
+      (x, t, d_level, labels): x (B, H, W, C) float32 for 'dit' (H = W = config.data.image_size,
+      C = config.data.channels) or (B, D) float32 for 'mlp' (D = config.data.dim if that field
+      exists, else 2); t (B,) float32; d_level (B,) int32; labels (B,) int32.
+
+    Raises:
+      ValueError: for an unknown config.model.name.
+    """
+    name = config.model.name
+    if name == "dit":
+        size = config.data.image_size
+        x = jnp.zeros((batch_size, size, size, config.data.channels), jnp.float32)
+    elif name == "mlp":
+        x = jnp.zeros((batch_size, int(config.data.get("dim", 2))), jnp.float32)
+    else:
+        raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {MODEL_NAMES}")
+    t = jnp.zeros((batch_size,), jnp.float32)
+    d_level = jnp.zeros((batch_size,), jnp.int32)
+    labels = jnp.zeros((batch_size,), jnp.int32)
+    return x, t, d_level, labels
+
+
+def count_params(params: Any) -> int:
+    """Number of scalar parameters in a pytree.
+
+    Args:
+      params: arrays, `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`), boxed or plain.
+
+    Returns:
+      The total element count.
+    """
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,43 @@
+"""The optimizer from `config.optim`: AdamW with warm-up, optional cosine decay and clipping."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to the end."""
+    optim = config.optim
+    peak = float(optim.learning_rate)
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak,
+            warmup_steps=int(optim.warmup_steps),
+            decay_steps=max(int(config.total_steps), int(optim.warmup_steps) + 1),
+            end_value=peak * float(optim.end_lr_fraction),
+        )
+    warmup = optax.linear_schedule(0.0, peak, max(int(optim.warmup_steps), 1))
+    return optax.join_schedules([warmup, optax.constant_schedule(peak)], [optim.warmup_steps])
+
+
+def weight_decay_mask(params: optax.Params) -> optax.Params:
+    """Decays matrices (kernels, embedding tables) but not biases or normalisation scales."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with the schedule above and global-norm gradient clipping when grad_clip_norm > 0."""
+    optim = config.optim
+    adamw = optax.adamw(
+        learning_rate=learning_rate_schedule(config),
+        b1=float(optim.beta1),
+        b2=float(optim.beta2),
+        weight_decay=float(optim.weight_decay),
+        mask=weight_decay_mask,
+    )
+    if optim.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(float(optim.grad_clip_norm)), adamw)
+    return adamw

@@ -1,0 +1,58 @@
+"""The train state: everything a run needs to continue exactly where it stopped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from shortcut_jax import models, objectives
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step counter, parameters, optimizer state, EMA copies and the base PRNG key.
+
+    Attributes:
+      step: () int32, number of optimizer updates applied.
+      params: model parameters.
+      opt_state: optax state.
+      ema_params: EMA of params at `config.ema_rate`, used for sampling and evaluation.
+      teacher_params: EMA at `config.teacher_ema_rate` used as the bootstrap teacher when
+        `config.bootstrap_teacher == 'ema'`; None otherwise.
+      rng: base key; the key of step s is fold_in(rng, s), so resuming is exact.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+    ema_params: Any
+    teacher_params: Any
+    rng: jax.Array
+
+
+def init_state(
+    config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """Initialises a fresh state from `config.seed` (pure: jit it, or eval_shape it)."""
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    x, t, d_level, labels = models.example_inputs(config, batch_size=1)
+    params = nn.unbox(model.init(init_rng, x, t, d_level, labels)["params"])
+    uses_ema_teacher = objectives.get(config.objective).uses_teacher and (
+        config.bootstrap_teacher == "ema"
+    )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        # Separate buffers: donating a state whose EMA aliases params fails.
+        ema_params=jax.tree.map(jnp.copy, params),
+        teacher_params=jax.tree.map(jnp.copy, params) if uses_ema_teacher else None,
+        rng=train_rng,
+    )

@@ -1,0 +1,127 @@
+"""The train step shared by every objective: targets, loss, gradient, optimizer and EMA updates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from shortcut_jax import objectives, optim, timesteps
+from shortcut_jax.state import TrainState
+
+# A metric is accumulated as (total, count) so that averages over many steps are exact even when
+# a step has no example of a kind (e.g. no bootstrap example at some level).
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+
+
+def make_apply_fn(model: nn.Module) -> Callable[..., jax.Array]:
+    """Wraps a model as apply_fn(params, x, t, d_level, labels) -> velocity."""
+
+    def apply_fn(params: Any, x: jax.Array, t: jax.Array, d_level: jax.Array, labels: jax.Array):
+        return model.apply({"params": params}, x, t, d_level, labels)
+
+    return apply_fn
+
+
+def bootstrap_level_name(level: int) -> str:
+    """Metric name of the bootstrap loss for student step size d = 2**-level."""
+    return f"loss_bootstrap/d=1_{2**level}"
+
+
+def regression_metrics(
+    per_example_loss: jax.Array, regression: objectives.Regression, denoise_timesteps: int
+) -> Metrics:
+    """Loss totals and counts: all, flow part, bootstrap part and bootstrap part per step size.
+
+    Args:
+      per_example_loss: (B,) mean squared error of each example.
+      regression: the batch the loss was computed on.
+      denoise_timesteps: defines the levels.
+    """
+    ones = jnp.ones_like(per_example_loss)
+    is_bootstrap = regression.is_bootstrap.astype(per_example_loss.dtype)
+
+    def masked(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.sum(per_example_loss * mask), jnp.sum(mask)
+
+    metrics = {
+        "loss": masked(ones),
+        "loss_flow": masked(ones - is_bootstrap),
+        "loss_bootstrap": masked(is_bootstrap),
+    }
+    for level in range(timesteps.num_levels(denoise_timesteps)):
+        at_level = (regression.d_level == level).astype(per_example_loss.dtype)
+        metrics[bootstrap_level_name(level)] = masked(is_bootstrap * at_level)
+    return metrics
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
+    """Builds the pure train step (state, batch) -> (new_state, metrics) for `config.objective`.
+
+    batch: {'image': (B, ...) float32 in [-1, 1], 'label': (B,) int32}. The caller jits it.
+    """
+    objective = objectives.get(config.objective)
+    objective_config = objectives.ObjectiveConfig.from_config(config)
+    apply_fn = make_apply_fn(model)
+    schedule = optim.learning_rate_schedule(config)
+    ema_rate = float(config.ema_rate)
+    teacher_rate = float(config.teacher_ema_rate)
+    ema_teacher = objective.uses_teacher and config.bootstrap_teacher == "ema"
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        teacher = state.teacher_params if ema_teacher else jax.lax.stop_gradient(state.params)
+        regression, objective_metrics = objective.build_targets(
+            apply_fn, teacher, batch, rng, objective_config
+        )
+
+        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
+            prediction = apply_fn(
+                params, regression.x_t, regression.t, regression.d_level, regression.labels
+            )
+            error = jnp.square(prediction - regression.target)
+            per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+            return jnp.mean(per_example), per_example
+
+        (_, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=optax.incremental_update(params, state.ema_params, 1.0 - ema_rate),
+            teacher_params=(
+                optax.incremental_update(params, state.teacher_params, 1.0 - teacher_rate)
+                if ema_teacher
+                else state.teacher_params
+            ),
+        )
+        one = jnp.ones((), jnp.float32)
+        metrics = regression_metrics(per_example, regression, config.denoise_timesteps)
+        metrics["grad_norm"] = (optax.global_norm(grads), one)
+        metrics["param_norm"] = (optax.global_norm(params), one)
+        metrics["learning_rate"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
+        for name, value in objective_metrics.items():
+            metrics[name] = (value, one)
+        return new_state, metrics
+
+    return train_step
+
+
+def summarize(accumulated: dict[str, tuple[Any, Any]]) -> dict[str, float]:
+    """Turns accumulated (total, count) pairs into averages; metrics never observed are dropped."""
+    summary = {}
+    for name, (total, count) in accumulated.items():
+        if float(count) > 0:
+            summary[name] = float(total) / float(count)
+    return summary

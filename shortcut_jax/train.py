@@ -1,0 +1,221 @@
+"""The one train loop for every objective: data, state, step, metrics, checkpoints, grids."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from shortcut_jax import (
+    checkpoint,
+    config_lib,
+    data,
+    images,
+    models,
+    optim,
+    sampling,
+    sharding,
+    steps,
+)
+from shortcut_jax.state import TrainState, init_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last saved checkpoint is left untouched."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir`, resuming from the newest checkpoint there.
+
+    Returns:
+      The last logged metric averages (also written to the CLU writers).
+    """
+    # ----------------------------------------------------------------- config and workdir
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
+            file.write(config_lib.to_json(config))
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+
+    # ----------------------------------------------------------------- data, model, state
+    source = data.get_source(config, jax.process_index(), jax.process_count())
+    model = models.get_model(config)
+    optimizer = optim.make_optimizer(config)
+    mesh = sharding.make_mesh()
+    init_fn = functools.partial(init_state, config, model, optimizer)
+    abstract_state = jax.eval_shape(init_fn)
+    state_sharding = sharding.tree_sharding(abstract_state, sharding.replicated(mesh))
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_sharding,
+    )
+    manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep)
+    state, resumed = checkpoint.restore_or_init(
+        manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
+    )
+    start_step = int(state.step)
+    num_params = models.count_params(state.params)
+    logging.info(
+        "%s at step %d of %d; %s parameters; objective %s; %d device(s).",
+        "Resumed" if resumed else "Initialised",
+        start_step,
+        config.total_steps,
+        f"{num_params:,}",
+        config.objective,
+        jax.device_count(),
+    )
+    if not resumed and is_chief:
+        writer.write_hparams(_flat_hparams(config))
+
+    train_step = jax.jit(
+        steps.make_train_step(config, model, optimizer),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer)
+
+    # ----------------------------------------------------------------- loop
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+    batches = source.iterate(start_step)
+    accumulated = None
+    summary: dict[str, float] = {}
+    last_saved = manager.latest_step()
+    compile_started = time.perf_counter()
+    for step in range(start_step + 1, config.total_steps + 1):
+        batch = sharding.global_batch(mesh, next(batches))
+        state, metrics = train_step(state, batch)
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)
+            logging.info(
+                "First step (compile + run): %.1f s", time.perf_counter() - compile_started
+            )
+        accumulated = (
+            metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
+        )
+        report_progress(step)
+        is_last = step == config.total_steps
+
+        if step % config.log_every_steps == 0 or is_last:
+            summary = steps.summarize(jax.device_get(accumulated))
+            accumulated = None
+            _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
+            writer.write_scalars(step, summary)
+        if step % config.checkpoint_every_steps == 0 or is_last:
+            loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1.0)
+            _raise_if_not_finite(loss, step, manager, workdir)
+            checkpoint.save(manager, state, config, step)
+            last_saved = step
+        sample_every = config.sample_every_steps
+        if (sample_every and step % sample_every == 0) or is_last:
+            grid_writer.write(state, step)
+
+    # ----------------------------------------------------------------- finish
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
+    return summary
+
+
+class SampleGridWriter:
+    """Samples the same noise at each configured step count; writes PNGs and image summaries."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: Any,
+        element_shape: tuple[int, ...],
+        workdir: str,
+        writer: metric_writers.MetricWriter,
+    ):
+        self.config = config
+        self.element_shape = tuple(element_shape)
+        self.directory = os.path.join(workdir, "samples")
+        self.writer = writer
+        self.apply_fn = steps.make_apply_fn(model)
+        self.is_chief = jax.process_index() == 0
+
+    def write(self, state: TrainState, step: int) -> dict[str, np.ndarray]:
+        """Samples with the EMA (or raw) parameters and writes one grid per step count."""
+        config = self.config
+        params = state.ema_params if config.sample_use_ema else state.params
+        rng = jax.random.PRNGKey(config.seed + 1)  # the same noise at every step and count
+        grids = {}
+        for num_steps in config.sample_steps:
+            samples, _ = sampling.sample_batch(
+                self.apply_fn,
+                params,
+                rng,
+                num=config.sample_num,
+                shape=self.element_shape,
+                num_steps=int(num_steps),
+                denoise_timesteps=config.denoise_timesteps,
+                cfg_scale=float(config.sample_cfg_scale),
+                num_classes=config.data.num_classes,
+            )
+            grids[f"{num_steps} step" + ("s" if num_steps > 1 else "")] = np.asarray(samples)
+        if self.is_chief:
+            self._save(grids, step)
+        return grids
+
+    def _save(self, grids: dict[str, np.ndarray], step: int) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"step_{step:07d}.png")
+        if len(self.element_shape) == 1:
+            images.scatter_png(path, grids)
+            return
+        images.save_labeled_grids(path, grids, ncols=self._columns())
+        summaries = {
+            f"samples/{name.replace(' ', '_')}": images.make_grid(samples, ncols=self._columns())[
+                None
+            ]
+            for name, samples in grids.items()
+        }
+        self.writer.write_images(step, summaries)
+
+    def _columns(self) -> int:
+        num_classes = self.config.data.num_classes
+        return num_classes if 0 < num_classes <= 20 else 8
+
+
+def _raise_if_not_finite(loss: float, step: int, manager: Any, workdir: str) -> None:
+    if np.isfinite(loss):
+        return
+    raise NonFiniteLossError(
+        f"The loss is {loss} at step {step}. Nothing was saved at this step; the last good "
+        f"checkpoint is step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)} and "
+        "a rerun resumes from it. Lower config.optim.learning_rate, set "
+        "config.optim.grad_clip_norm > 0 or check the data for NaNs."
+    )
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    flat = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                visit(name + ".", value)
+            elif isinstance(value, (bool, int, float, str)):
+                flat[name] = value
+            else:
+                flat[name] = str(value)
+
+    visit("", config)
+    return flat

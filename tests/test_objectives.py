@@ -1,0 +1,244 @@
+"""The targets of the objectives equal their definitions, computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shortcut_jax import objectives, timesteps
+from shortcut_jax.objectives import ObjectiveConfig
+from shortcut_jax.objectives.shortcut import bootstrap_targets, teacher_velocity
+
+
+def make_cfg(**overrides) -> ObjectiveConfig:
+    fields = dict(
+        denoise_timesteps=8,
+        bootstrap_every=4,
+        bootstrap_cfg=False,
+        cfg_scale=1.5,
+        class_dropout_prob=0.0,
+        target_clip=0.0,
+        num_classes=10,
+    )
+    fields.update(overrides)
+    return ObjectiveConfig(**fields)
+
+
+def linear_teacher(params, x, t, d_level, labels):
+    """A teacher whose velocity depends on x, t, d and y, so every input is exercised."""
+    d = timesteps.step_size(d_level)
+    expand = (slice(None),) + (None,) * (x.ndim - 1)
+    return params["a"] * x + (t + d + 0.1 * labels)[expand]
+
+
+# ----------------------------------------------------------------------------- time grids
+
+
+def test_levels_of_128_denoise_timesteps():
+    assert timesteps.num_levels(128) == 7
+    assert timesteps.flow_level(128) == 7
+    np.testing.assert_allclose(
+        timesteps.step_size(jnp.arange(8)),
+        [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128],
+    )
+
+
+@pytest.mark.parametrize("bad", [0, 3, 100, 6.0])
+def test_num_levels_rejects_non_powers_of_two(bad):
+    with pytest.raises(ValueError, match="power of two"):
+        timesteps.num_levels(bad)
+
+
+def test_flow_times_lie_on_the_finest_grid():
+    t = np.asarray(timesteps.sample_flow_times(jax.random.PRNGKey(0), 4096, 128))
+    assert t.min() >= 0 and t.max() <= 127 / 128
+    np.testing.assert_allclose(t * 128, np.round(t * 128), atol=1e-6)
+    assert len(np.unique(t)) == 128
+
+
+def test_bootstrap_times_lie_on_the_grid_of_their_step_and_all_levels_appear():
+    d_level, t = timesteps.sample_bootstrap_levels_and_times(jax.random.PRNGKey(1), 20_000, 128)
+    d_level, t = np.asarray(d_level), np.asarray(t)
+    assert set(np.unique(d_level)) == set(range(7))
+    sections = 2.0**d_level
+    np.testing.assert_allclose(t * sections, np.round(t * sections), atol=1e-5)
+    assert np.all(t + 1 / sections <= 1 + 1e-6)  # the student step 2d ends inside [0, 1]
+    # Level 0 (one step of size 1) can only start at t = 0; level 6 uses all 64 start points.
+    assert np.all(t[d_level == 0] == 0)
+    assert len(np.unique(t[d_level == 6])) == 64
+
+
+def test_every_level_is_drawn_even_with_a_tiny_bootstrap_part():
+    """A bootstrap part of 4 examples (batch 32 / 8) still trains all 7 levels over steps."""
+    seen = set()
+    for step in range(40):
+        d_level, _ = timesteps.sample_bootstrap_levels_and_times(jax.random.PRNGKey(step), 4, 128)
+        seen.update(np.asarray(d_level).tolist())
+    assert seen == set(range(7))
+
+
+def test_interpolate_is_noise_at_zero_and_data_at_one():
+    x0, x1 = jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1))
+    x_t = timesteps.interpolate(x0, x1, jnp.array([0.0, 0.25, 1.0]))
+    np.testing.assert_allclose(x_t[:, 0, 0, 0], [0.0, 0.25, 1.0])
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+
+def test_flow_matching_regresses_x1_minus_x0_at_x_t():
+    cfg = make_cfg()
+    batch = {
+        "image": jax.random.normal(jax.random.PRNGKey(2), (16, 4, 4, 1)),
+        "label": jnp.arange(16) % 10,
+    }
+    rng = jax.random.PRNGKey(3)
+    regression, _ = objectives.get("flow_matching").build_targets(None, None, batch, rng, cfg)
+    noise_rng = jax.random.split(rng, 4)[0]
+    x0 = jax.random.normal(noise_rng, batch["image"].shape)
+    np.testing.assert_allclose(regression.target, batch["image"] - x0, rtol=1e-6)
+    t = regression.t[:, None, None, None]
+    np.testing.assert_allclose(
+        regression.x_t, (1 - t) * x0 + t * batch["image"], rtol=1e-5, atol=1e-6
+    )
+    assert not regression.is_bootstrap.any()
+    np.testing.assert_array_equal(regression.labels, batch["label"])
+
+
+def test_label_dropout_uses_the_null_class():
+    cfg = make_cfg(class_dropout_prob=0.5)
+    labels = jnp.zeros((4000,), jnp.int32)
+    dropped = objectives.flow_matching.drop_labels(jax.random.PRNGKey(0), labels, cfg)
+    assert set(np.unique(np.asarray(dropped))) == {0, 10}
+    assert 0.45 < float(jnp.mean(dropped == 10)) < 0.55
+    unconditional = objectives.flow_matching.drop_labels(
+        jax.random.PRNGKey(0), labels + 3, make_cfg(num_classes=0)
+    )
+    assert np.all(np.asarray(unconditional) == 0)
+
+
+# ----------------------------------------------------------------------------- shortcut
+
+
+def test_bootstrap_target_is_mean_of_two_half_steps():
+    params = {"a": 0.5}
+    cfg = make_cfg()
+    x_t = jnp.array([[1.0, -2.0], [0.5, 0.0]])
+    t = jnp.array([0.0, 0.5])
+    d_level = jnp.array([0, 1])  # student steps 1 and 1/2; teacher half steps 1/2 and 1/4
+    labels = jnp.array([3, 10])
+    target = bootstrap_targets(linear_teacher, params, x_t, t, d_level, labels, cfg)
+
+    expected = []
+    for i in range(2):
+        d = 2.0 ** -(int(d_level[i]) + 1)
+        v1 = 0.5 * np.asarray(x_t[i]) + (float(t[i]) + d + 0.1 * int(labels[i]))
+        x_mid = np.asarray(x_t[i]) + d * v1
+        v2 = 0.5 * x_mid + (float(t[i]) + d + d + 0.1 * int(labels[i]))
+        expected.append((v1 + v2) / 2)
+    np.testing.assert_allclose(target, np.stack(expected), rtol=1e-6)
+
+
+def test_bootstrap_target_is_exact_for_a_constant_velocity_field():
+    cfg = make_cfg()
+    constant = jnp.array([0.3, -0.7])
+
+    def teacher(params, x, t, d_level, labels):
+        return jnp.broadcast_to(constant, x.shape)
+
+    x_t = jax.random.normal(jax.random.PRNGKey(0), (5, 2))
+    target = bootstrap_targets(
+        teacher, None, x_t, jnp.zeros(5), jnp.arange(5) % 3, jnp.zeros(5, int), cfg
+    )
+    np.testing.assert_allclose(target, jnp.broadcast_to(constant, (5, 2)), rtol=1e-6)
+
+
+def test_target_clipping_bounds_targets_and_the_intermediate_point():
+    def teacher(params, x, t, d_level, labels):
+        return 10.0 * jnp.ones_like(x) + x
+
+    x_t = jnp.zeros((2, 3))
+    args = (teacher, None, x_t, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
+    clipped = bootstrap_targets(*args, make_cfg(target_clip=4.0))
+    unclipped = bootstrap_targets(*args, make_cfg(target_clip=0.0))
+    np.testing.assert_allclose(clipped, 4.0)
+    # Unclipped: v1 = 10, x_mid = 0 + 0.5 * 10 = 5, v2 = 15, mean 12.5.
+    np.testing.assert_allclose(unclipped, 12.5)
+    partly = bootstrap_targets(*args, make_cfg(target_clip=4.5))
+    np.testing.assert_allclose(partly, 4.5)
+
+
+def test_cfg_inside_targets_guides_only_the_level_next_to_the_flow_level():
+    def teacher(params, x, t, d_level, labels):
+        label_term = jnp.where(labels == 10, 0.0, 1.0)  # null class -> 0, any class -> 1
+        return jnp.zeros_like(x) + label_term[:, None]
+
+    cfg = make_cfg(bootstrap_cfg=True, cfg_scale=3.0)  # denoise_timesteps 8: flow level 3
+    x = jnp.zeros((3, 2))
+    teacher_levels = jnp.array([3, 2, 3])
+    labels = jnp.array([4, 4, 10])
+    v = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_levels, labels, cfg)
+    # Level 3 (flow level), class 4: v_null + 3 (v_cond - v_null) = 0 + 3 * 1 = 3.
+    # Level 2: already-guided level, no extra guidance: v_cond = 1. Null label: 0.
+    np.testing.assert_allclose(v[:, 0], [3.0, 1.0, 0.0])
+    unguided = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_levels, labels, make_cfg())
+    np.testing.assert_allclose(unguided[:, 0], [1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("batch_size,bootstrap_every", [(32, 8), (8, 8), (24, 4), (6, 2)])
+def test_every_example_reaches_the_loss(batch_size, bootstrap_every):
+    cfg = make_cfg(bootstrap_every=bootstrap_every, denoise_timesteps=128)
+    batch = {"image": jnp.ones((batch_size, 4, 4, 1)), "label": jnp.arange(batch_size) % 10}
+    regression, metrics = objectives.get("shortcut").build_targets(
+        linear_teacher, {"a": 0.1}, batch, jax.random.PRNGKey(0), cfg
+    )
+    num_bootstrap = batch_size // bootstrap_every
+    assert regression.x_t.shape[0] == batch_size == regression.target.shape[0]
+    assert int(regression.is_bootstrap.sum()) == num_bootstrap
+    assert bool(regression.is_bootstrap[:num_bootstrap].all())
+    flow_levels = np.asarray(regression.d_level[num_bootstrap:])
+    assert np.all(flow_levels == 7)
+    assert np.all(np.asarray(regression.d_level[:num_bootstrap]) < 7)
+    assert np.isfinite(float(metrics["bootstrap_target_rms"]))
+
+
+def test_shortcut_flow_part_matches_flow_matching_definition():
+    cfg = make_cfg(denoise_timesteps=128)
+    batch = {
+        "image": jax.random.normal(jax.random.PRNGKey(5), (16, 2)),
+        "label": jnp.zeros(16, jnp.int32),
+    }
+    rng = jax.random.PRNGKey(6)
+    regression, _ = objectives.get("shortcut").build_targets(
+        linear_teacher, {"a": 0.0}, batch, rng, cfg
+    )
+    x0 = jax.random.normal(jax.random.split(rng, 4)[0], (16, 2))
+    flow = slice(4, None)
+    np.testing.assert_allclose(regression.target[flow], (batch["image"] - x0)[flow], rtol=1e-6)
+    t = regression.t[flow, None]
+    np.testing.assert_allclose(
+        regression.x_t[flow], (1 - t) * x0[flow] + t * batch["image"][flow], rtol=1e-5, atol=1e-6
+    )
+    # The bootstrap part starts from the same interpolation.
+    t_b = regression.t[:4, None]
+    np.testing.assert_allclose(
+        regression.x_t[:4], (1 - t_b) * x0[:4] + t_b * batch["image"][:4], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_shortcut_targets_carry_no_gradient_to_the_teacher():
+    cfg = make_cfg(denoise_timesteps=8)
+    batch = {"image": jnp.ones((8, 2)), "label": jnp.zeros(8, jnp.int32)}
+
+    def bootstrap_target_sum(a):
+        regression, _ = objectives.get("shortcut").build_targets(
+            linear_teacher, {"a": a}, batch, jax.random.PRNGKey(0), cfg
+        )
+        return jnp.sum(regression.target * regression.is_bootstrap[:, None])
+
+    assert float(jax.grad(bootstrap_target_sum)(0.7)) == 0.0
+
+
+def test_unknown_objective_names_the_field():
+    with pytest.raises(ValueError, match="config.objective"):
+        objectives.get("consistency_typo")
