@@ -7,6 +7,7 @@ bad value as `config.<field> = <value>: <what is allowed>`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,19 +38,28 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
         device_count = jax.device_count()
     problems: list[str] = []
+    for section in ("data", "model", "optim"):
+        if not isinstance(config.get(section), ml_collections.ConfigDict):
+            raise ConfigError(f"config.{section} is missing: start from shortcut_jax.configs")
+
+    reported: set[str] = set()
 
     def check(field: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        if field in reported:  # one message per field
+            return
         try:
             value = _lookup(config, field)
         except (AttributeError, KeyError):
             problems.append(f"config.{field} is missing: {allowed}")
+            reported.add(field)
             return
         try:
             good = ok(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, AttributeError, KeyError):
             good = False
         if not good:
             problems.append(f"config.{field} = {value!r}: {allowed}")
+            reported.add(field)
 
     check("objective", lambda v: v in objectives.names(), f"one of {objectives.names()}")
     check("seed", _is_int, "an integer")
@@ -96,6 +106,17 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(
         "data.num_classes", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = unconditional)"
     )
+    if config.data.get("name") == "toy2d":
+        from shortcut_jax.data.toy2d import TOY_NAMES
+
+        check("data.toy_name", lambda v: v in TOY_NAMES, f"one of {list(TOY_NAMES)}")
+        check("data.num_classes", lambda v: v == 0, "0 (toy 2-D data is unconditional)")
+        check("model.name", lambda v: v == "mlp", "'mlp' for 2-D points (toy2d data)")
+    elif config.model.get("name") == "mlp":
+        check("model.name", lambda v: v == "dit", "'dit' for image data ('mlp' is for toy2d)")
+    if config.data.get("name") == "mnist_embedded":
+        check("data.channels", lambda v: v == 1, "1 for MNIST")
+        check("data.num_classes", lambda v: v in (0, 10), "10 (or 0 = unconditional) for MNIST")
     if config.data.get("name") == "tfds":
         check(
             "data.tfds_name", lambda v: isinstance(v, str) and v, "a TFDS name, e.g. 'imagenet2012'"
@@ -117,12 +138,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check("model.mlp_ratio", lambda v: v > 0, "a positive float")
 
     # Optimisation.
-    check("optim.learning_rate", lambda v: v > 0, "a float > 0")
+    check("optim.learning_rate", lambda v: 0 < v < math.inf, "a finite float > 0")
     check("optim.schedule", lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}")
     check(
         "optim.warmup_steps",
         lambda v: _is_int(v) and 0 <= v <= config.total_steps,
-        "an integer in [0, config.total_steps]",
+        f"an integer in [0, config.total_steps] = [0, {config.get('total_steps')}]",
     )
     check("optim.end_lr_fraction", lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]")
     check("optim.weight_decay", lambda v: v >= 0.0, "a float >= 0")
@@ -148,14 +169,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
 
 def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: list[str]) -> None:
-    from shortcut_jax.models import dit_preset
+    from shortcut_jax.models import PRESETS, dit_preset
 
     preset = config.model.get("preset", "")
     if preset:
         try:
             hidden_size, _, num_heads, patch_size = dit_preset(preset)
-        except ValueError as error:
-            problems.append(f"config.model.preset = {preset!r}: {error}")
+        except ValueError:
+            problems.append(f"config.model.preset = {preset!r}: one of {sorted(PRESETS)}")
             return
     else:
         hidden_size = config.model.hidden_size
@@ -174,6 +195,11 @@ def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: lis
             "model.hidden_size",
             lambda v: v % num_heads == 0,
             f"divisible by config.model.num_heads = {num_heads}",
+        )
+        check(
+            "model.hidden_size",
+            lambda v: v % 4 == 0,
+            "a multiple of 4 (the 2-D sin-cos position embedding splits it in four)",
         )
     del hidden_size
 

@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.random_flip = False
     config.data.shuffle_buffer = 10_000
     config.data.toy_name = "checkerboard"  # for name == 'toy2d'
+    config.data.dim = 2  # point dimension for name == 'toy2d'
 
     # --- Model -----------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     try:
         config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as error:
-        raise app.UsageError(str(error)) from None
+        raise SystemExit(f"error: {error}") from None
     logging.info("JAX devices: %s", jax.devices())
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

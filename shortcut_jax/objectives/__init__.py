@@ -1,9 +1,9 @@
 """Registry of training objectives.
 
-An objective turns a data batch into a regression problem: the
-network inputs (x_t, t, d_level, labels), the stop-gradient targets, and which examples are self-consistency
-(bootstrap) examples. The train step owns the forward pass, the loss, the gradient and the optimizer,
-so every objective shares one loop and the loop never branches on an objective's name.
+An objective turns a data batch into a regression problem: the network inputs
+(x_t, t, d_level, labels), the stop-gradient targets, and which examples are self-consistency
+(bootstrap) examples. The train step owns the forward pass, the loss, the gradient and the
+optimizer, so every objective shares one loop and the loop never branches on an objective's name.
 
     @register("name", uses_teacher=True)
     def build_targets(apply_fn, teacher_params, batch, rng, cfg) -> tuple[Regression, dict]: ...
