@@ -3,8 +3,8 @@
     python -m shortcut_jax.sample --workdir runs/mnist --steps 1 --num 1000 --cfg 1.5 \
         --out samples.npz
 
-Writes `images` (N, H, W, C) float32 in [-1, 1] and `labels` (N,) int32 to the .npz file, and a
-PNG grid of the first images beside it (samples.png).
+Writes `images` (N, H, W, C) float32 clipped to [-1, 1] and `labels` (N,) int32 to the .npz
+file, and a PNG grid of the first images beside it (samples.png).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> None:
         num_classes=num_classes,
         batch_size=_BATCH.value,
     )
+    samples = np.clip(samples, -1.0, 1.0) if samples.ndim > 2 else samples
     out = os.path.abspath(_OUT.value)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     np.savez(out, images=samples.astype(np.float32), labels=sample_labels.astype(np.int32))

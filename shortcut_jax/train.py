@@ -32,11 +32,13 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last saved checkpoint is left untouched."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[int, dict[str, float]]:
     """Trains `config` in `workdir`, resuming from the newest checkpoint there.
 
     Returns:
-      The last logged metric averages (also written to the CLU writers).
+      {step: metric averages} for every step this call logged (also written to the CLU writers).
     """
     # ----------------------------------------------------------------- config and workdir
     config_lib.validate(config)
@@ -93,43 +95,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     batches = source.iterate(start_step)
     accumulated = None
-    summary: dict[str, float] = {}
+    history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
     compile_started = time.perf_counter()
-    for step in range(start_step + 1, config.total_steps + 1):
-        batch = sharding.global_batch(mesh, next(batches))
-        state, metrics = train_step(state, batch)
-        if step == start_step + 1:
-            jax.block_until_ready(metrics)
-            logging.info(
-                "First step (compile + run): %.1f s", time.perf_counter() - compile_started
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = sharding.global_batch(mesh, next(batches))
+            state, metrics = train_step(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                logging.info(
+                    "First step (compile + run): %.1f s", time.perf_counter() - compile_started
+                )
+            accumulated = (
+                metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
             )
-        accumulated = (
-            metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
-        )
-        report_progress(step)
-        is_last = step == config.total_steps
+            report_progress(step)
+            is_last = step == config.total_steps
 
-        if step % config.log_every_steps == 0 or is_last:
-            summary = steps.summarize(jax.device_get(accumulated))
-            accumulated = None
-            _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
-            writer.write_scalars(step, summary)
-        if step % config.checkpoint_every_steps == 0 or is_last:
-            loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1.0)
-            _raise_if_not_finite(loss, step, manager, workdir)
-            checkpoint.save(manager, state, config, step)
-            last_saved = step
-        sample_every = config.sample_every_steps
-        if (sample_every and step % sample_every == 0) or is_last:
-            grid_writer.write(state, step)
+            if step % config.log_every_steps == 0 or is_last:
+                summary = steps.summarize(jax.device_get(accumulated))
+                accumulated = None
+                _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
+                writer.write_scalars(step, summary)
+                history[step] = summary
+            if step % config.checkpoint_every_steps == 0 or is_last:
+                loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1.0)
+                _raise_if_not_finite(loss, step, manager, workdir)
+                checkpoint.save(manager, state, config, step)
+                last_saved = step
+            sample_every = config.sample_every_steps
+            if (sample_every and step % sample_every == 0) or is_last:
+                grid_writer.write(state, step)
+    finally:
+        manager.wait_until_finished()  # never leave a save half-written
+        manager.close()
+        writer.flush()
 
-    # ----------------------------------------------------------------- finish
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
     logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
-    return summary
+    return history
 
 
 class SampleGridWriter:
@@ -196,6 +200,7 @@ class SampleGridWriter:
 def _raise_if_not_finite(loss: float, step: int, manager: Any, workdir: str) -> None:
     if np.isfinite(loss):
         return
+    manager.wait_until_finished()  # a save in flight is the last good checkpoint: keep it
     raise NonFiniteLossError(
         f"The loss is {loss} at step {step}. Nothing was saved at this step; the last good "
         f"checkpoint is step {manager.latest_step()} in {checkpoint.checkpoint_dir(workdir)} and "
