@@ -97,16 +97,15 @@ def train_and_evaluate(
     accumulated = None
     history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
-    compile_started = time.perf_counter()
+    timer = _Throughput(config.batch_size)
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             batch = sharding.global_batch(mesh, next(batches))
             state, metrics = train_step(state, batch)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
-                logging.info(
-                    "First step (compile + run): %.1f s", time.perf_counter() - compile_started
-                )
+                timer.start(step)
+                logging.info("First step (compile + run): %.1f s", timer.first_step_seconds)
             accumulated = (
                 metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
             )
@@ -117,6 +116,7 @@ def train_and_evaluate(
                 summary = steps.summarize(jax.device_get(accumulated))
                 accumulated = None
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
+                summary.update(timer.measure(step))
                 writer.write_scalars(step, summary)
                 history[step] = summary
             if step % config.checkpoint_every_steps == 0 or is_last:
@@ -127,6 +127,7 @@ def train_and_evaluate(
             sample_every = config.sample_every_steps
             if (sample_every and step % sample_every == 0) or is_last:
                 grid_writer.write(state, step)
+                timer.start(step)  # sampling time is not training throughput
     finally:
         manager.wait_until_finished()  # never leave a save half-written
         manager.close()
@@ -134,6 +135,34 @@ def train_and_evaluate(
 
     logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
     return history
+
+
+class _Throughput:
+    """Train throughput between log steps, excluding compilation and the first step."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.created = time.perf_counter()
+        self.first_step_seconds = 0.0
+        self.last_time = 0.0
+        self.last_step = None
+
+    def start(self, step: int) -> None:
+        """Starts (or restarts, after sampling) the clock at `step`."""
+        self.last_time = time.perf_counter()
+        if self.last_step is None:
+            self.first_step_seconds = self.last_time - self.created
+        self.last_step = step
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        result = {"perf/first_step_seconds": self.first_step_seconds}
+        if self.last_step is not None and step > self.last_step:
+            steps_per_second = (step - self.last_step) / (now - self.last_time)
+            result["perf/steps_per_second"] = steps_per_second
+            result["perf/images_per_second"] = steps_per_second * self.batch_size
+        self.last_time, self.last_step = now, step
+        return result
 
 
 class SampleGridWriter:

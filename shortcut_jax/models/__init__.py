@@ -73,8 +73,9 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
       An unbound flax.linen.Module.
 
     Raises:
-      ValueError: for an unknown config.model.name, preset or dtype, or for shapes that do not fit
-        (image size not divisible by the patch size, hidden size not divisible by the heads).
+      ValueError: for an unknown config.model.name, preset or dtype, a preset with the 'mlp'
+        model, or shapes that do not fit (image size not divisible by the patch size, hidden size
+        not divisible by the heads).
     """
     name = config.model.name
     dtype = _compute_dtype(config)
@@ -110,6 +111,11 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             dtype=dtype,
         )
     if name == "mlp":
+        if config.model.preset:
+            raise ValueError(
+                f"config.model.preset={config.model.preset!r} only applies to "
+                "config.model.name='dit'; set it to '' for the 'mlp' model"
+            )
         return MLP(
             hidden_size=config.model.hidden_size,
             depth=config.model.depth,

@@ -2,17 +2,18 @@
 
 Layout: patchify (a strided convolution, `patch_embed`) + fixed 2-D sin-cos position embedding ->
 `depth` blocks `block_{i}` (LayerNorm without affine, shift/scale modulation, multi-head
-self-attention `attn`, gated residual; the same around the GELU(tanh) MLP `mlp`; the six modulation
-vectors come from the zero-initialised Dense `ada_ln`) -> `final_layer` (adaLN + zero-initialised
-Dense) -> unpatchify to (B, H, W, C). With every modulation and the final Dense at zero, an untrained
-model outputs exactly zero and each block starts as the identity.
+self-attention `attn`, gated residual; the same around the GELU(tanh) MLP `mlp`; the six
+modulation vectors come from the zero-initialised Dense `ada_ln`) -> `final_layer` (adaLN +
+zero-initialised Dense) -> unpatchify to (B, H, W, C). With every modulation and the final Dense
+at zero, an untrained model outputs exactly zero and each block starts as the identity.
 
 Compute runs in `dtype` (float32 or bfloat16); parameters are always float32 and the output is cast
 to float32. Attention logits and softmax are computed in float32.
 
 Kernels are created with `nn.with_logical_partitioning`, so `model.init` returns `nn.Partitioned`
-boxes around kernels. `model.apply` accepts the boxed tree or the plain tree (`nn.unbox(variables)`);
-`nn.get_partition_spec(jax.eval_shape(model.init, ...))` gives the logical axes.
+boxes around kernels. `model.apply` accepts the boxed tree or the plain tree
+(`nn.unbox(variables)`); `nn.get_partition_spec(jax.eval_shape(model.init, ...))` gives the logical
+axes.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _dense(
     axes: tuple[str | None, ...],
     dtype: Dtype,
     name: str,
-    zero=False,
+    zero: bool = False,
 ) -> nn.DenseGeneral:
     """A float32-parameter DenseGeneral whose kernel carries logical axis names `axes`."""
     init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
