@@ -114,13 +114,12 @@ def abstract_like(tree: Any) -> Any:
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """Loads a run's config and train state (newest checkpoint by default) onto this process.
 
-    The state is restored into replicated shardings over the local devices, whatever mesh it was
-    saved from. Used by the sampling and evaluation CLIs and notebooks.
+    The state is restored into the shardings of a data-parallel mesh over this process's devices
+    (parameters replicated), whatever mesh it was saved from. Used by the sampling and evaluation
+    CLIs and notebooks.
     """
-    import functools
-
     from shortcut_jax import models, optim, sharding
-    from shortcut_jax.state import init_state
+    from shortcut_jax.state import sharded_abstract_state
 
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
@@ -130,14 +129,10 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
             "(python -m shortcut_jax.main --config ... --workdir ...)"
         )
     config = restore_config(workdir, step)
+    config.mesh = sharding.single_device_config().mesh
+    mesh = sharding.make_mesh(config, jax.local_devices())
     model = models.get_model(config)
-    abstract_state = jax.eval_shape(
-        functools.partial(init_state, config, model, optim.make_optimizer(config))
-    )
-    replicated = sharding.replicated(sharding.make_mesh(jax.local_devices()))
-    abstract_state = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state
-    )
+    abstract_state, _ = sharded_abstract_state(config, model, optim.make_optimizer(config), mesh)
     state = restore_state(manager, abstract_state, step)
     manager.close()
     return config, state

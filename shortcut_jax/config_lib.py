@@ -93,11 +93,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
                     lambda v: v % config.bootstrap_every == 0,
                     f"divisible by config.bootstrap_every = {config.bootstrap_every}",
                 )
-    check(
-        "batch_size",
-        lambda v: v % device_count == 0,
-        f"divisible by the number of devices ({device_count})",
-    )
+    _check_mesh(config, device_count, check, problems)
 
     # Data.
     check("data.name", lambda v: v in DATA_NAMES, f"one of {list(DATA_NAMES)}")
@@ -166,6 +162,46 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_mesh(
+    config: ml_collections.ConfigDict, device_count: int, check: Callable, problems: list[str]
+) -> None:
+    from shortcut_jax import sharding
+
+    try:
+        sizes = dict(
+            zip(sharding.MESH_AXES, sharding.mesh_shape(config, device_count), strict=True)
+        )
+    except sharding.ShardingError as error:
+        problems.append(str(error))
+        return
+    except (AttributeError, KeyError, TypeError, ValueError):
+        problems.append(
+            "config.mesh must have integer entries data, fsdp and tensor (-1 = the rest)"
+        )
+        return
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    check(
+        "batch_size",
+        lambda v: v % batch_shards == 0,
+        f"divisible by the batch shards data x fsdp = {batch_shards} ({device_count} devices)",
+    )
+    check(
+        "sharding_rules",
+        lambda v: all(
+            isinstance(name, str) and all(axis in sharding.MESH_AXES for axis in _as_tuple(axes))
+            for name, axes in v
+        ),
+        f"pairs (logical_axis_name, mesh axis or axes or None) with mesh axes in "
+        f"{list(sharding.MESH_AXES)}",
+    )
+
+
+def _as_tuple(axes: Any) -> tuple:
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
 
 
 def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: list[str]) -> None:

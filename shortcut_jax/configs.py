@@ -65,6 +65,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.grad_clip_norm = 1.0  # 0 = no clipping
     config.ema_rate = 0.999  # EMA of the parameters used for sampling and evaluation
 
+    # --- Devices ---------------------------------------------------------------------------
+    # Mesh sizes over ('data', 'fsdp', 'tensor'); -1 = the rest of the devices. The batch is split
+    # over data x fsdp. sharding_rules map the model's logical axis names to mesh axes.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.sharding_rules = (
+        ("embed", "fsdp"),  # FSDP: the hidden width of every weight matrix
+        ("heads", "tensor"),  # tensor parallel attention
+        ("mlp", "tensor"),  # tensor parallel MLP
+    )
+
     # --- Loop ------------------------------------------------------------------------------
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2_000

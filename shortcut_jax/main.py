@@ -21,9 +21,44 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters).",
+    "Call jax.distributed.initialize() first: one process per host. On TPU pods and SLURM the "
+    "coordinator, process count and id are detected; elsewhere pass the three flags below.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed, off TPU/SLURM)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """jax.distributed.initialize, with CPU collectives (gloo) when the hosts have only CPUs."""
+    if jax.config.jax_platforms in ("cpu",) or not _has_accelerator_plugin():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    logging.info(
+        "Process %d of %d; %d local of %d devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def _has_accelerator_plugin() -> bool:
+    import importlib.util
+
+    return any(
+        importlib.util.find_spec(name) is not None
+        for name in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
+    )
 
 
 class _QuietLibraries:
@@ -41,7 +76,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as error:

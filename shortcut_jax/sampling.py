@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut_jax import sharding
+
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -269,6 +271,7 @@ def sample_batch(
     cfg_scale: float = 1.0,
     num_classes: int = 0,
     batch_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws `num` samples from noise seeded by `rng`, in chunks of at most `batch_size`.
 
@@ -288,6 +291,9 @@ def sample_batch(
       cfg_scale: guidance scale (1.0 = none).
       num_classes: 0 = unconditional.
       batch_size: examples per model call chunk; None = all at once.
+      mesh: when given (multi-device or multi-host training), each chunk is split over the mesh's
+        batch axes ('data', 'fsdp') and the samples are gathered back to every process; the chunk
+        is padded to a multiple of the batch shards. Every process must call this together.
 
     Returns:
       images: (num, *shape) float32 numpy array, the samples.
@@ -312,6 +318,9 @@ def sample_batch(
     shape = tuple(int(s) for s in shape)
     noise = example_noise(rng, num, shape)
     chunk = num if batch_size is None else min(int(batch_size), num)
+    if mesh is not None:
+        shards = sharding.batch_shards(mesh)
+        chunk = -(-chunk // shards) * shards
     outputs = []
     for start in range(0, num, chunk):
         chunk_noise = noise[start : start + chunk]
@@ -320,6 +329,15 @@ def sample_batch(
         if valid < chunk:  # pad the last chunk so it reuses the compiled program
             chunk_noise = jnp.pad(chunk_noise, [(0, chunk - valid)] + [(0, 0)] * len(shape))
             chunk_labels = np.pad(chunk_labels, (0, chunk - valid))
-        images = sampler(params, chunk_noise, jnp.asarray(chunk_labels))
-        outputs.append(np.asarray(images[:valid]))
+        if mesh is None:
+            images = np.asarray(sampler(params, chunk_noise, jnp.asarray(chunk_labels)))
+        else:
+            images = sharding.gather(
+                sampler(
+                    params,
+                    sharding.shard_batch(mesh, np.asarray(chunk_noise)),
+                    sharding.shard_batch(mesh, chunk_labels),
+                )
+            )
+        outputs.append(images[:valid])
     return np.concatenate(outputs, axis=0), labels

@@ -1,23 +1,83 @@
-"""Device mesh and shardings: the batch is split over all devices, the train state replicated.
+"""Device mesh and shardings: sharding is data, not code.
 
-(Issue 4 extends this to FSDP and tensor parallelism through logical axis rules.)
+The mesh has three axes, ('data', 'fsdp', 'tensor'), sized by `config.mesh` (one entry may be -1:
+"the rest of the devices"). Model parameters carry logical axis names (see shortcut_jax.models);
+`config.sharding_rules` maps them to mesh axes, so data parallelism, FSDP (parameters, EMA and
+optimizer state sharded over 'fsdp'), hybrid data x FSDP and tensor parallelism of attention and
+MLP are config changes. The batch is split over ('data', 'fsdp').
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from flax import linen as nn
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-BATCH_AXIS = "data"
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A one-axis ('data',) mesh over all (global) devices."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+class ShardingError(ValueError):
+    """The mesh or the sharding rules do not fit the devices, the batch or the parameters."""
+
+
+def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
+    """Resolves `config.mesh` (with at most one -1) to sizes whose product is `device_count`."""
+    sizes = [int(config.mesh[axis]) for axis in MESH_AXES]
+    described = ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise ShardingError(
+            f"config.mesh = ({described}): each size must be a positive integer, and at most one "
+            "may be -1 (the rest of the devices)"
+        )
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if device_count % known:
+            raise ShardingError(
+                f"config.mesh = ({described}): {device_count} devices are not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise ShardingError(
+            f"config.mesh = ({described}): the product {math.prod(sizes)} must equal the number "
+            f"of devices ({device_count}); use -1 for one axis to take the rest"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all global devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(config, len(devices))
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (AssertionError, NotImplementedError, ValueError):  # unusual topologies, CPU subsets
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def single_device_config() -> ml_collections.ConfigDict:
+    """A mesh config that puts every device on the data axis (inference, tools)."""
+    return ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1, "tensor": 1}})
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """`config.sharding_rules` as flax logical-axis rules ((logical_name, mesh_axes), ...)."""
+    rules = []
+    for logical, mesh_axes in config.sharding_rules:
+        if isinstance(mesh_axes, list):
+            mesh_axes = tuple(mesh_axes)
+        rules.append((logical, mesh_axes))
+    return tuple(rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -26,8 +86,68 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the data axis."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    """Leading (batch) axis split over ('data', 'fsdp')."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def mesh_specs(abstract_boxed_state: Any, rules: Any) -> Any:
+    """Mesh PartitionSpecs for every leaf of a boxed state (unboxed leaves: replicated)."""
+    return nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed_state), rules)
+
+
+def state_shardings(abstract_boxed_state: Any, mesh: Mesh, rules: Any) -> Any:
+    """NamedShardings for a state whose parameter leaves are flax `Partitioned` boxes.
+
+    Optimizer moments, EMA and teacher copies inherit the boxes of the parameters they were built
+    from, so they are sharded like them; unboxed leaves (step, counters, PRNG key) are replicated.
+    The result has the structure of the unboxed state.
+    """
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        mesh_specs(abstract_boxed_state, rules),
+        is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
+    )
+
+
+def check_divisibility(
+    abstract_boxed_state: Any, axis_sizes: Mapping[str, int], rules: Any
+) -> None:
+    """Raises ShardingError naming every parameter dimension its mesh axes do not divide.
+
+    Args:
+      abstract_boxed_state: eval_shape of the boxed state.
+      axis_sizes: mesh axis name -> size (e.g. `mesh.shape`).
+      rules: logical axis rules.
+    """
+    specs = jax.tree.leaves(
+        mesh_specs(abstract_boxed_state, rules),
+        is_leaf=lambda leaf: isinstance(leaf, PartitionSpec),
+    )
+    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_boxed_state))
+    problems = []
+    for (path, leaf), spec in zip(leaves, specs, strict=True):
+        for dim, axes in enumerate(spec):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            ways = math.prod(axis_sizes[axis] for axis in axes)
+            if leaf.shape[dim] % ways:
+                problems.append(
+                    f"{jax.tree_util.keystr(path)} dim {dim} of size {leaf.shape[dim]} over "
+                    f"{'x'.join(axes)} = {ways}"
+                )
+    if problems:
+        shown = "\n  ".join(sorted(set(problems))[:10])
+        raise ShardingError(
+            "config.mesh / config.sharding_rules shard parameter dimensions that the mesh does not "
+            f"divide ({len(problems)} in all; change config.mesh or map the logical axis to "
+            f"another mesh axis in config.sharding_rules):\n  {shown}"
+        )
 
 
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -39,6 +159,23 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     }
 
 
-def tree_sharding(tree: Any, sharding: NamedSharding) -> Any:
-    """The same sharding for every leaf of `tree` (which may hold ShapeDtypeStructs)."""
-    return jax.tree.map(lambda _: sharding, tree)
+def shard_batch(mesh: Mesh, global_values: np.ndarray) -> jax.Array:
+    """A global array split over the batch axes from a host array every process holds in full."""
+    global_values = np.asarray(global_values)
+    return jax.make_array_from_callback(
+        global_values.shape, batch_sharding(mesh), lambda index: global_values[index]
+    )
+
+
+def gather(array: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host, batch-sharded) array on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """A replicated (e.g. a metric) or fully addressable array as numpy, on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    return np.asarray(array.addressable_data(0))

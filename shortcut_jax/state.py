@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -11,7 +12,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from shortcut_jax import models, objectives
+from shortcut_jax import models, objectives, sharding
 
 
 @flax.struct.dataclass
@@ -37,13 +38,23 @@ class TrainState:
 
 
 def init_state(
-    config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    boxed: bool = False,
 ) -> TrainState:
-    """Initialises a fresh state from `config.seed` (pure: jit it, or eval_shape it)."""
+    """Initialises a fresh state from `config.seed` (pure: jit it, or eval_shape it).
+
+    With `boxed=True` the parameter leaves, and the optimizer moments and EMA copies built from
+    them, stay flax `Partitioned` boxes that carry logical axis names: eval_shape that to derive
+    shardings (`sharding.state_shardings`). The state used for training is unboxed.
+    """
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     x, t, d_level, labels = models.example_inputs(config, batch_size=1)
-    params = nn.unbox(model.init(init_rng, x, t, d_level, labels)["params"])
+    params = model.init(init_rng, x, t, d_level, labels)["params"]
+    if not boxed:
+        params = nn.unbox(params)
     uses_ema_teacher = objectives.get(config.objective).uses_teacher and (
         config.bootstrap_teacher == "ema"
     )
@@ -56,3 +67,30 @@ def init_state(
         teacher_params=jax.tree.map(jnp.copy, params) if uses_ema_teacher else None,
         rng=train_rng,
     )
+
+
+def sharded_abstract_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, TrainState]:
+    """The state's shapes with their shardings on `mesh`, and the shardings alone.
+
+    Checks first that the mesh divides every parameter dimension it shards.
+
+    Returns:
+      (abstract_state of ShapeDtypeStructs carrying shardings, tree of NamedShardings).
+    """
+    rules = sharding.logical_rules(config)
+    boxed = jax.eval_shape(functools.partial(init_state, config, model, optimizer, boxed=True))
+    sharding.check_divisibility(boxed, dict(mesh.shape), rules)
+    shardings = sharding.state_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(
+        lambda leaf, leaf_sharding: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=leaf_sharding
+        ),
+        nn.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings

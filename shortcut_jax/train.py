@@ -25,7 +25,7 @@ from shortcut_jax import (
     sharding,
     steps,
 )
-from shortcut_jax.state import TrainState, init_state
+from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,35 +48,34 @@ def train_and_evaluate(
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
             file.write(config_lib.to_json(config))
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    # Only process 0 writes metrics, logs and images.
+    writer = (
+        metric_writers.create_default_writer(workdir)
+        if is_chief
+        else metric_writers.MultiWriter([])
+    )
 
     # ----------------------------------------------------------------- data, model, state
     source = data.get_source(config, jax.process_index(), jax.process_count())
     model = models.get_model(config)
     optimizer = optim.make_optimizer(config)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config)
+    abstract_state, state_sharding = sharded_abstract_state(config, model, optimizer, mesh)
     init_fn = functools.partial(init_state, config, model, optimizer)
-    abstract_state = jax.eval_shape(init_fn)
-    state_sharding = sharding.tree_sharding(abstract_state, sharding.replicated(mesh))
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_sharding,
-    )
     manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep)
     state, resumed = checkpoint.restore_or_init(
         manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
     )
-    start_step = int(state.step)
+    start_step = int(sharding.to_host(state.step))
     num_params = models.count_params(state.params)
     logging.info(
-        "%s at step %d of %d; %s parameters; objective %s; %d device(s).",
+        "%s at step %d of %d; %s parameters; objective %s; mesh %s.",
         "Resumed" if resumed else "Initialised",
         start_step,
         config.total_steps,
         f"{num_params:,}",
         config.objective,
-        jax.device_count(),
+        dict(mesh.shape),
     )
     if not resumed and is_chief:
         writer.write_hparams(_flat_hparams(config))
@@ -87,7 +86,7 @@ def train_and_evaluate(
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer)
+    grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer, mesh)
 
     # ----------------------------------------------------------------- loop
     report_progress = periodic_actions.ReportProgress(
@@ -113,14 +112,15 @@ def train_and_evaluate(
             is_last = step == config.total_steps
 
             if step % config.log_every_steps == 0 or is_last:
-                summary = steps.summarize(jax.device_get(accumulated))
+                summary = steps.summarize(jax.tree.map(sharding.to_host, accumulated))
                 accumulated = None
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
                 summary.update(timer.measure(step))
                 writer.write_scalars(step, summary)
                 history[step] = summary
             if step % config.checkpoint_every_steps == 0 or is_last:
-                loss = float(metrics["loss"][0]) / max(float(metrics["loss"][1]), 1.0)
+                total, count = (sharding.to_host(value) for value in metrics["loss"])
+                loss = float(total) / max(float(count), 1.0)
                 _raise_if_not_finite(loss, step, manager, workdir)
                 checkpoint.save(manager, state, config, step)
                 last_saved = step
@@ -175,6 +175,7 @@ class SampleGridWriter:
         element_shape: tuple[int, ...],
         workdir: str,
         writer: metric_writers.MetricWriter,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.config = config
         self.element_shape = tuple(element_shape)
@@ -182,6 +183,7 @@ class SampleGridWriter:
         self.writer = writer
         self.apply_fn = steps.make_apply_fn(model)
         self.is_chief = jax.process_index() == 0
+        self.mesh = mesh
 
     def write(self, state: TrainState, step: int) -> dict[str, np.ndarray]:
         """Samples with the EMA (or raw) parameters and writes one grid per step count."""
@@ -200,6 +202,7 @@ class SampleGridWriter:
                 denoise_timesteps=config.denoise_timesteps,
                 cfg_scale=float(config.sample_cfg_scale),
                 num_classes=config.data.num_classes,
+                mesh=self.mesh,
             )
             grids[f"{num_steps} step" + ("s" if num_steps > 1 else "")] = np.asarray(samples)
         if self.is_chief:

@@ -151,7 +151,7 @@ RULES = [
         3,
         "batch_size",
         32,
-        "divisible by the number of devices (3)",
+        "divisible by the batch shards data x fsdp = 3 (3 devices)",
     ),
     (
         "image_not_divisible_by_patch",
@@ -419,3 +419,45 @@ def test_cli_rejects_a_misspelt_override(tmp_path):
     assert result.returncode != 0
     assert "total_stepz" in result.stderr
     _assert_no_work_done(workdir)
+
+
+# --- Device mesh ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mesh,devices,expected",
+    [
+        (
+            {"data": 3, "fsdp": 1, "tensor": 1},
+            8,
+            "the product 3 must equal the number of devices (8)",
+        ),
+        ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "at most one may be -1"),
+        ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "8 devices are not divisible by 3"),
+        ({"data": 0, "fsdp": 8, "tensor": 1}, 8, "each size must be a positive integer"),
+    ],
+)
+def test_bad_mesh_is_rejected_naming_config_mesh(mesh, devices, expected):
+    config = configs.base_config()
+    config.mesh.update(mesh)
+    with pytest.raises(config_lib.ConfigError, match="config.mesh") as info:
+        config_lib.validate(config, device_count=devices)
+    assert expected in str(info.value)
+
+
+def test_batch_must_divide_over_data_times_fsdp_but_not_tensor():
+    config = configs.base_config()
+    config.batch_size = 36
+    config.bootstrap_every = 4
+    config.mesh.update({"data": 2, "fsdp": 1, "tensor": 4})
+    config_lib.validate(config, device_count=8)  # 36 splits over 2 batch shards
+    config.mesh.update({"data": 8, "fsdp": 1, "tensor": 1})
+    with pytest.raises(config_lib.ConfigError, match="data x fsdp = 8"):
+        config_lib.validate(config, device_count=8)
+
+
+def test_sharding_rules_must_name_mesh_axes():
+    config = configs.base_config()
+    config.sharding_rules = (("embed", "fsdp"), ("mlp", "model"))
+    with pytest.raises(config_lib.ConfigError, match="config.sharding_rules"):
+        config_lib.validate(config, device_count=1)

@@ -10,30 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_mnist_config
 
-from shortcut_jax import checkpoint, configs, data, train
+from shortcut_jax import checkpoint, data, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_mnist_config(total_steps: int = 6):
-    """A DiT small enough for a step in milliseconds, on the real MNIST digits."""
-    config = configs.base_config()
-    config.total_steps = total_steps
-    config.batch_size = 8
-    config.model.hidden_size = 32
-    config.model.depth = 1
-    config.model.num_heads = 2
-    config.model.patch_size = 7
-    config.denoise_timesteps = 8
-    config.optim.warmup_steps = 2
-    config.optim.schedule = "constant"  # so a run cut short shares its schedule with a longer one
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 3
-    config.sample_every_steps = 0
-    config.sample_steps = (1, 3)
-    config.sample_num = 10
-    return config
 
 
 def losses(history: dict[int, dict[str, float]]) -> dict[int, float]:

@@ -1,0 +1,87 @@
+"""Trains the tiny MNIST config on a given mesh in its own process (run by test_sharding.py).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_worker.py \
+        --mesh data=2,fsdp=4,tensor=1 --workdir DIR --steps 3 [--resume_mesh ...]
+
+Prints one JSON line: the logged losses, the mesh shape, and the bytes of the train state each
+device holds (summed from the arrays' addressable shards) and in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import tiny_mnist_config  # noqa: E402
+
+from shortcut_jax import models, optim, sharding, train  # noqa: E402
+from shortcut_jax.state import init_state, sharded_abstract_state  # noqa: E402
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in text.split(","):
+        axis, size = part.split("=")
+        sizes[axis] = int(size)
+    return sizes
+
+
+def state_bytes_per_device(config) -> dict[str, int]:
+    """Initialises the state on the mesh and sums each device's shard bytes."""
+    mesh = sharding.make_mesh(config)
+    model = models.get_model(config)
+    optimizer = optim.make_optimizer(config)
+    _, shardings = sharded_abstract_state(config, model, optimizer, mesh)
+    state = jax.jit(lambda: init_state(config, model, optimizer), out_shardings=shardings)()
+    per_device: dict[str, int] = {}
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        total += leaf.nbytes
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            per_device[key] = per_device.get(key, 0) + shard.data.nbytes
+    params_total = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+    params_per_device = {}
+    for leaf in jax.tree.leaves(state.params):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device.id)
+            params_per_device[key] = params_per_device.get(key, 0) + shard.data.nbytes
+    return {
+        "state_total": total,
+        "state_per_device": per_device,
+        "params_total": params_total,
+        "params_per_device": params_per_device,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mesh", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--bootstrap_teacher", default="params")
+    args = parser.parse_args()
+
+    config = tiny_mnist_config(args.steps)
+    config.mesh.update(parse_mesh(args.mesh))
+    config.bootstrap_teacher = args.bootstrap_teacher
+    history = train.train_and_evaluate(config, args.workdir)
+    result = {
+        "mesh": dict(sharding.make_mesh(config).shape),
+        "losses": {str(step): summary["loss"] for step, summary in history.items()},
+        "bytes": state_bytes_per_device(config),
+        "process_index": jax.process_index(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

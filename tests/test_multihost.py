@@ -1,0 +1,114 @@
+"""Two processes on localhost, 4 CPU devices each, through jax.distributed (gloo collectives):
+the same losses as one process with 8 devices, and one checkpoint a single process restores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shortcut_jax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main_command(workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "shortcut_jax.main",
+        "--config",
+        "tests/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.total_steps={STEPS}",
+        "--config.checkpoint_every_steps=3",
+        *extra,
+    ]
+
+
+def environment(devices: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+
+
+def scalar_history(workdir: Path, tag: str) -> dict[int, float]:
+    """Reads one scalar from the TensorBoard event files process 0 wrote."""
+    import tensorflow as tf
+
+    values = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+    port = free_port()
+    multi = tmp_path / "two_processes"
+    processes = [
+        subprocess.Popen(
+            main_command(
+                multi,
+                "--distributed",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={index}",
+            ),
+            cwd=REPO,
+            env=environment(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=600))
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-4000:]
+    assert "Process 1 of 2; 4 local of 8 devices" in outputs[1][1]
+
+    single = tmp_path / "one_process"
+    result = subprocess.run(
+        main_command(single),
+        cwd=REPO,
+        env=environment(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    multi_losses = scalar_history(multi, "loss")
+    single_losses = scalar_history(single, "loss")
+    assert sorted(multi_losses) == sorted(single_losses) == list(range(1, STEPS + 1))
+    for step, loss in single_losses.items():
+        np.testing.assert_allclose(multi_losses[step], loss, rtol=1e-5)
+
+    # One checkpoint, written by both processes, restores in this single-device process.
+    _, state = checkpoint.load_run(str(multi))
+    assert int(state.step) == STEPS

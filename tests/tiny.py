@@ -1,0 +1,33 @@
+"""Tiny configs shared by the tests and the multi-device worker scripts."""
+
+from __future__ import annotations
+
+from shortcut_jax import configs
+
+
+def tiny_mnist_config(total_steps: int = 6):
+    """A DiT small enough for a step in milliseconds, on the real MNIST digits.
+
+    Every sharded parameter dimension divides by 8 (hidden 32, MLP 128, 2 heads for tensor=2).
+    """
+    config = configs.base_config()
+    config.total_steps = total_steps
+    config.batch_size = 16
+    config.model.hidden_size = 32
+    config.model.depth = 1
+    config.model.num_heads = 2
+    config.model.patch_size = 7
+    config.denoise_timesteps = 8
+    config.optim.warmup_steps = 2
+    config.optim.schedule = "constant"  # so a run cut short shares its schedule with a longer one
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 3
+    config.sample_every_steps = 0
+    config.sample_steps = (1, 3)
+    config.sample_num = 10
+    return config
+
+
+def get_config():
+    """The tiny config as a config file for the CLI (`--config tests/tiny.py`)."""
+    return tiny_mnist_config()
