@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from shortcut_jax import config_lib
 
@@ -21,9 +22,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored."""
 
 
-def checkpoint_dir(workdir: str) -> str:
+def workdir_path(workdir: str) -> epath.Path:
+    """The run directory: a local path (made absolute) or a bucket path such as gs://b/run."""
+    return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
     """Where the checkpoints of a run live."""
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return workdir_path(workdir) / "checkpoints"
 
 
 def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -80,14 +86,13 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
     if step is not None:
         restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return ml_collections.ConfigDict(restored.config)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = workdir_path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint_dir(workdir)} and no {path}: "
             "is --workdir the directory a training run wrote to?"
         )
-    with open(path, encoding="utf-8") as file:
-        return config_lib.from_json(file.read())
+    return config_lib.from_json(path.read_text())
 
 
 def restore_or_init(

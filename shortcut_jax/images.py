@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -97,9 +99,14 @@ def _to_pil(array: np.ndarray) -> Image.Image:
 
 
 def _make_parent(path: str | os.PathLike) -> None:
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_png(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Creates the parent directory and writes through epath (local paths and gs:// alike)."""
+    _make_parent(path)
+    with epath.Path(path).open("wb") as file:
+        write(file)
 
 
 def save_grid(
@@ -117,8 +124,7 @@ def save_grid(
       The (H', W', C) uint8 grid that was written.
     """
     grid = make_grid(images, ncols=ncols, padding=padding)
-    _make_parent(path)
-    _to_pil(grid).save(os.fspath(path), format="PNG")
+    _write_png(path, lambda file: _to_pil(grid).save(file, format="PNG"))
     return grid
 
 
@@ -175,8 +181,7 @@ def save_labeled_grids(
         text_top = top + (height - (box[3] - box[1])) // 2 - box[1]
         draw.text((6 - box[0], text_top), label, fill=(0, 0, 0), font=font)
         top += height
-    _make_parent(path)
-    canvas.save(os.fspath(path), format="PNG")
+    _write_png(path, lambda file: canvas.save(file, format="PNG"))
     return np.asarray(canvas)
 
 
@@ -229,5 +234,4 @@ def scatter_png(
         ax.set_aspect("equal")
         ax.set_title(name)
     figure.tight_layout()
-    _make_parent(path)
-    figure.savefig(os.fspath(path), format="png")
+    _write_png(path, lambda file: figure.savefig(file, format="png"))

@@ -42,12 +42,11 @@ def train_and_evaluate(
     """
     # ----------------------------------------------------------------- config and workdir
     config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
+    workdir = str(checkpoint.workdir_path(workdir))
     is_chief = jax.process_index() == 0
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
-            file.write(config_lib.to_json(config))
+        checkpoint.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+        (checkpoint.workdir_path(workdir) / "config.json").write_text(config_lib.to_json(config))
     # Only process 0 writes metrics, logs and images.
     writer = (
         metric_writers.create_default_writer(workdir)
@@ -210,7 +209,6 @@ class SampleGridWriter:
         return grids
 
     def _save(self, grids: dict[str, np.ndarray], step: int) -> None:
-        os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"step_{step:07d}.png")
         if len(self.element_shape) == 1:
             images.scatter_png(path, grids)

@@ -164,3 +164,10 @@ def test_train_and_sample_clis_end_to_end(tmp_path):
         "shortcut_jax.sample", f"--workdir={workdir}", "--steps=200", f"--out={out}"
     )
     assert result.returncode != 0 and "--steps=200" in result.stderr
+
+
+def test_bucket_workdirs_are_kept_as_bucket_paths(tmp_path, monkeypatch):
+    assert str(checkpoint.workdir_path("gs://bucket/runs/in256")) == "gs://bucket/runs/in256"
+    assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+    monkeypatch.chdir(tmp_path)
+    assert str(checkpoint.workdir_path("runs/mnist")) == str(tmp_path / "runs" / "mnist")
