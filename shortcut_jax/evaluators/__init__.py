@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: feature statistics, FID and precision/recall (see `fid`)."""
