@@ -80,19 +80,38 @@ def restore_state(
 
 
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config saved with a checkpoint (default: newest), or workdir/config.json."""
+    """The config saved with a checkpoint (default: newest), or workdir/config.json.
+
+    Fields added to the library since the run was saved get their defaults.
+    """
     manager = make_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is not None:
         restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(restored.config)
+        return _with_defaults(ml_collections.ConfigDict(restored.config))
     path = workdir_path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint_dir(workdir)} and no {path}: "
             "is --workdir the directory a training run wrote to?"
         )
-    return config_lib.from_json(path.read_text())
+    return _with_defaults(config_lib.from_json(path.read_text()))
+
+
+def _with_defaults(
+    saved: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+    from shortcut_jax import configs
+
+    defaults = configs.base_config() if defaults is None else defaults
+    for key, value in defaults.items():
+        if key not in saved:
+            saved[key] = value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+            saved[key], ml_collections.ConfigDict
+        ):
+            _with_defaults(saved[key], value)
+    return saved
 
 
 def restore_or_init(

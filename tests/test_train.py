@@ -171,3 +171,14 @@ def test_bucket_workdirs_are_kept_as_bucket_paths(tmp_path, monkeypatch):
     assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
     monkeypatch.chdir(tmp_path)
     assert str(checkpoint.workdir_path("runs/mnist")) == str(tmp_path / "runs" / "mnist")
+
+
+def test_runs_saved_before_a_config_field_existed_still_load(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_mnist_config(1), str(workdir))
+    saved = checkpoint.config_lib.from_json((workdir / "config.json").read_text())
+    del saved["mesh"]
+    del saved.data["toy_name"]
+    filled = checkpoint._with_defaults(saved)
+    assert filled.mesh.fsdp == 1 and filled.data.toy_name == "checkerboard"
+    assert filled.model.hidden_size == 32  # saved values are kept
