@@ -3,7 +3,7 @@
     python benchmarks/flops_benchmark.py            # everything -> benchmarks/results/flops.json
     python benchmarks/flops_benchmark.py --quick    # tiny models, 2 steps, small matmul (smoke)
 
-In one process it measures
+In one process it measures (a) to (d):
   (a) the machine's float32 matmul rate: a jitted 2048 x 2048 @ 2048 x 2048 `jnp.dot`
       (2 n^3 FLOPs a call), best and median over many calls; plus the rate of loops of the matmul
       shapes the MNIST and DiT-B/2 steps actually run (no per-call dispatch);
@@ -17,7 +17,13 @@ In one process it measures
       HLO) and a `jax.profiler` trace of the step summarised per compiled HLO op;
   (d) parameter count and FLOPs per train step and per image of the DiT-B/2 and DiT-XL/2 ImageNet
       configs at batch 256, from the cost analysis of the lowered and of the compiled program on
-      abstract arguments (nothing runs), checked against an analytic matmul count.
+      abstract arguments (nothing runs), checked against an analytic matmul count;
+and in fresh processes
+  (e) the MNIST and DiT-B/2 steps under glibc malloc settings (default, mallopt that keeps freed
+      memory, transparent huge pages), interleaved: XLA:CPU allocates each step's temporaries
+      afresh, and with the default settings the kernel maps and zeroes them again at every step
+      (see `tune_malloc`).
+Per step it also records minor page faults and user / system CPU seconds (getrusage).
 Random arrays stand in for data: {'image': (B, H, W, C) float32 in [-1, 1], 'label': (B,) int32}.
 """
 
@@ -48,6 +54,41 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Set to "1" in a worker's environment to apply `tune_malloc()` before jax allocates anything.
+MALLOPT_ENV = "FLOPS_BENCHMARK_MALLOPT"
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def tune_malloc() -> bool:
+    """Makes glibc malloc keep and reuse freed memory instead of returning it to the kernel.
+
+    XLA:CPU allocates each step's temporaries (about 100 MB for the MNIST step) afresh and frees
+    them at its end. glibc serves blocks over 32 MB with mmap and trims per-thread heaps, so every
+    step the kernel maps and zeroes those pages again, one page fault per 4 KiB touched. One arena,
+    no mmap for large blocks and no trimming make the next step reuse the same memory.
+
+    Returns:
+      True if every mallopt call succeeded (False off glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        settings = (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, 2**31 - 1),
+            (_M_TOP_PAD, 256 * 2**20),
+        )
+        return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
+if os.environ.get(MALLOPT_ENV) == "1":
+    tune_malloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -545,6 +586,27 @@ def run_steps(compiled: Any, state: Any, batch: dict, num_steps: int, warmup: in
     return state, times, metrics
 
 
+def run_steps_with_usage(compiled: Any, state: Any, batch: dict, num_steps: int, warmup: int):
+    """`run_steps` plus this process's page faults and user / system CPU seconds per timed step.
+
+    Returns:
+      (final state, step seconds, last metrics, {'minor_page_faults', 'user_cpu_seconds',
+      'system_cpu_seconds'} per step).
+    """
+    import resource
+
+    state, _, _ = run_steps(compiled, state, batch, 0, warmup)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    state, times, metrics = run_steps(compiled, state, batch, num_steps, 0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = {
+        "minor_page_faults": (after.ru_minflt - before.ru_minflt) / num_steps,
+        "user_cpu_seconds": (after.ru_utime - before.ru_utime) / num_steps,
+        "system_cpu_seconds": (after.ru_stime - before.ru_stime) / num_steps,
+    }
+    return state, times, metrics, usage
+
+
 def benchmark_step(
     name: str,
     config: ml_collections.ConfigDict,
@@ -570,7 +632,7 @@ def benchmark_step(
     step_cost = cost(compiled)
     lowered_text = lowered.as_text(dialect="hlo")
     split = matmul_flops(lowered_text)
-    state, times, metrics = run_steps(compiled, state, batch, num_steps, warmup)
+    state, times, metrics, usage = run_steps_with_usage(compiled, state, batch, num_steps, warmup)
     loss = float(np.asarray(metrics["loss"][0]) / max(float(np.asarray(metrics["loss"][1])), 1.0))
     median = statistics.median(times)
     achieved = step_cost["flops"] / median / 1e9
@@ -601,6 +663,7 @@ def benchmark_step(
         "memory": memory(compiled),
         "step_seconds": summarize_times(times),
         "step_seconds_all": times,
+        "per_step_os": usage,
         "images_per_second": config.batch_size / median,
         "achieved_gflops": achieved,
         "achieved_gflops_best_step": step_cost["flops"] / min(times) / 1e9,
@@ -832,6 +895,86 @@ def abstract_cost(config: ml_collections.ConfigDict, compile_program: bool) -> d
     return result
 
 
+# ------------------------------------------------------------------------------------ (e)
+
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "glibc default": {},
+    "mallopt: arena_max=1, mmap_max=0, trim_threshold=2^31-1, top_pad=256 MiB (in-process)": {
+        MALLOPT_ENV: "1"
+    },
+    "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)": {
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"
+    },
+}
+
+
+def allocator_worker(model: str, num_steps: int, quick: bool) -> dict[str, Any]:
+    """Median step time, page faults and CPU seconds of one config in this process."""
+    config = (
+        mnist_config(quick)
+        if model == "mnist"
+        else imagenet_config("DiT-B/2", 2 if quick else 8, dtype="float32", quick=quick)
+    )
+    mesh = single_device_mesh(config)
+    state, step, *_ = build_state_and_step(config, mesh)
+    batch = sharding.global_batch(mesh, random_batch(config, config.batch_size))
+    compiled = step.lower(state, batch).compile()
+    _, times, _, usage = run_steps_with_usage(
+        compiled, state, batch, num_steps, warmup=1 if model != "mnist" else 5
+    )
+    return {"median_seconds": statistics.median(times), **usage}
+
+
+def allocator_ab(models_steps: dict[str, int], rounds: int, quick: bool) -> dict[str, Any]:
+    """Step time under each allocator setting, each in a fresh process, variants interleaved.
+
+    Returns:
+      {model: {variant: {'runs': [...], 'median_seconds', 'speedup_vs_default', ...}}}.
+    """
+    import subprocess
+
+    results: dict[str, Any] = {}
+    variants = list(ALLOCATORS)[:2] if quick else list(ALLOCATORS)
+    for model, num_steps in models_steps.items():
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name in variants:
+                env = {**os.environ, **ALLOCATORS[name]}
+                if not ALLOCATORS[name]:
+                    env.pop(MALLOPT_ENV, None)
+                    env.pop("GLIBC_TUNABLES", None)
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--allocator_worker",
+                    model,
+                    "--allocator_steps",
+                    str(num_steps),
+                ] + (["--quick"] if quick else [])
+                process = subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=900, check=False
+                )
+                if process.returncode != 0:
+                    raise RuntimeError(f"allocator worker failed:\n{process.stderr[-3000:]}")
+                runs[name].append(json.loads(process.stdout.strip().splitlines()[-1]))
+        base = statistics.median(run["median_seconds"] for run in runs[variants[0]])
+        results[model] = {}
+        for name in variants:
+            median = statistics.median(run["median_seconds"] for run in runs[name])
+            results[model][name] = {
+                "median_seconds": median,
+                "speedup_vs_default": base / median,
+                "minor_page_faults_per_step": statistics.median(
+                    run["minor_page_faults"] for run in runs[name]
+                ),
+                "system_cpu_seconds_per_step": statistics.median(
+                    run["system_cpu_seconds"] for run in runs[name]
+                ),
+                "runs": runs[name],
+            }
+    return results
+
+
 # ------------------------------------------------------------------------------------ limits
 
 
@@ -857,6 +1000,23 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"({100 * rate['gflops_median'] / matmul:.0f}% of the 2048^3 matmul) in a "
                 "dispatch-free loop."
             )
+    for name, step in results["steps"].items():
+        usage = step.get("per_step_os")
+        if usage:
+            notes.append(
+                f"{name}: {usage['minor_page_faults']:.0f} minor page faults and "
+                f"{1e3 * usage['system_cpu_seconds']:.1f} ms of kernel CPU time per step (user "
+                f"{1e3 * usage['user_cpu_seconds']:.1f} ms, wall "
+                f"{1e3 * step['step_seconds']['median_seconds']:.1f} ms); the program's temp "
+                f"buffers are {step['memory'].get('temp_bytes', 0) / 2**20:.0f} MiB."
+            )
+    for model, variants in results.get("allocator_ab", {}).items():
+        text = "; ".join(
+            f"{name}: {1e3 * v['median_seconds']:.1f} ms/step (x{v['speedup_vs_default']:.2f}, "
+            f"{v['minor_page_faults_per_step']:.0f} faults/step)"
+            for name, v in variants.items()
+        )
+        notes.append(f"{model} step under allocator settings (fresh processes): {text}.")
     profile = results.get("mnist_profile", {})
     trace = profile.get("trace", {})
     if "op_time_share_by_category" in trace:
@@ -901,10 +1061,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--sections",
-        default="matmul,mnist,dit,profile,imagenet",
-        help="comma-separated subset of matmul,mnist,dit,profile,imagenet",
+        default="matmul,mnist,dit,profile,imagenet,allocator",
+        help="comma-separated subset of matmul,mnist,dit,profile,imagenet,allocator",
     )
+    parser.add_argument("--allocator_rounds", type=int, default=2)
+    parser.add_argument("--allocator_worker", choices=("mnist", "dit"), help=argparse.SUPPRESS)
+    parser.add_argument("--allocator_steps", type=int, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.allocator_worker:
+        if not args.quick:
+            jax.config.update("jax_enable_compilation_cache", False)
+        worker = allocator_worker(args.allocator_worker, args.allocator_steps, args.quick)
+        print(json.dumps(worker), flush=True)
+        return worker
     sections = set(args.sections.split(","))
     quick = args.quick
     if not quick:  # compile times are results: never read them from a persistent cache
@@ -1019,6 +1188,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{entry['lowered_cost_analysis']['flops'] / 1e12:.2f} TFLOP; compile "
                 f"{entry.get('compile_seconds', float('nan')):.1f} s"
             )
+
+    if "allocator" in sections:
+        steps_per_model = {"mnist": 2} if quick else {"mnist": 100, "dit": 3}
+        rounds = 1 if quick else args.allocator_rounds
+        results["allocator_ab"] = allocator_ab(steps_per_model, rounds, quick)
+        for model, variants in results["allocator_ab"].items():
+            for name, variant in variants.items():
+                say(
+                    f"(e) {model} {name}: {1e3 * variant['median_seconds']:.1f} ms/step, "
+                    f"x{variant['speedup_vs_default']:.2f}, "
+                    f"{variant['minor_page_faults_per_step']:.0f} page faults/step"
+                )
 
     results["limits"] = findings(results)
     results["meta"]["total_seconds"] = time.perf_counter() - started

@@ -384,8 +384,13 @@ create_or_reuse() {
 copy_code() {
   local tarball="${TMPDIR:-/tmp}/$NAME-$$-$TARBALL_NAME"
   LOCAL_TARBALL=$tarball
+  # Virtual environments (any directory holding a pyvenv.cfg, with GNU tar) stay behind.
+  local venv_excludes=(--exclude ./.venv --exclude ./venv --exclude ./.ci-venv)
+  if tar --version 2>/dev/null | grep -q GNU; then
+    venv_excludes+=(--exclude-tag-all=pyvenv.cfg)
+  fi
   run env COPYFILE_DISABLE=1 tar -czf "$tarball" --exclude ./runs --exclude ./.git \
-    --exclude ./.venv --exclude ./venv --exclude __pycache__ --exclude '*.egg-info' \
+    "${venv_excludes[@]}" --exclude __pycache__ --exclude '*.egg-info' \
     --exclude .pytest_cache --exclude .ruff_cache --exclude .ipynb_checkpoints -C "$ROOT_DIR" .
   run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:$TARBALL_NAME" "${GCLOUD_LOCATION[@]}" \
     --worker=all

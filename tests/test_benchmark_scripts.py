@@ -97,6 +97,16 @@ def test_flops_benchmark_counts_imagenet_params_and_flops_without_running(output
         assert entry["flops_source"] in ("compiled", "lowered")
 
 
+def test_flops_benchmark_compares_allocator_settings_in_fresh_processes(outputs):
+    variants = outputs["flops"]["allocator_ab"]["mnist"]
+    assert len(variants) == 2
+    for variant in variants.values():
+        assert variant["median_seconds"] > 0
+        assert variant["speedup_vs_default"] > 0
+        assert variant["minor_page_faults_per_step"] >= 0
+    assert next(iter(variants.values()))["speedup_vs_default"] == pytest.approx(1.0)
+
+
 def test_mesh_benchmark_reports_each_mesh_relative_to_one_device(outputs):
     result = outputs["mesh"]
     assert "not a speedup" in result["meta"]["notes"]

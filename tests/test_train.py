@@ -175,7 +175,7 @@ def test_bucket_workdirs_are_kept_as_bucket_paths(tmp_path, monkeypatch):
 
 def test_runs_saved_before_a_config_field_existed_still_load(tmp_path):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(tiny_mnist_config(1), str(workdir))
+    train.train_and_evaluate(tiny_mnist_config(2), str(workdir))
     saved = checkpoint.config_lib.from_json((workdir / "config.json").read_text())
     del saved["mesh"]
     del saved.data["toy_name"]
