@@ -197,6 +197,23 @@ def _jitted_sample(
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _sharded_sampler(
+    apply_fn: ApplyFn,
+    settings: tuple[tuple[str, Any], ...],
+    mesh: jax.sharding.Mesh,
+    param_treedef: Any,
+    param_shardings: tuple[jax.sharding.Sharding, ...],
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """`sample` jitted with explicit shardings: params as they are, noise/labels/output by batch."""
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(
+        functools.partial(sample, apply_fn, **dict(settings)),
+        in_shardings=(jax.tree.unflatten(param_treedef, param_shardings), batch, batch),
+        out_shardings=batch,
+    )
+
+
 def make_sampler(
     apply_fn: ApplyFn,
     *,
@@ -321,6 +338,14 @@ def sample_batch(
     if mesh is not None:
         shards = sharding.batch_shards(mesh)
         chunk = -(-chunk // shards) * shards
+        shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
+        settings = (
+            ("cfg_scale", float(cfg_scale)),
+            ("denoise_timesteps", int(denoise_timesteps)),
+            ("num_classes", int(num_classes)),
+            ("num_steps", int(num_steps)),
+        )
+        sampler = _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings))
     outputs = []
     for start in range(0, num, chunk):
         chunk_noise = noise[start : start + chunk]

@@ -379,3 +379,18 @@ def test_save_labeled_grids_and_scatter_png_write_files(tmp_path):
     )
     with Image.open(scatter_path) as image:
         assert image.size[0] > image.size[1] > 0
+
+
+def test_sample_batch_on_a_mesh_matches_the_local_sampler(tiny_model):
+    from shortcut_jax import configs, sharding
+
+    model, params = tiny_model
+    mesh = sharding.make_mesh(configs.base_config())
+    params = jax.device_put(params, sharding.replicated(mesh))
+    kwargs = {"num": 5, "shape": (4, 4, 1), "num_steps": 3, "denoise_timesteps": 8}
+    kwargs |= {"num_classes": 3, "cfg_scale": 2.0}
+    local, _ = sampling.sample_batch(model.apply, params, jax.random.key(7), **kwargs)
+    on_mesh, _ = sampling.sample_batch(
+        model.apply, params, jax.random.key(7), mesh=mesh, batch_size=4, **kwargs
+    )
+    np.testing.assert_allclose(on_mesh, local, rtol=1e-5, atol=1e-6)
