@@ -31,6 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
+MALLOPT_ENV = "FLOPS_BENCHMARK_MALLOPT"  # as in flops_benchmark.py (not imported: it loads jax)
 
 # name -> (process device count, mesh sizes).
 MESHES: dict[str, tuple[int, dict[str, int]]] = {
@@ -80,7 +81,9 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
             for shard in leaf.addressable_shards:
                 totals[shard.device.id] = totals.get(shard.device.id, 0) + shard.data.nbytes
 
-    state, times, metrics = fb.run_steps(compiled, state, batch, num_steps, warmup=3)
+    state, times, metrics, usage = fb.run_steps_with_usage(
+        compiled, state, batch, num_steps, warmup=3
+    )
     total, count = (float(np.asarray(value)) for value in metrics["loss"])
     return {
         "process_devices": jax.device_count(),
@@ -96,15 +99,28 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
         "state_bytes_per_device_max": max(state_per_device.values()),
         "state_bytes_total": sum(state_per_device.values()),
         "params_bytes_per_device_max": max(params_per_device.values()),
+        "per_step_os": usage,
+        "malloc_tuned": os.environ.get(fb.MALLOPT_ENV) == "1",
         "final_loss": total / max(count, 1.0),
     }
 
 
 def run_worker(
-    name: str, devices: int, sizes: dict[str, int], steps: int, quick: bool, timeout: float
+    name: str,
+    devices: int,
+    sizes: dict[str, int],
+    steps: int,
+    quick: bool,
+    timeout: float,
+    mallopt: bool = False,
 ) -> dict[str, Any]:
-    """Runs `worker` for one mesh in a fresh process with `devices` CPU devices."""
-    env = dict(os.environ)
+    """Runs `worker` for one mesh in a fresh process with `devices` CPU devices.
+
+    With `mallopt`, the worker applies flops_benchmark.tune_malloc() before importing jax.
+    """
+    env = {key: value for key, value in os.environ.items() if key != MALLOPT_ENV}
+    if mallopt:
+        env[MALLOPT_ENV] = "1"
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     flags = [flag for flag in env.get("XLA_FLAGS", "").split() if not flag.startswith(DEVICE_FLAG)]
@@ -167,6 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(RESULTS / "mesh.json"))
     parser.add_argument("--meshes", default=",".join(MESHES), help="subset of mesh names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mesh process")
+    parser.add_argument(
+        "--mallopt",
+        action="store_true",
+        help="workers keep freed memory (flops_benchmark.tune_malloc): no per-step page faults",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mesh", default="data=1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -180,17 +201,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if BASELINE not in names:
         names.insert(0, BASELINE)
     started = time.perf_counter()
+    load_at_start = list(os.getloadavg())
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         devices, sizes = MESHES[name]
-        results[name] = run_worker(name, devices, sizes, steps, args.quick, args.timeout)
+        results[name] = run_worker(
+            name, devices, sizes, steps, args.quick, args.timeout, args.mallopt
+        )
         result = results[name]
         print(
             f"[{time.perf_counter() - started:6.1f} s] {name:18s} compile "
             f"{result['compile_seconds']:6.2f} s  step "
             f"{1e3 * result['step_seconds']['median_seconds']:7.2f} ms  "
             f"temp {result['memory_per_device'].get('temp_bytes', 0) / 2**20:7.2f} MiB  "
-            f"args {result['memory_per_device'].get('argument_bytes', 0) / 2**20:6.2f} MiB",
+            f"args {result['memory_per_device'].get('argument_bytes', 0) / 2**20:6.2f} MiB  "
+            f"faults/step {result['per_step_os']['minor_page_faults']:8.0f}",
             flush=True,
         )
     relative(results)
@@ -200,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "quick": args.quick,
             "steps_timed": steps,
+            "malloc_tuned": args.mallopt,
+            "load_average_1_5_15_min_at_start": load_at_start,
+            "load_average_1_5_15_min_at_end": list(os.getloadavg()),
             "workload": "experiments/mnist.py train step (tiny DiT with --quick), random data",
             "notes": (
                 "The multi-device meshes run on 8 fake CPU devices "
@@ -212,8 +240,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "reports generated_code_bytes as 0. flops_per_device_program is the cost "
                 "analysis of one device's partitioned program: with data parallelism each device "
                 "still runs the whole (replicated) optimizer and EMA update. Each mesh runs in "
-                "its own process; "
-                "the machine drifts by +-20% over minutes."
+                "its own process; the machine drifts by +-20% over minutes. per_step_os: minor "
+                "page faults and CPU seconds per step; with glibc's default malloc a program "
+                "whose temporaries exceed 32 MB per device re-faults them every step (see "
+                "flops.json), which penalises the meshes with large per-device temporaries; "
+                "--mallopt removes that effect."
             ),
         },
         "meshes": results,
