@@ -31,6 +31,16 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "scipy>=1.11"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scipy>=1.11",
+            "scikit-learn>=1.3",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6.29",
+        ],
+        # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build.
+        "convert": ["torch>=2.0"],
     },
 )

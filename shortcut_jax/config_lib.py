@@ -160,6 +160,28 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check("sample_num", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("sample_cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
 
+    # Evaluation.
+    check("eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = never)")
+    check(
+        "eval_steps",
+        lambda v: len(v) > 0 and all(_is_int(n) and 1 <= n <= config.denoise_timesteps for n in v),
+        "a non-empty list of step counts in [1, config.denoise_timesteps]",
+    )
+    check("eval_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2 (samples per budget)")
+    check(
+        "eval_metrics",
+        lambda v: v == "auto" or _metric_names_ok(v),
+        f"'auto' or a comma-separated list of {EVAL_METRICS}",
+    )
+    check("eval_inception_path", lambda v: isinstance(v, str), "a path string ('' = default)")
+    check(
+        "eval_ref_stats",
+        lambda v: isinstance(v, str) and (not v or _file_exists(v)),
+        "'' or an existing .npz with keys mu and sigma (python -m shortcut_jax.tools.fid_stats)",
+    )
+    check("eval_ref_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+    check("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -238,6 +260,20 @@ def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: lis
             "a multiple of 4 (the 2-D sin-cos position embedding splits it in four)",
         )
     del hidden_size
+
+
+EVAL_METRICS = ("fd_mnist", "fid")
+
+
+def _metric_names_ok(value: str) -> bool:
+    names = [name.strip() for name in value.split(",")]
+    return bool(names) and all(name in EVAL_METRICS for name in names)
+
+
+def _file_exists(path: str) -> bool:
+    from etils import epath
+
+    return epath.Path(path).is_file()
 
 
 def _is_int(value: Any) -> bool:

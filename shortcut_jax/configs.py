@@ -84,6 +84,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.sample_num = 64  # images per grid
     config.sample_use_ema = True
     config.sample_cfg_scale = 1.5  # guidance used for sample grids (1 = none)
+
+    # --- Evaluation (python -m shortcut_jax.evaluate, and periodically during training) -------
+    # Scores use the sampling settings above (EMA or raw params, guidance sample_cfg_scale).
+    config.eval_every_steps = 0  # score samples every this many steps; 0 = never during training
+    config.eval_steps = (1, 4, 128)  # step budgets scored during training
+    config.eval_num = 1_000  # samples per step budget during training
+    # 'auto' = fd_mnist for the embedded MNIST + fid when the Inception weights file exists;
+    # or a comma-separated list of 'fd_mnist', 'fid'.
+    config.eval_metrics = "auto"
+    config.eval_inception_path = ""  # converted Inception .npz; '' = the default (see inception)
+    config.eval_ref_stats = ""  # FID reference statistics (.npz with mu, sigma); '' = from the data
+    config.eval_ref_num = 10_000  # real examples behind reference statistics taken from the data
+    config.eval_batch_size = 256  # samples per sampling call
     return config
 
 

@@ -289,6 +289,7 @@ def sample_batch(
     num_classes: int = 0,
     batch_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws `num` samples from noise seeded by `rng`, in chunks of at most `batch_size`.
 
@@ -311,6 +312,8 @@ def sample_batch(
       mesh: when given (multi-device or multi-host training), each chunk is split over the mesh's
         batch axes ('data', 'fsdp') and the samples are gathered back to every process; the chunk
         is padded to a multiple of the batch shards. Every process must call this together.
+      progress: called with the number of samples finished after each chunk (e.g. a progress
+        bar's ``update``).
 
     Returns:
       images: (num, *shape) float32 numpy array, the samples.
@@ -365,4 +368,6 @@ def sample_batch(
                 )
             )
         outputs.append(images[:valid])
+        if progress is not None:
+            progress(valid)
     return np.concatenate(outputs, axis=0), labels

@@ -25,6 +25,7 @@ from shortcut_jax import (
     sharding,
     steps,
 )
+from shortcut_jax.evaluators import sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
 
@@ -86,6 +87,7 @@ def train_and_evaluate(
         donate_argnums=0,
     )
     grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer, mesh)
+    evaluator = PeriodicEvaluator(config, workdir, writer, mesh)
 
     # ----------------------------------------------------------------- loop
     report_progress = periodic_actions.ReportProgress(
@@ -127,6 +129,10 @@ def train_and_evaluate(
             if (sample_every and step % sample_every == 0) or is_last:
                 grid_writer.write(state, step)
                 timer.start(step)  # sampling time is not training throughput
+            eval_every = config.eval_every_steps
+            if eval_every and (step % eval_every == 0 or is_last):
+                history.setdefault(step, {}).update(evaluator.run(state, step))
+                timer.start(step)
     finally:
         manager.wait_until_finished()  # never leave a save half-written
         manager.close()
@@ -225,6 +231,65 @@ class SampleGridWriter:
     def _columns(self) -> int:
         num_classes = self.config.data.num_classes
         return num_classes if 0 < num_classes <= 20 else 8
+
+
+class PeriodicEvaluator:
+    """Scores samples at config.eval_steps during training and writes them to the CLU writers.
+
+    The feature networks and reference statistics are built at the first evaluation (the FD-MNIST
+    classifier and the reference features are cached in WORKDIR/eval, so a resumed run reuses
+    them). Every process samples and extracts features; process 0 scores and writes.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        writer: metric_writers.MetricWriter,
+        mesh: jax.sharding.Mesh,
+    ):
+        self.config = config
+        self.cache_dir = os.path.join(workdir, "eval")
+        self.writer = writer
+        self.mesh = mesh
+        self.is_chief = jax.process_index() == 0
+        self.metrics: list[sweep.Metric] | None = None
+
+    def run(self, state: TrainState, step: int) -> dict[str, float]:
+        """Samples config.eval_num images per budget and returns {'eval/...': score}."""
+        config = self.config
+        if self.metrics is None:
+            self.metrics = sweep.build_metrics(
+                config, cache_dir=self.cache_dir, is_chief=self.is_chief
+            )
+        start = time.perf_counter()
+        rows, _ = sweep.sweep(
+            config,
+            state.ema_params if config.sample_use_ema else state.params,
+            self.metrics,
+            steps=config.eval_steps,
+            num=config.eval_num,
+            cfg_scale=float(config.sample_cfg_scale),
+            seed=config.seed + 2,
+            batch_size=config.eval_batch_size,
+            mesh=self.mesh,
+            is_chief=self.is_chief,
+        )
+        scalars: dict[str, float] = {}
+        if self.is_chief:
+            for metric in self.metrics:
+                for bound in ("floor", "ceiling"):
+                    if getattr(metric, bound) is not None:
+                        scalars[f"eval/{metric.name}_{bound}"] = float(getattr(metric, bound))
+            for row in rows:
+                for key, value in row.items():
+                    if key not in ("steps", "nfe", "seconds"):
+                        name = key.replace("/", "_")
+                        scalars[f"eval/{name}/steps_{row['steps']}"] = float(value)
+            scalars["perf/eval_seconds"] = time.perf_counter() - start
+            self.writer.write_scalars(step, scalars)
+            logging.info("Evaluation at step %d: %s", step, scalars)
+        return scalars
 
 
 def _raise_if_not_finite(loss: float, step: int, manager: Any, workdir: str) -> None:

@@ -1,0 +1,114 @@
+"""Score a trained run at several step budgets.
+
+    python -m shortcut_jax.evaluate --workdir runs/mnist --steps 1,2,4,8,16,32,64,128 \
+        --num 5000 [--cfg 1.5] [--ref_stats stats.npz] [--metrics fd_mnist,fid]
+
+Samples from the newest (or --checkpoint_step) checkpoint with the same noise at every budget,
+scores the samples (FD-MNIST for the embedded MNIST, FID when the Inception weights are there,
+with k-NN precision/recall), and writes results.json, results.md and scores_vs_nfe.png to
+--out (default WORKDIR/eval/step_N). Sampling and feature extraction use all local devices.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from tqdm import tqdm
+
+from shortcut_jax import checkpoint, sharding
+from shortcut_jax.evaluators import report, sweep
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
+_STEPS = flags.DEFINE_list("steps", None, "Step budgets; default 1, 2, 4, ..., denoise_timesteps.")
+_NUM = flags.DEFINE_integer("num", 5_000, "Samples per step budget (the paper's FID uses 50000).")
+_CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample_cfg_scale).")
+_REF_STATS = flags.DEFINE_string(
+    "ref_stats", None, "FID reference statistics .npz (mu, sigma); default: from the run's data."
+)
+_METRICS = flags.DEFINE_string("metrics", "auto", "'auto' or a comma list of fd_mnist, fid.")
+_INCEPTION = flags.DEFINE_string(
+    "inception", None, "Converted Inception weights .npz (default: the run's or the cache's)."
+)
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples per sampling call.")
+_PR_NUM = flags.DEFINE_integer(
+    "pr_num", sweep.DEFAULT_PR_NUM, "Features per side for precision/recall (0 = skip)."
+)
+_OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval/step_N).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    """Loads the run, samples at every budget, scores and writes the report."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config, state = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+    step = int(sharding.to_host(state.step))
+    if _INCEPTION.value:
+        config.eval_inception_path = _INCEPTION.value
+    if _STEPS.value:
+        try:
+            budgets = [int(value) for value in _STEPS.value]
+        except ValueError as error:
+            raise app.UsageError(f"--steps={_STEPS.value}: integers expected") from error
+    else:
+        budgets = [2**k for k in range(config.denoise_timesteps.bit_length())]
+    bad = [s for s in budgets if not 1 <= s <= config.denoise_timesteps]
+    if bad:
+        raise app.UsageError(f"--steps: {bad} outside 1..{config.denoise_timesteps}")
+    if _NUM.value < 2:
+        raise app.UsageError(f"--num={_NUM.value}: at least 2 samples per budget")
+    cfg_scale = float(config.sample_cfg_scale if _CFG.value is None else _CFG.value)
+    out = epath.Path(
+        _OUT.value or checkpoint.workdir_path(_WORKDIR.value) / "eval" / f"step_{step}"
+    )
+    cache_dir = str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
+
+    try:
+        names = sweep.metric_names(config, _METRICS.value)
+        metrics = sweep.build_metrics(
+            config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value
+        )
+    except sweep.EvaluationError as error:
+        raise app.UsageError(str(error)) from error
+    mesh = sharding.make_mesh(config, jax.local_devices())
+    params = state.params if _RAW.value else state.ema_params
+    total = _NUM.value * len(budgets) * (1 + len(metrics))
+    with tqdm(total=total, unit="img", desc="sampling + features") as bar:
+        rows, _ = sweep.sweep(
+            config,
+            params,
+            metrics,
+            steps=budgets,
+            num=_NUM.value,
+            cfg_scale=cfg_scale,
+            seed=_SEED.value,
+            batch_size=_BATCH.value,
+            mesh=mesh,
+            pr_num=_PR_NUM.value,
+            progress=bar.update,
+        )
+    settings = {
+        "workdir": _WORKDIR.value,
+        "checkpoint_step": step,
+        "objective": config.objective,
+        "num": _NUM.value,
+        "cfg_scale": cfg_scale,
+        "params": "raw" if _RAW.value else "ema",
+        "seed": _SEED.value,
+    }
+    result = report.make_report(
+        rows=rows,
+        metrics={metric.name: metric.describe() for metric in metrics},
+        settings=settings,
+    )
+    paths = report.write(result, out)
+    print(report.markdown_table({"": result}))
+    logging.info("Wrote %s", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)

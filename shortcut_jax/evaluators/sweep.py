@@ -1,0 +1,381 @@
+"""Scores of a model's samples at several step budgets: FD-MNIST, FID, precision and recall.
+
+`build_metrics` sets up the feature networks and their reference statistics for a run's data;
+`sweep` samples `num` images at each step budget and scores them against every metric. Both
+are used by the evaluation CLI (`python -m shortcut_jax.evaluate`), by the train loop's periodic
+evaluation and by the notebooks. Sampling and feature extraction run on a mesh (every process
+takes part); the scores are computed on the host of process 0, which holds the reference.
+
+Every score is printed next to its *floor* (two disjoint halves of the real reference set: what
+real data scores) and *ceiling* (N(0, I) noise clipped to the image range), so a reading can be
+placed between "as good as real data" and "nothing learned".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from shortcut_jax import config_lib, sampling
+from shortcut_jax.evaluators import features, fid
+
+# Reference features beyond this many examples only refine the mean/covariance; precision and
+# recall use at most this many from each side (their cost grows with the square).
+DEFAULT_PR_NUM = 5_000
+_SPLIT_SEED = 0
+_NOISE_SEED = 1
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as configured (missing weights, wrong data, ...)."""
+
+
+@dataclasses.dataclass
+class Metric:
+    """A feature network with the reference it is scored against.
+
+    Attributes:
+      name: 'fd_mnist' or 'fid'.
+      net: the feature network.
+      mu: (D,) reference mean.
+      sigma: (D, D) reference covariance.
+      reference: what the reference statistics were computed from (for reports).
+      reference_features: (N, D) real features when known (needed for precision/recall and the
+        floor); None when the statistics came from a file.
+      floor: FD between two disjoint halves of the real reference features (None without them).
+      ceiling: FD of clipped N(0, I) noise images against the reference.
+    """
+
+    name: str
+    net: features.FeatureNet
+    mu: np.ndarray
+    sigma: np.ndarray
+    reference: str
+    reference_features: np.ndarray | None = None
+    floor: float | None = None
+    ceiling: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description: network, feature dimension, reference, floor and ceiling."""
+        return {
+            "network": self.net.name,
+            "feature_dim": int(self.net.dim),
+            "reference": self.reference,
+            "floor": self.floor,
+            "ceiling": self.ceiling,
+        }
+
+
+def metric_names(config: ml_collections.ConfigDict, requested: str | None = None) -> list[str]:
+    """The metrics to compute for a run: `requested` (or config.eval_metrics) resolved.
+
+    'auto' means fd_mnist for the embedded MNIST data, plus fid when the Inception weights file
+    exists (or config.eval_ref_stats is set). An explicit list is returned as given, after
+    checking the names.
+    """
+    from shortcut_jax.evaluators import inception
+
+    requested = config.eval_metrics if requested is None else requested
+    if requested != "auto":
+        names = [name.strip() for name in requested.split(",") if name.strip()]
+        unknown = [name for name in names if name not in config_lib.EVAL_METRICS]
+        if not names or unknown:
+            raise EvaluationError(
+                f"unknown metric(s) {unknown or requested!r}: use 'auto' or a comma-separated "
+                f"list of {config_lib.EVAL_METRICS}"
+            )
+        return names
+    names = []
+    if config.data.name == "mnist_embedded":
+        names.append("fd_mnist")
+    weights = config.get("eval_inception_path") or str(inception.default_weights_path())
+    if epath.Path(weights).is_file():
+        names.append("fid")
+    if not names:
+        raise EvaluationError(
+            "no metric available for this run: FID needs the converted Inception weights at "
+            f"{weights} (see `python -m shortcut_jax.tools.convert_inception --help`); "
+            "FD-MNIST needs config.data.name='mnist_embedded'"
+        )
+    return names
+
+
+def _check_images(config: ml_collections.ConfigDict, name: str) -> None:
+    channels = config.data.get("channels", None)
+    if config.data.name == "toy2d":
+        raise EvaluationError(
+            f"metric {name!r} scores images; config.data.name='toy2d' gives 2-D points"
+        )
+    if channels not in (1, 3):
+        raise EvaluationError(
+            f"metric {name!r} needs 1- or 3-channel images; config.data.channels={channels}"
+        )
+    if name == "fd_mnist" and config.data.name != "mnist_embedded":
+        raise EvaluationError(
+            "fd_mnist compares against the embedded MNIST digits; "
+            f"config.data.name={config.data.name!r} needs 'fid' instead"
+        )
+
+
+def load_feature_net(config: ml_collections.ConfigDict, name: str) -> features.FeatureNet:
+    """The feature network of metric `name`.
+
+    'fd_mnist' loads the project's classifier from the user cache ($SHORTCUT_JAX_CACHE or
+    ~/.cache/shortcut_jax), training it there once; 'fid' loads the converted Inception weights
+    from config.eval_inception_path or the default path.
+    """
+    if name == "fd_mnist":
+        from shortcut_jax.evaluators import fd_mnist
+
+        return fd_mnist.feature_net()
+    if name == "fid":
+        from shortcut_jax.evaluators import inception
+
+        path = config.get("eval_inception_path") or str(inception.default_weights_path())
+        return inception.feature_net(path)
+    raise EvaluationError(f"unknown metric {name!r}; allowed: {config_lib.EVAL_METRICS}")
+
+
+def _reference_key(config: ml_collections.ConfigDict, net: features.FeatureNet, num: int) -> str:
+    data = {key: config.data.get(key) for key in sorted(config.data.keys())}
+    text = json.dumps([net.name, num, data], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def reference_features(
+    config: ml_collections.ConfigDict,
+    net: features.FeatureNet,
+    num: int,
+    *,
+    cache_dir: str | None = None,
+) -> tuple[np.ndarray, str]:
+    """Features of up to `num` real examples of the run's data (cached in `cache_dir`).
+
+    Returns:
+      features: (N, D) float32, N <= num (N = all there are when the data is smaller).
+      description: e.g. '5000 real examples of mnist_embedded'.
+    """
+    from shortcut_jax import data
+
+    cache = None
+    if cache_dir:
+        key = _reference_key(config, net, num)
+        cache = epath.Path(cache_dir) / f"reference_{net.name}_{key}.npz"
+        if cache.is_file():
+            with cache.open("rb") as f:
+                stored = np.load(f)
+                return np.asarray(stored["features"]), str(stored["description"])
+    real = data.get_source(config).real_examples(num)["image"]
+    if len(real) < 4:
+        raise EvaluationError(
+            f"the data gave {len(real)} real examples; the reference needs at least 4 "
+            "(check config.data and config.eval_ref_num)"
+        )
+    name = config.data.name if config.data.name != "tfds" else config.data.tfds_name
+    description = f"{len(real)} real examples of {name}"
+    feats = features.compute_features(net, real)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.parent / (cache.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, features=feats, description=np.asarray(description))
+        tmp.rename(cache)
+    return feats, description
+
+
+def floor_from_features(real_features: np.ndarray) -> float:
+    """FD between two disjoint random halves of the real features: the best possible reading."""
+    order = np.random.default_rng(_SPLIT_SEED).permutation(len(real_features))
+    half = len(order) // 2
+    first, second = real_features[order[:half]], real_features[order[half : 2 * half]]
+    return fid.frechet_distance(*fid.feature_statistics(first), *fid.feature_statistics(second))
+
+
+def noise_images(num: int, shape: Sequence[int], seed: int = _NOISE_SEED) -> np.ndarray:
+    """`num` images of N(0, I) noise clipped to [-1, 1]: what an untrained sampler returns."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.standard_normal((num, *shape)), -1.0, 1.0).astype(np.float32)
+
+
+def build_metrics(
+    config: ml_collections.ConfigDict,
+    *,
+    names: Sequence[str] | None = None,
+    cache_dir: str | None = None,
+    ref_stats: str | None = None,
+    ceiling_num: int = 1_000,
+    is_chief: bool = True,
+) -> list[Metric]:
+    """Feature networks and reference statistics for the run described by `config`.
+
+    Args:
+      config: the run's config (reads data.*, eval_ref_num, eval_ref_stats, eval_inception_path).
+      names: metric names; default `metric_names(config)`.
+      cache_dir: where reference features are cached (e.g. WORKDIR/eval); None = no cache.
+      ref_stats: FID reference statistics file (.npz with mu and sigma); default
+        config.eval_ref_stats; '' = computed from config.eval_ref_num real examples.
+      ceiling_num: noise images behind the ceiling.
+      is_chief: only the chief (process 0) computes references; other processes get metrics
+        with the network only (they take part in sampling and feature extraction).
+
+    Returns:
+      One `Metric` per name.
+    """
+    names = list(metric_names(config) if names is None else names)
+    ref_stats = config.get("eval_ref_stats", "") if ref_stats is None else ref_stats
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    metrics = []
+    for name in names:
+        _check_images(config, name)
+        net = load_feature_net(config, name)
+        if jax.process_count() > 1:  # every process must use the chief's exact weights
+            from jax.experimental import multihost_utils
+
+            net = dataclasses.replace(net, params=multihost_utils.broadcast_one_to_all(net.params))
+        empty = np.zeros((net.dim,)), np.zeros((net.dim, net.dim))
+        if not is_chief:
+            metrics.append(Metric(name, net, *empty, reference="(on process 0)"))
+            continue
+        if name == "fid" and ref_stats:
+            mu, sigma = fid.load_statistics(ref_stats)
+            if mu.shape != (net.dim,):
+                raise EvaluationError(
+                    f"{ref_stats}: mu has shape {mu.shape} but the {net.name} features have "
+                    f"dimension {net.dim}; use statistics of the same network"
+                )
+            metric = Metric(name, net, mu, sigma, reference=str(ref_stats))
+        else:
+            real, description = reference_features(
+                config, net, int(config.eval_ref_num), cache_dir=cache_dir
+            )
+            mu, sigma = fid.feature_statistics(real)
+            metric = Metric(name, net, mu, sigma, description, real, floor_from_features(real))
+        noise = features.compute_features(net, noise_images(ceiling_num, shape))
+        metric.ceiling = fid.frechet_distance(*fid.feature_statistics(noise), mu, sigma)
+        metrics.append(metric)
+    return metrics
+
+
+def score(
+    metric: Metric, sample_features: np.ndarray, pr_num: int = DEFAULT_PR_NUM
+) -> dict[str, float]:
+    """FD of sample features against the metric's reference, with precision/recall if possible.
+
+    Args:
+      metric: a chief's `Metric` (with reference statistics).
+      sample_features: (N, D) features of the samples.
+      pr_num: at most this many features of each side enter precision/recall (0 = skip them).
+
+    Returns:
+      {name: FD} plus {name/precision, name/recall} when the reference features are known.
+    """
+    mu, sigma = fid.feature_statistics(sample_features)
+    result = {metric.name: fid.frechet_distance(mu, sigma, metric.mu, metric.sigma)}
+    real = metric.reference_features
+    if pr_num > 0 and real is not None:
+        precision, recall = fid.precision_recall(real[:pr_num], sample_features[:pr_num], k=3)
+        result[f"{metric.name}/precision"] = precision
+        result[f"{metric.name}/recall"] = recall
+    return result
+
+
+def uses_guidance(cfg_scale: float, num_classes: int) -> bool:
+    """Whether sampling evaluates the null class too (one extra function evaluation a step)."""
+    return num_classes > 0 and cfg_scale != 1.0
+
+
+def sweep(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    metrics: Sequence[Metric],
+    *,
+    steps: Sequence[int],
+    num: int,
+    cfg_scale: float,
+    seed: int = 0,
+    batch_size: int = 256,
+    mesh: jax.sharding.Mesh | None = None,
+    pr_num: int = DEFAULT_PR_NUM,
+    is_chief: bool = True,
+    progress: Callable[[int], None] | None = None,
+    keep_samples: int = 0,
+) -> tuple[list[dict[str, float]], dict[int, np.ndarray]]:
+    """Samples `num` images at each step budget and scores them with every metric.
+
+    The same noise and labels (0..num_classes-1 cycled) are used at every budget, so the rows
+    differ only by the number of steps.
+
+    Args:
+      config: the run's config (model, data, denoise_timesteps).
+      params: model parameters (EMA or raw), placed for `mesh` if given.
+      metrics: from `build_metrics`.
+      steps: step budgets, each in [1, config.denoise_timesteps].
+      num: samples per budget (>= 2).
+      cfg_scale: guidance scale (1 = none).
+      seed: sampling seed.
+      batch_size: samples per sampling call.
+      mesh: the mesh to sample and extract features on (every process must call this).
+      pr_num: features per side for precision/recall (0 = skip).
+      is_chief: whether this process computes the scores (only the chief holds references).
+      progress: called with the number of images sampled or featurized after each chunk.
+      keep_samples: return the first this many samples of each budget (for grids).
+
+    Returns:
+      rows: one dict per budget: steps, nfe, seconds (sampling), then the scores (chief only).
+      samples: {steps: (keep_samples, H, W, C)} when keep_samples > 0.
+    """
+    from shortcut_jax import models
+    from shortcut_jax import steps as train_steps
+
+    if num < 2:
+        raise EvaluationError(f"num must be >= 2 samples per budget, got {num}")
+    bad = [s for s in steps if not 1 <= int(s) <= config.denoise_timesteps]
+    if bad:
+        raise EvaluationError(
+            f"step budgets {bad} are outside [1, {config.denoise_timesteps}] (denoise_timesteps)"
+        )
+    num_classes = int(config.data.num_classes)
+    apply_fn = train_steps.make_apply_fn(models.get_model(config))
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    guided = uses_guidance(cfg_scale, num_classes)
+    rows, kept = [], {}
+    for num_steps in steps:
+        start = time.perf_counter()
+        images, _ = sampling.sample_batch(
+            apply_fn,
+            params,
+            jax.random.PRNGKey(seed),
+            num=num,
+            shape=shape,
+            num_steps=int(num_steps),
+            denoise_timesteps=config.denoise_timesteps,
+            cfg_scale=float(cfg_scale),
+            num_classes=num_classes,
+            batch_size=batch_size,
+            mesh=mesh,
+            progress=progress,
+        )
+        row: dict[str, float] = {
+            "steps": int(num_steps),
+            "nfe": int(num_steps) * (2 if guided else 1),
+            "seconds": time.perf_counter() - start,
+        }
+        if keep_samples:
+            kept[int(num_steps)] = images[:keep_samples]
+        for metric in metrics:
+            feats = features.compute_features(metric.net, images, mesh=mesh, progress=progress)
+            if is_chief:
+                row.update(score(metric, feats, pr_num))
+        rows.append(row)
+        logging.info("Scored %d samples at %d step(s): %s", num, num_steps, row)
+    return rows, kept

@@ -1,0 +1,1 @@
+"""Secondary command-line tools (``python -m shortcut_jax.tools.<name>``)."""
