@@ -54,6 +54,7 @@ def load_config(total_steps: int | None, overrides: dict):
         config.total_steps = total_steps
         config.optim.warmup_steps = min(config.optim.warmup_steps, total_steps)
     config.sample_every_steps = 0
+    config.eval_every_steps = 0  # scored by python -m shortcut_jax.evaluate instead
     return config
 
 

@@ -136,6 +136,7 @@ def test_train_and_sample_clis_end_to_end(tmp_path):
         "--config.log_every_steps=2",
         "--config.sample_steps=(1,2)",
         "--config.sample_num=10",
+        "--config.eval_every_steps=0",
     ]
     result = run_module(
         "shortcut_jax.main", "--config", "experiments/mnist.py", f"--workdir={workdir}", *overrides
