@@ -162,11 +162,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     # Evaluation.
     check("eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = never)")
-    check(
-        "eval_steps",
-        lambda v: len(v) > 0 and all(_is_int(n) and 1 <= n <= config.denoise_timesteps for n in v),
-        "a non-empty list of step counts in [1, config.denoise_timesteps]",
-    )
+    if config.get("eval_every_steps"):  # only used by the periodic evaluation
+        check(
+            "eval_steps",
+            lambda v: (
+                len(v) > 0 and all(_is_int(n) and 1 <= n <= config.denoise_timesteps for n in v)
+            ),
+            "a non-empty list of step counts in [1, config.denoise_timesteps]",
+        )
     check("eval_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2 (samples per budget)")
     check(
         "eval_metrics",

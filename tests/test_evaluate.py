@@ -145,8 +145,10 @@ def test_fid_without_weights_names_the_file_and_the_conversion(monkeypatch, tmp_
 
 def test_eval_config_fields_are_validated():
     config = tiny_mnist_config()
+    config.eval_every_steps = 0
+    config.eval_steps = (1, 9)  # denoise_timesteps is 8, but periodic evaluation is off
+    config_lib.validate(config)
     config.eval_every_steps = -1
-    config.eval_steps = (1, 9)  # denoise_timesteps is 8
     config.eval_num = 1
     config.eval_metrics = "fid,lpips"
     config.eval_ref_stats = "/no/such/stats.npz"

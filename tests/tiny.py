@@ -25,6 +25,7 @@ def tiny_mnist_config(total_steps: int = 6):
     config.sample_every_steps = 0
     config.sample_steps = (1, 3)
     config.sample_num = 10
+    config.eval_steps = (1, 8)
     return config
 
 
