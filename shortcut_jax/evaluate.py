@@ -26,6 +26,9 @@ _CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sampl
 _REF_STATS = flags.DEFINE_string(
     "ref_stats", None, "FID reference statistics .npz (mu, sigma); default: from the run's data."
 )
+_REF_NUM = flags.DEFINE_integer(
+    "ref_num", None, "Real examples behind a reference from the data (default eval_ref_num)."
+)
 _METRICS = flags.DEFINE_string("metrics", "auto", "'auto' or a comma list of fd_mnist, fid.")
 _INCEPTION = flags.DEFINE_string(
     "inception", None, "Converted Inception weights .npz (default: the run's or the cache's)."
@@ -38,6 +41,12 @@ _PR_NUM = flags.DEFINE_integer(
     "pr_num", sweep.DEFAULT_PR_NUM, "Features per side for precision/recall (0 = skip)."
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval/step_N).")
+_CACHE = flags.DEFINE_string(
+    "cache_dir",
+    None,
+    "Where reference features are cached (default WORKDIR/eval); share it "
+    "between runs on the same data to compute the reference once.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -49,6 +58,10 @@ def main(argv: list[str]) -> None:
     step = int(sharding.to_host(state.step))
     if _INCEPTION.value:
         config.eval_inception_path = _INCEPTION.value
+    if _REF_NUM.value is not None:
+        if _REF_NUM.value < 4:
+            raise app.UsageError(f"--ref_num={_REF_NUM.value}: at least 4 real examples")
+        config.eval_ref_num = _REF_NUM.value
     if _STEPS.value:
         try:
             budgets = [int(value) for value in _STEPS.value]
@@ -65,7 +78,7 @@ def main(argv: list[str]) -> None:
     out = epath.Path(
         _OUT.value or checkpoint.workdir_path(_WORKDIR.value) / "eval" / f"step_{step}"
     )
-    cache_dir = str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
+    cache_dir = _CACHE.value or str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
 
     try:
         names = sweep.metric_names(config, _METRICS.value)
@@ -93,6 +106,7 @@ def main(argv: list[str]) -> None:
         )
     settings = {
         "workdir": _WORKDIR.value,
+        "ref_num": int(config.eval_ref_num),
         "checkpoint_step": step,
         "objective": config.objective,
         "num": _NUM.value,

@@ -146,10 +146,34 @@ def load_feature_net(config: ml_collections.ConfigDict, name: str) -> features.F
     raise EvaluationError(f"unknown metric {name!r}; allowed: {config_lib.EVAL_METRICS}")
 
 
-def _reference_key(config: ml_collections.ConfigDict, net: features.FeatureNet, num: int) -> str:
-    data = {key: config.data.get(key) for key in sorted(config.data.keys())}
-    text = json.dumps([net.name, num, data], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def _cache_file(cache_dir: str | None, prefix: str, *key: Any) -> epath.Path | None:
+    if not cache_dir:
+        return None
+    text = json.dumps(key, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return epath.Path(cache_dir) / f"{prefix}_{digest}.npz"
+
+
+def _cached_features(
+    cache: epath.Path | None, compute: Callable[[], tuple[np.ndarray, str]]
+) -> tuple[np.ndarray, str]:
+    """(features, description) from `cache` if it is there, else computed and stored."""
+    if cache is not None and cache.is_file():
+        try:
+            with cache.open("rb") as f, np.load(f) as stored:
+                return np.asarray(stored["features"]), str(stored["description"])
+        except (OSError, ValueError, KeyError) as error:
+            raise EvaluationError(
+                f"cannot read the cached features {cache} ({error}); delete it to recompute"
+            ) from error
+    feats, description = compute()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.parent / (cache.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, features=feats, description=np.asarray(description))
+        tmp.rename(cache)
+    return feats, description
 
 
 def reference_features(
@@ -167,30 +191,36 @@ def reference_features(
     """
     from shortcut_jax import data
 
-    cache = None
-    if cache_dir:
-        key = _reference_key(config, net, num)
-        cache = epath.Path(cache_dir) / f"reference_{net.name}_{key}.npz"
-        if cache.is_file():
-            with cache.open("rb") as f:
-                stored = np.load(f)
-                return np.asarray(stored["features"]), str(stored["description"])
-    real = data.get_source(config).real_examples(num)["image"]
-    if len(real) < 4:
-        raise EvaluationError(
-            f"the data gave {len(real)} real examples; the reference needs at least 4 "
-            "(check config.data and config.eval_ref_num)"
-        )
-    name = config.data.name if config.data.name != "tfds" else config.data.tfds_name
-    description = f"{len(real)} real examples of {name}"
-    feats = features.compute_features(net, real)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.parent / (cache.name + ".tmp")
-        with tmp.open("wb") as f:
-            np.savez(f, features=feats, description=np.asarray(description))
-        tmp.rename(cache)
-    return feats, description
+    def compute() -> tuple[np.ndarray, str]:
+        real = data.get_source(config).real_examples(num)["image"]
+        if len(real) < 4:
+            raise EvaluationError(
+                f"the data gave {len(real)} real examples; the reference needs at least 4 "
+                "(check config.data and config.eval_ref_num)"
+            )
+        name = config.data.name if config.data.name != "tfds" else config.data.tfds_name
+        return features.compute_features(net, real), f"{len(real)} real examples of {name}"
+
+    data_fields = {key: config.data.get(key) for key in sorted(config.data.keys())}
+    cache = _cache_file(cache_dir, f"reference_{net.name}", net.name, num, data_fields)
+    return _cached_features(cache, compute)
+
+
+def noise_features(
+    net: features.FeatureNet,
+    num: int,
+    shape: Sequence[int],
+    *,
+    cache_dir: str | None = None,
+) -> np.ndarray:
+    """Features of `noise_images(num, shape)` (cached in `cache_dir`): the ceiling's samples."""
+
+    def compute() -> tuple[np.ndarray, str]:
+        images = noise_images(num, shape)
+        return features.compute_features(net, images), f"{num} noise images {tuple(shape)}"
+
+    cache = _cache_file(cache_dir, f"noise_{net.name}", net.name, num, list(shape), _NOISE_SEED)
+    return _cached_features(cache, compute)[0]
 
 
 def floor_from_features(real_features: np.ndarray) -> float:
@@ -260,7 +290,7 @@ def build_metrics(
             )
             mu, sigma = fid.feature_statistics(real)
             metric = Metric(name, net, mu, sigma, description, real, floor_from_features(real))
-        noise = features.compute_features(net, noise_images(ceiling_num, shape))
+        noise = noise_features(net, ceiling_num, shape, cache_dir=cache_dir)
         metric.ceiling = fid.frechet_distance(*fid.feature_statistics(noise), mu, sigma)
         metrics.append(metric)
     return metrics
