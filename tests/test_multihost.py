@@ -1,5 +1,6 @@
 """Two processes on localhost, 4 CPU devices each, through jax.distributed (gloo collectives):
-the same losses as one process with 8 devices, and one checkpoint a single process restores.
+the same losses and evaluation scores as one process with 8 devices, and one checkpoint a single
+process restores.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def main_command(workdir: Path, *extra: str) -> list[str]:
         f"--workdir={workdir}",
         f"--config.total_steps={STEPS}",
         "--config.checkpoint_every_steps=3",
+        # The periodic evaluation at the last step: sampling and features on the global mesh.
+        f"--config.eval_every_steps={STEPS}",
+        "--config.eval_steps=(1,2)",
+        "--config.eval_num=24",
+        "--config.eval_ref_num=200",
+        "--config.eval_metrics=fd_mnist",
         *extra,
     ]
 
@@ -62,6 +69,9 @@ def scalar_history(workdir: Path, tag: str) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+    from shortcut_jax.evaluators import fd_mnist
+
+    fd_mnist.load_or_train()  # cached once here rather than trained in every process
     port = free_port()
     multi = tmp_path / "two_processes"
     processes = [
@@ -108,6 +118,12 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert sorted(multi_losses) == sorted(single_losses) == list(range(1, STEPS + 1))
     for step, loss in single_losses.items():
         np.testing.assert_allclose(multi_losses[step], loss, rtol=1e-5)
+
+    # The evaluation sampled and took features across both processes: the same scores.
+    for tag in ("eval/fd_mnist/steps_1", "eval/fd_mnist/steps_2", "eval/fd_mnist_floor"):
+        multi_score, single_score = scalar_history(multi, tag), scalar_history(single, tag)
+        assert sorted(multi_score) == sorted(single_score) == [STEPS], tag
+        np.testing.assert_allclose(multi_score[STEPS], single_score[STEPS], rtol=1e-4)
 
     # One checkpoint, written by both processes, restores in this single-device process.
     _, state = checkpoint.load_run(str(multi))
