@@ -34,7 +34,6 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -62,7 +61,6 @@ _META_KEY = "metadata_json"
 # Last entries of numpy seed sequences, keeping the streams of this module apart.
 _SPLIT_TAG = 0x46D1
 _EPOCH_TAG = 0x46D2
-_EVAL_TAG = 0x46D3
 
 Params = Any
 
@@ -473,30 +471,8 @@ def feature_net(cache_dir: str | None = None, batch_size: int = 256) -> features
 
 
 def _compute_features(net: features.FeatureNet, images: np.ndarray) -> np.ndarray:
-    """Features of images (N, H, W, C) in [-1, 1], quantized to 8 bits first: (N, D) float32.
-
-    The one place the feature step happens in this module (a plain batched jit on one device);
-    the last batch is zero-padded so every call has the same compiled shape.
-    """
-    apply = _jitted_features(net.apply)
-    images = np.asarray(images, np.float32)
-    outputs = []
-    for start in range(0, len(images), net.batch_size):
-        batch = images[start : start + net.batch_size]
-        size = len(batch)
-        if size < net.batch_size:
-            padding = np.zeros((net.batch_size - size, *batch.shape[1:]), np.float32)
-            batch = np.concatenate([batch, padding])
-        outputs.append(np.asarray(apply(net.params, batch))[:size])
-    if not outputs:
-        return np.zeros((0, net.dim), np.float32)
-    return np.concatenate(outputs)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_features(apply: features.FeatureFn) -> features.FeatureFn:
-    """jit of ``apply(params, quantize(images))``, built once per apply function."""
-    return jax.jit(lambda params, images: apply(params, features.quantize(images)))
+    """Features of images (N, H, W, C) in [-1, 1] through the shared, quantizing feature step."""
+    return features.compute_features(net, images)
 
 
 def _frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
@@ -533,7 +509,7 @@ def floor_and_ceiling(
     Args:
       net: a feature network (normally `feature_net()`).
       num: number of noise images for the ceiling (use the number of samples you score).
-      seed: seed of the random halves and of the noise.
+      seed: seed of the noise (the halves are the fixed split of `sweep.floor_from_features`).
       image_size: side of the images being scored (see `reference_features`).
 
     Returns:
@@ -548,12 +524,11 @@ def floor_and_ceiling(
     """
     if int(num) < 2:
         raise ValueError(f"num must be >= 2, got {num!r}")
+    from shortcut_jax.evaluators import sweep  # the same floor and ceiling as every score
+
     reference = reference_features(net, image_size)
-    rng = np.random.default_rng([seed, _EVAL_TAG])
-    order = rng.permutation(len(reference))
-    half = len(reference) // 2
-    floor = _frechet_distance(reference[order[:half]], reference[order[half : 2 * half]])
-    shape = (int(num), image_size, image_size, 1)
-    noise = np.clip(rng.standard_normal(shape, dtype=np.float32), -1.0, 1.0)
+    floor = sweep.floor_from_features(reference)
+    noise = sweep.noise_images(int(num), (image_size, image_size, 1), seed=seed)
     ceiling = _frechet_distance(_compute_features(net, noise), reference)
+    half = len(reference) // 2
     return {"floor": floor, "ceiling": ceiling, "floor_samples": half, "ceiling_samples": int(num)}

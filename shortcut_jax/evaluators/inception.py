@@ -374,6 +374,20 @@ def format_names(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def mismatch_problems(
+    missing: Sequence[str], unexpected: Sequence[str], wrong: Sequence[str]
+) -> list[str]:
+    """One short phrase per kind of mismatch between stored and expected arrays (none if none)."""
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {format_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {format_names(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with wrong shapes: {format_names(wrong, 3)}")
+    return problems
+
+
 def check_flat_params(flat: dict[str, Any], source: str) -> None:
     """Raises `InceptionWeightsError` unless ``flat`` holds exactly the FID InceptionV3 params.
 
@@ -389,13 +403,7 @@ def check_flat_params(flat: dict[str, Any], source: str) -> None:
         for path in sorted(set(expected) & set(flat))
         if tuple(flat[path].shape) != expected[path]
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {format_names(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {format_names(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with wrong shapes: {format_names(wrong, 3)}")
+    problems = mismatch_problems(missing, unexpected, wrong)
     if problems:
         raise InceptionWeightsError(
             f"{source} does not hold the FID InceptionV3 ({len(expected)} arrays expected): "

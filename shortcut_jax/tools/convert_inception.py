@@ -215,13 +215,7 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
         if not torchscript and (name.startswith("fc.") or name.endswith(".num_batches_tracked"))
     }
     unexpected = set(state_dict) - used - ignored
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {inception.format_names(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {inception.format_names(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with wrong shapes: {inception.format_names(wrong, 3)}")
+    problems = inception.mismatch_problems(missing, unexpected, wrong)
     if problems:
         kind = "TorchScript" if torchscript else "pytorch-fid"
         raise InceptionWeightsError(
