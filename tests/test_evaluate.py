@@ -273,3 +273,39 @@ def test_fid_stats_tool_writes_the_statistics_of_its_images(tmp_path):
 
     missing = run_module("shortcut_jax.tools.fid_stats", "--images=/no/such.npz", f"--out={out}")
     assert missing.returncode != 0 and "/no/such.npz" in missing.stderr
+
+
+def test_eval_report_script_combines_runs_into_one_table_and_plot(tmp_path):
+    for label, scale in (("shortcut", 1.0), ("flow_matching", 4.0)):
+        result = report.make_report(
+            rows=[
+                {"steps": s, "nfe": 2 * s, "seconds": 0.5, "fid": scale * 50 / s} for s in (1, 2)
+            ],
+            metrics={"fid": {"network": "inception_fid", "feature_dim": 2048, "floor": 1.0}},
+            settings={"objective": label, "num": 10},
+        )
+        report.write(result, tmp_path / label)
+    plot = tmp_path / "combined.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "eval_report.py"),
+            f"shortcut={tmp_path / 'shortcut'}",
+            f"flow_matching={tmp_path / 'flow_matching'}",
+            "--plot",
+            str(plot),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| shortcut | 1 | 2 | 50.00 |" in result.stdout
+    assert "| flow_matching | 2 | 4 | 100.00 |" in result.stdout
+    assert plot.stat().st_size > 1000
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "eval_report.py"), f"x={tmp_path / 'none'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "results.json" in missing.stderr
