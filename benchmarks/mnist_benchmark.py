@@ -9,8 +9,8 @@
 
 Each run records wall time, compile time (first step), train throughput (images/s after
 compilation, median over log intervals), final losses, sample grids at 1, 4 and 128 steps, and two
-rough quality scores of 1,000 conditional samples per step count (FID-style scores with a trained
-feature network come with the evaluation issue):
+rough quality scores of 1,000 conditional samples per step count (FD-MNIST and Inception FID at
+every budget come from `python -m shortcut_jax.evaluate`, BENCHMARKS.md section 3):
 
 - class accuracy: how often a logistic-regression classifier fit on the 5,000 real digits reads a
   sample as the digit it was asked for (blind to blur and to a lack of diversity);
