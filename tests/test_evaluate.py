@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import tiny_mnist_config
+from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import checkpoint, config_lib, train
 from shortcut_jax.evaluators import fd_mnist, features, fid, report, sweep
@@ -214,18 +214,6 @@ def test_report_table_and_plot_hold_every_run_and_budget(tmp_path):
     paths = report.write(runs["shortcut"], tmp_path / "out")
     assert json.loads(Path(paths["json"]).read_text())["rows"][0]["fd_mnist"] == 100.0
     assert "| 1 | 1 |" in Path(paths["markdown"]).read_text()
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def test_evaluate_cli_writes_json_table_and_plot(trained_run, tmp_path):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_mnist_config
+from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import checkpoint, data, train
 
@@ -109,18 +106,6 @@ def test_corrupt_checkpoint_is_named_and_not_deleted(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=str(step_dir)):
         train.train_and_evaluate(tiny_mnist_config(6), str(workdir))
     assert step_dir.exists()
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_train_and_sample_clis_end_to_end(tmp_path):

@@ -1,8 +1,28 @@
-"""Tiny configs shared by the tests and the multi-device worker scripts."""
+"""Tiny configs and a CLI runner shared by the tests and the multi-device worker scripts."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from shortcut_jax import configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` from the repository root on the CPU; captures its output."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_mnist_config(total_steps: int = 6):
