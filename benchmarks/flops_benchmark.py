@@ -546,6 +546,16 @@ def matmul_shape_rates(config: ml_collections.ConfigDict, quick: bool) -> list[d
 # ------------------------------------------------------------------------------------ (b)
 
 
+def lower_and_compile(step: Any, *args: Any) -> tuple[Any, Any, float, float]:
+    """Lowers and compiles a jitted function for `args`; returns (lowered, compiled, s, s)."""
+    start = time.perf_counter()
+    lowered = step.lower(*args)
+    lower_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return lowered, compiled, lower_seconds, time.perf_counter() - start
+
+
 def build_state_and_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """Initial train state on `mesh` and the jitted, donating train step of `config`.
 
@@ -623,12 +633,7 @@ def benchmark_step(
     mesh = single_device_mesh(config)
     state, step, model, optimizer, _ = build_state_and_step(config, mesh)
     batch = sharding.global_batch(mesh, random_batch(config, config.batch_size))
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    lowered_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_seconds = time.perf_counter() - start
+    lowered, compiled, lowered_seconds, compile_seconds = lower_and_compile(step, state, batch)
     step_cost = cost(compiled)
     lowered_text = lowered.as_text(dialect="hlo")
     split = matmul_flops(lowered_text)

@@ -67,12 +67,7 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
     state, step, *_ = fb.build_state_and_step(config, mesh)
     batch = sharding.global_batch(mesh, fb.random_batch(config, config.batch_size))
 
-    start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    lower_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_seconds = time.perf_counter() - start
+    lowered, compiled, lower_seconds, compile_seconds = fb.lower_and_compile(step, state, batch)
 
     state_per_device: dict[int, int] = {}
     params_per_device: dict[int, int] = {}

@@ -87,7 +87,7 @@ def train_and_evaluate(
         donate_argnums=0,
     )
     grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer, mesh)
-    evaluator = PeriodicEvaluator(config, workdir, writer, mesh)
+    evaluator = PeriodicEvaluator(config, grid_writer.apply_fn, workdir, writer, mesh)
 
     # ----------------------------------------------------------------- loop
     report_progress = periodic_actions.ReportProgress(
@@ -244,11 +244,13 @@ class PeriodicEvaluator:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
+        apply_fn: sampling.ApplyFn,
         workdir: str,
         writer: metric_writers.MetricWriter,
         mesh: jax.sharding.Mesh,
     ):
         self.config = config
+        self.apply_fn = apply_fn  # one function for every evaluation: samplers compile once
         self.cache_dir = os.path.join(workdir, "eval")
         self.writer = writer
         self.mesh = mesh
@@ -274,6 +276,7 @@ class PeriodicEvaluator:
             batch_size=config.eval_batch_size,
             mesh=self.mesh,
             is_chief=self.is_chief,
+            apply_fn=self.apply_fn,
         )
         scalars: dict[str, float] = {}
         if self.is_chief:

@@ -16,7 +16,7 @@ import pytest
 import scipy.ndimage
 
 from shortcut_jax.data.mnist import load_mnist
-from shortcut_jax.evaluators import fd_mnist, fid
+from shortcut_jax.evaluators import fd_mnist, features, fid
 
 # Measured: 0.985 for seed 0 with the default recipe (0.985-0.990 over seeds 0-3); threshold
 # leaves 1.5 points of margin for other CPUs / XLA builds.
@@ -189,7 +189,7 @@ def test_floor_is_far_below_noise_ceiling_and_degraded_digits_between(net, refer
     blurred = scipy.ndimage.gaussian_filter(images[first], sigma=(0, 0.7, 0.7, 0))
     degraded = np.roll(blurred, 2, axis=2)
     degraded_fd = fd_mnist._frechet_distance(
-        fd_mnist._compute_features(net, degraded), reference[second]
+        features.compute_features(net, degraded), reference[second]
     )
     assert 10 * floor < degraded_fd < ceiling, (floor, degraded_fd, ceiling)
 
@@ -213,7 +213,7 @@ def test_reference_at_the_generator_size_removes_resize_bias(net, reference):
     features_32 = fd_mnist.reference_features(net, image_size=32)
     assert features_32.shape == reference.shape
     np.testing.assert_allclose(
-        features_32[:4], fd_mnist._compute_features(net, images_32[:4]), rtol=1e-5, atol=1e-4
+        features_32[:4], features.compute_features(net, images_32[:4]), rtol=1e-5, atol=1e-4
     )
     halves = np.random.default_rng(2).permutation(5000)
     first, second = halves[:2500], halves[2500:]

@@ -470,11 +470,6 @@ def feature_net(cache_dir: str | None = None, batch_size: int = 256) -> features
     )
 
 
-def _compute_features(net: features.FeatureNet, images: np.ndarray) -> np.ndarray:
-    """Features of images (N, H, W, C) in [-1, 1] through the shared, quantizing feature step."""
-    return features.compute_features(net, images)
-
-
 def _frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """FD between two feature sets (N_a, D) and (N_b, D) via `fid.feature_statistics`."""
     return fid.frechet_distance(
@@ -498,7 +493,7 @@ def reference_features(net: features.FeatureNet, image_size: int = IMAGE_SIZE) -
       (5000, net.dim) float32, in the order of `load_mnist()`.
     """
     images, _ = load_mnist(image_size)
-    return _compute_features(net, images)
+    return features.compute_features(net, images)
 
 
 def floor_and_ceiling(
@@ -529,6 +524,6 @@ def floor_and_ceiling(
     reference = reference_features(net, image_size)
     floor = sweep.floor_from_features(reference)
     noise = sweep.noise_images(int(num), (image_size, image_size, 1), seed=seed)
-    ceiling = _frechet_distance(_compute_features(net, noise), reference)
+    ceiling = _frechet_distance(features.compute_features(net, noise), reference)
     half = len(reference) // 2
     return {"floor": floor, "ceiling": ceiling, "floor_samples": half, "ceiling_samples": int(num)}

@@ -339,6 +339,7 @@ def sweep(
     is_chief: bool = True,
     progress: Callable[[int], None] | None = None,
     keep_samples: int = 0,
+    apply_fn: sampling.ApplyFn | None = None,
 ) -> tuple[list[dict[str, float]], dict[int, np.ndarray]]:
     """Samples `num` images at each step budget and scores them with every metric.
 
@@ -359,6 +360,8 @@ def sweep(
       is_chief: whether this process computes the scores (only the chief holds references).
       progress: called with the number of images sampled or featurized after each chunk.
       keep_samples: return the first this many samples of each budget (for grids).
+      apply_fn: the model's ``apply_fn`` (`steps.make_apply_fn`); pass the same one on every
+        call so the compiled samplers are reused; default: built from `config`.
 
     Returns:
       rows: one dict per budget: steps, nfe, seconds (sampling), then the scores (chief only).
@@ -375,7 +378,8 @@ def sweep(
             f"step budgets {bad} are outside [1, {config.denoise_timesteps}] (denoise_timesteps)"
         )
     num_classes = int(config.data.num_classes)
-    apply_fn = train_steps.make_apply_fn(models.get_model(config))
+    if apply_fn is None:
+        apply_fn = train_steps.make_apply_fn(models.get_model(config))
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     guided = uses_guidance(cfg_scale, num_classes)
     rows, kept = [], {}

@@ -90,11 +90,11 @@ def main(argv: list[str]) -> None:
     with tqdm(total=len(images), unit="img", desc=f"{net.name} features") as bar:
         feats = features.compute_features(net, images, mesh=mesh, progress=bar.update)
     mu, sigma = fid.feature_statistics(feats)
-    fid.save_statistics(_OUT.value, mu, sigma)
     if _SAVE_FEATURES.value:
-        path = epath.Path(_OUT.value)
-        with path.open("wb") as f:
+        with epath.Path(_OUT.value).open("wb") as f:
             np.savez(f, mu=mu, sigma=sigma, features=feats)
+    else:
+        fid.save_statistics(_OUT.value, mu, sigma)
     logging.info("Wrote %s statistics of %s to %s", net.name, what, _OUT.value)
     print(f"{_OUT.value}: {net.name} statistics of {what} (D={net.dim})")
 
