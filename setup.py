@@ -29,6 +29,9 @@ setup(
         "pillow>=10",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        # VAE weights are read with safetensors (never unpickled); latent datasets are ArrayRecord.
+        "safetensors>=0.4",
+        "array-record>=0.5",
     ],
     extras_require={
         "test": [
@@ -39,6 +42,9 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.9",
             "ipykernel>=6.29",
+            # VAE parity tests: the reference AutoencoderKL on the CPU build of torch.
+            "torch==2.13.0",
+            "diffusers==0.42.1",
         ],
         # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build.
         "convert": ["torch>=2.0"],

@@ -13,9 +13,9 @@ from typing import Any
 
 import ml_collections
 
-from shortcut_jax import objectives, timesteps
+from shortcut_jax import latent_space, objectives, timesteps
 
-DATA_NAMES = ("mnist_embedded", "toy2d", "tfds")
+DATA_NAMES = ("mnist_embedded", "toy2d", "tfds", "image_folder")
 MODEL_NAMES = ("dit", "mlp")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "cosine")
@@ -117,6 +117,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         check(
             "data.tfds_name", lambda v: isinstance(v, str) and v, "a TFDS name, e.g. 'imagenet2012'"
         )
+    if config.data.get("name") == "image_folder":
+        check(
+            "data.image_dir",
+            lambda v: isinstance(v, str) and v and _dir_exists(v),
+            "an existing directory with one subfolder of images per class",
+        )
+    _check_latent_space(config, check)
     if config.get("bootstrap_cfg") is True:
         check(
             "data.num_classes",
@@ -159,6 +166,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     )
     check("sample_num", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("sample_cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
+    check(
+        "sample_guidance",
+        lambda v: v in latent_space.GUIDANCE_POLICIES,
+        f"one of {list(latent_space.GUIDANCE_POLICIES)}",
+    )
 
     # Evaluation.
     check("eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = never)")
@@ -246,11 +258,21 @@ def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: lis
         check("model.patch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
         check("model.num_heads", lambda v: _is_int(v) and v > 0, "a positive integer")
     if _is_int(patch_size) and patch_size > 0:
-        check(
-            "data.image_size",
-            lambda v: v % patch_size == 0,
-            f"divisible by the DiT patch size {patch_size}",
-        )
+        if latent_space.uses_vae(config):
+            factor = config.vae.get("downsample_factor")
+            if _is_int(factor) and factor > 0:
+                check(
+                    "data.image_size",
+                    lambda v: (v // factor) % patch_size == 0,
+                    f"image_size / vae.downsample_factor ({factor}) divisible by the DiT patch "
+                    f"size {patch_size}",
+                )
+        else:
+            check(
+                "data.image_size",
+                lambda v: v % patch_size == 0,
+                f"divisible by the DiT patch size {patch_size}",
+            )
     if _is_int(num_heads) and num_heads > 0 and not preset:
         check(
             "model.hidden_size",
@@ -263,6 +285,64 @@ def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: lis
             "a multiple of 4 (the 2-D sin-cos position embedding splits it in four)",
         )
     del hidden_size
+
+
+def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> None:
+    """config.vae and config.data.latent_dir: files exist, and the shapes fit together."""
+    vae_config = config.get("vae")
+    latent_dir = config.data.get("latent_dir", "")
+    if vae_config is None:
+        return
+    check("vae.path", lambda v: isinstance(v, str), "a path string ('' = pixel space)")
+    path = vae_config.get("path", "")
+    if path:
+        check(
+            "vae.path",
+            lambda v: _file_exists(v),
+            "an existing VAE weights file: convert yours with `python -m "
+            "shortcut_jax.tools.convert_vae --from vae-ft-mse-840000-ema-pruned.safetensors "
+            f"--out {path}` (or name a diffusers diffusion_pytorch_model.safetensors directly)",
+        )
+        check("vae.scaling_factor", lambda v: 0.0 < v < math.inf, "a finite float > 0")
+        check("vae.latent_channels", lambda v: _is_int(v) and v > 0, "a positive integer")
+        check(
+            "vae.downsample_factor",
+            lambda v: timesteps.is_power_of_two(v),
+            "a power of two (8 for the Stable Diffusion VAEs)",
+        )
+        check("vae.dtype", lambda v: v in DTYPES, f"one of {list(DTYPES)}")
+        check("vae.sample_posterior", lambda v: isinstance(v, bool), "True or False")
+        factor = vae_config.get("downsample_factor")
+        if _is_int(factor) and factor > 0:
+            check(
+                "data.image_size",
+                lambda v: v % factor == 0,
+                f"divisible by config.vae.downsample_factor = {factor}",
+            )
+        check("data.channels", lambda v: v in (1, 3), "1 or 3 (pixel images) with a VAE")
+        check(
+            "data.name",
+            lambda v: v != "toy2d",
+            "an image dataset with config.vae.path (toy2d has no images)",
+        )
+    if latent_dir:
+        check(
+            "data.latent_dir",
+            lambda v: bool(path),
+            "'' unless config.vae.path names the VAE the latents were encoded with",
+        )
+        check(
+            "data.latent_dir",
+            lambda v: _file_exists(str(v).rstrip("/") + "/metadata.json"),
+            "a finished latent directory (with metadata.json): make it with `python -m "
+            f"shortcut_jax.tools.encode_latents --config <this config> --out {latent_dir}`",
+        )
+
+
+def _dir_exists(path: str) -> bool:
+    from etils import epath
+
+    return epath.Path(path).is_dir()
 
 
 EVAL_METRICS = ("fd_mnist", "fid")

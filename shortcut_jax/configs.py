@@ -6,6 +6,8 @@ what differs, and `--config.field=value` can override any of them.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -29,18 +31,35 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Data ------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
-    config.data.name = "mnist_embedded"  # 'mnist_embedded', 'toy2d', 'tfds'
+    config.data.name = "mnist_embedded"  # 'mnist_embedded', 'toy2d', 'tfds', 'image_folder'
     config.data.tfds_name = ""  # e.g. 'imagenet2012', 'celeb_a_hq/256' when name == 'tfds'
     config.data.tfds_split = "train"
     config.data.data_dir = ""  # TFDS data_dir ('' = TFDS default)
     config.data.manual_dir = ""  # TFDS manual_dir for datasets that need one
-    config.data.image_size = 28
+    config.data.image_dir = ""  # for name == 'image_folder': one subfolder of images per class
+    # Precomputed latents (python -m shortcut_jax.tools.encode_latents): when set, training reads
+    # them instead of encoding the images above; requires config.vae.path.
+    config.data.latent_dir = ""
+    config.data.image_size = 28  # side of the (pixel) images; latents are image_size / f
     config.data.channels = 1
     config.data.num_classes = 10  # 0 = unconditional; label num_classes is the null class
     config.data.random_flip = False
     config.data.shuffle_buffer = 10_000
     config.data.toy_name = "checkerboard"  # for name == 'toy2d'
     config.data.dim = 2  # point dimension for name == 'toy2d'
+
+    # --- Latent space (the Stable Diffusion VAE) --------------------------------------------
+    # path '' = the model works on pixels. Otherwise a VAE weights file (our .npz from
+    # `python -m shortcut_jax.tools.convert_vae`, or a .safetensors file) and the model works on
+    # scaled latents: encoded inside the train step (online) unless data.latent_dir is set; samples
+    # are decoded to pixels before grids and scores.
+    config.vae = ml_collections.ConfigDict()
+    config.vae.path = ""
+    config.vae.scaling_factor = 0.18215  # SD 1.x/2.x VAEs; the SDXL VAE uses 0.13025
+    config.vae.latent_channels = 4  # checked against the weights file when it is loaded
+    config.vae.downsample_factor = 8  # image side / latent side; checked against the weights
+    config.vae.dtype = "float32"  # compute dtype of encode/decode; parameters stay float32
+    config.vae.sample_posterior = True  # train on posterior samples (False: posterior means)
 
     # --- Model -----------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()
@@ -83,7 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.sample_steps = (1, 4, 128)
     config.sample_num = 64  # images per grid
     config.sample_use_ema = True
-    config.sample_cfg_scale = 1.5  # guidance used for sample grids (1 = none)
+    config.sample_cfg_scale = 1.5  # guidance used for sample grids and scores (1 = none)
+    # Which step counts sampling guides: 'all'; 'finest' (only denoise_timesteps steps, as the
+    # paper's code evaluates runs trained with bootstrap_cfg, whose coarse step sizes learned guided
+    # targets already); 'auto' = 'finest' with bootstrap_cfg, else 'all'.
+    config.sample_guidance = "auto"
 
     # --- Evaluation (python -m shortcut_jax.evaluate, and periodically during training) -------
     # Scores use the sampling settings above (EMA or raw params, guidance sample_cfg_scale).
@@ -100,11 +123,25 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def default_vae_path() -> str:
+    """Where the paper configs look for the converted SD VAE (sd-vae-ft-mse) by default.
+
+    $SHORTCUT_JAX_CACHE/sd_vae_ft_mse.npz, else ~/.cache/shortcut_jax/sd_vae_ft_mse.npz; override
+    with --config.vae.path=... (a gs:// path works too).
+    """
+    cache = os.environ.get("SHORTCUT_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "shortcut_jax"
+    )
+    return os.path.join(cache, "sd_vae_ft_mse.npz")
+
+
 def paper_latent_config() -> ml_collections.ConfigDict:
     """The paper's 256x256 setting shared by ImageNet and CelebA-HQ (SD-VAE latents 32x32x4).
 
     DiT-B/2, batch 256, AdamW 1e-4 (constant) with weight decay 0.1, EMA 0.999 (also the bootstrap
-    teacher, as in the paper's code), bootstrap part 1/8 of the batch, 128 denoise steps.
+    teacher, as in the paper's code), bootstrap part 1/8 of the batch, 128 denoise steps. Images are
+    256x256x3; the model works on their sd-vae-ft-mse latents (scaling factor 0.18215), encoded
+    inside the train step unless config.data.latent_dir names precomputed ones.
     """
     config = base_config()
     config.total_steps = 800_000
@@ -115,9 +152,15 @@ def paper_latent_config() -> ml_collections.ConfigDict:
     config.teacher_ema_rate = 0.999
 
     config.data.name = "tfds"
-    config.data.image_size = 32  # latent side: 256 / 8
-    config.data.channels = 4
+    config.data.image_size = 256  # pixels; the model sees 256 / 8 = 32x32x4 latents
+    config.data.channels = 3
     config.data.random_flip = True
+
+    config.vae.path = default_vae_path()
+    config.vae.scaling_factor = 0.18215
+    config.vae.latent_channels = 4
+    config.vae.downsample_factor = 8
+    config.vae.sample_posterior = True  # the paper's code encodes with a posterior sample
 
     config.model.preset = "DiT-B/2"
     config.model.dtype = "bfloat16"
@@ -126,6 +169,8 @@ def paper_latent_config() -> ml_collections.ConfigDict:
     config.optim.schedule = "constant"
     config.optim.warmup_steps = 0
     config.optim.weight_decay = 0.1
+    config.optim.beta1 = 0.9
+    config.optim.beta2 = 0.999
     config.optim.grad_clip_norm = 0.0
     config.ema_rate = 0.999
 
@@ -133,4 +178,61 @@ def paper_latent_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 20_000
     config.sample_every_steps = 20_000
     config.sample_num = 64
+    config.eval_batch_size = 64  # samples per sampling / VAE-decode call
+    return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """The `file.py:VARIANT` variants of the paper configs: '' or 'b2', 'xl', 'tiny'.
+
+    'b2': DiT-B/2 (the paper's model, the default). 'xl': DiT-XL/2. 'tiny': a CPU smoke run of the
+    whole latent path (generated images, a small random-weight VAE made on first use, online
+    encoding, decoded grids and an evaluation at the end) in about a minute.
+
+    Raises:
+      ValueError: for an unknown variant.
+    """
+    variant = (variant or "").strip().lower()
+    if variant in ("", "b2"):
+        return config
+    if variant == "xl":
+        config.model.preset = "DiT-XL/2"
+        return config
+    if variant != "tiny":
+        raise ValueError(f"unknown config variant {variant!r}: use one of 'b2', 'xl', 'tiny'")
+    from shortcut_jax.tools import tiny_latent
+
+    assets = tiny_latent.ensure_assets()
+    config.data.name = "image_folder"
+    config.data.image_dir = assets["image_dir"]
+    config.data.tfds_name = ""
+    config.data.image_size = 64  # 8x8x4 latents
+    config.data.num_classes = min(int(config.data.num_classes), len(tiny_latent.CLASS_NAMES))
+    config.data.shuffle_buffer = 64
+    config.vae.path = assets["vae_path"]
+    config.model.preset = ""
+    config.model.hidden_size = 64
+    config.model.depth = 2
+    config.model.num_heads = 2
+    config.model.patch_size = 2
+    config.model.dtype = "float32"
+    config.total_steps = 20
+    config.batch_size = 16
+    config.bootstrap_teacher = "params"
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.sample_every_steps = 0
+    config.sample_steps = (1, 4, 128)
+    config.sample_num = 8
+    config.eval_batch_size = 16
+    config.eval_steps = (1, 4, 128)
+    config.eval_num = 16
+    config.eval_ref_num = 32
+    # FID at the end when the converted Inception weights are where the evaluation looks for them
+    # (python -m shortcut_jax.tools.convert_inception); without them the run trains and samples.
+    from shortcut_jax.evaluators import inception
+
+    has_fid = os.path.isfile(inception.default_weights_path())
+    config.eval_every_steps = config.total_steps if has_fid else 0
+    config.eval_metrics = "fid" if has_fid else "auto"
     return config

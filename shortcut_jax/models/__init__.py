@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from shortcut_jax import latent_space
 from shortcut_jax.models.dit import PRESETS, DiT, dit_preset
 from shortcut_jax.models.mlp import MLP
 
@@ -89,10 +90,13 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
         patch_size = config.model.patch_size
         if config.model.preset:
             hidden_size, depth, num_heads, patch_size = dit_preset(config.model.preset)
-        if config.data.image_size % patch_size:
+        side = latent_space.model_shape(config)[0]
+        if side % patch_size:
             raise ValueError(
-                f"config.data.image_size={config.data.image_size} is not divisible by the patch "
-                f"size {patch_size} (config.model.patch_size or config.model.preset)"
+                f"the model's input side {side} (config.data.image_size"
+                + (" / config.vae.downsample_factor" if latent_space.uses_vae(config) else "")
+                + f") is not divisible by the patch size {patch_size} (config.model.patch_size "
+                "or config.model.preset)"
             )
         if hidden_size % num_heads:
             raise ValueError(
@@ -136,17 +140,17 @@ def example_inputs(
       batch_size: B.
 
     Returns:
-      (x, t, d_level, labels): x (B, H, W, C) float32 for 'dit' (H = W = config.data.image_size,
-      C = config.data.channels) or (B, D) float32 for 'mlp' (D = config.data.dim if that field
-      exists, else 2); t (B,) float32; d_level (B,) int32; labels (B,) int32.
+      (x, t, d_level, labels): x (B, H, W, C) float32 for 'dit' (`latent_space.model_shape`:
+      the pixel images, or their latents when config.vae.path is set) or (B, D) float32 for 'mlp'
+      (D = config.data.dim if that field exists, else 2); t (B,) float32; d_level (B,) int32;
+      labels (B,) int32.
 
     Raises:
       ValueError: for an unknown config.model.name.
     """
     name = config.model.name
     if name == "dit":
-        size = config.data.image_size
-        x = jnp.zeros((batch_size, size, size, config.data.channels), jnp.float32)
+        x = jnp.zeros((batch_size, *latent_space.model_shape(config)), jnp.float32)
     elif name == "mlp":
         x = jnp.zeros((batch_size, int(config.data.get("dim", 2))), jnp.float32)
     else:
