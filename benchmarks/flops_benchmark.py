@@ -137,6 +137,10 @@ def imagenet_config(
 ) -> ml_collections.ConfigDict:
     """experiments/imagenet256.py with a DiT preset, a batch size and optionally a compute dtype."""
     config = load_experiment("imagenet256")
+    # The denoiser's step on random 32x32x4 latents: what the train step sees after the VAE.
+    config.vae.path = ""
+    config.data.image_size = 32
+    config.data.channels = 4
     config.model.preset = preset
     config.batch_size = batch_size
     if dtype:

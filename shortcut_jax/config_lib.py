@@ -195,6 +195,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         "'' or an existing .npz with keys mu and sigma (python -m shortcut_jax.tools.fid_stats)",
     )
     check("eval_ref_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+    check("eval_ceiling_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
 
     if problems:

@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_inception_path = ""  # converted Inception .npz; '' = the default (see inception)
     config.eval_ref_stats = ""  # FID reference statistics (.npz with mu, sigma); '' = from the data
     config.eval_ref_num = 10_000  # real examples behind reference statistics taken from the data
+    config.eval_ceiling_num = 1_000  # clipped-noise images behind each metric's ceiling
     config.eval_batch_size = 256  # samples per sampling call
     return config
 
@@ -228,6 +229,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     config.eval_steps = (1, 4, 128)
     config.eval_num = 16
     config.eval_ref_num = 32
+    config.eval_ceiling_num = 16
     # FID at the end when the converted Inception weights are where the evaluation looks for them
     # (python -m shortcut_jax.tools.convert_inception); without them the run trains and samples.
     from shortcut_jax.evaluators import inception

@@ -22,7 +22,12 @@ from shortcut_jax.evaluators import report, sweep
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_list("steps", None, "Step budgets; default 1, 2, 4, ..., denoise_timesteps.")
 _NUM = flags.DEFINE_integer("num", 5_000, "Samples per step budget (the paper's FID uses 50000).")
-_CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample_cfg_scale).")
+_CFG = flags.DEFINE_float(
+    "cfg",
+    None,
+    "Guidance scale at every budget (default: the run's sample_cfg_scale where its "
+    "sample_guidance policy applies it).",
+)
 _REF_STATS = flags.DEFINE_string(
     "ref_stats", None, "FID reference statistics .npz (mu, sigma); default: from the run's data."
 )
@@ -74,7 +79,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--steps: {bad} outside 1..{config.denoise_timesteps}")
     if _NUM.value < 2:
         raise app.UsageError(f"--num={_NUM.value}: at least 2 samples per budget")
-    cfg_scale = float(config.sample_cfg_scale if _CFG.value is None else _CFG.value)
+    # --cfg applies at every budget; without it the run's policy (config.sample_guidance) decides.
+    cfg_scale = None if _CFG.value is None else float(_CFG.value)
     out = epath.Path(
         _OUT.value or checkpoint.workdir_path(_WORKDIR.value) / "eval" / f"step_{step}"
     )
@@ -110,7 +116,8 @@ def main(argv: list[str]) -> None:
         "checkpoint_step": step,
         "objective": config.objective,
         "num": _NUM.value,
-        "cfg_scale": cfg_scale,
+        "cfg_scale": float(config.sample_cfg_scale) if cfg_scale is None else cfg_scale,
+        "guidance": config.sample_guidance if cfg_scale is None else "all (--cfg)",
         "params": "raw" if _RAW.value else "ema",
         "seed": _SEED.value,
     }

@@ -121,11 +121,11 @@ def load_run_vae(config: ml_collections.ConfigDict) -> Any:
     if latent_dir:
         from shortcut_jax.data import latents as latents_lib
 
-        metadata = latents_lib.read_metadata(latent_dir)
-        if metadata.get("vae_checksum") != vae.checksum:
+        encoded_with = latents_lib.read_metadata(latent_dir).get("vae", {}).get("checksum")
+        if encoded_with != vae.checksum:
             problems.append(
                 f"config.data.latent_dir = {latent_dir} was encoded with other VAE weights "
-                f"(checksum {str(metadata.get('vae_checksum'))[:12]}...) than config.vae.path = "
+                f"(checksum {str(encoded_with)[:12]}...) than config.vae.path = "
                 f"{config.vae.path} ({vae.checksum[:12]}...): samples would decode wrongly. "
                 "Use the VAE the latents were made with, or encode them again with this one"
             )

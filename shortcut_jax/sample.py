@@ -3,8 +3,9 @@
     python -m shortcut_jax.sample --workdir runs/mnist --steps 1 --num 1000 --cfg 1.5 \
         --out samples.npz
 
-Writes `images` (N, H, W, C) float32 clipped to [-1, 1] and `labels` (N,) int32 to the .npz
-file, and a PNG grid of the first images beside it (samples.png).
+Writes `images` (N, H, W, C) float32 clipped to [-1, 1] (latent runs are decoded to pixels
+first) and `labels` (N,) int32 to the .npz file, and a PNG grid of the first images beside it
+(samples.png).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from shortcut_jax import checkpoint, images, models, sampling, steps
+from shortcut_jax import checkpoint, images, latent_space, models, sampling, sharding, steps
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_integer("steps", 1, "Number of sampling steps, 1..denoise_timesteps.")
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
-_CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: the run's sample_cfg_scale).")
+_CFG = flags.DEFINE_float(
+    "cfg",
+    None,
+    "Guidance scale (default: the run's sample_cfg_scale where its sample_guidance policy "
+    "applies it at --steps).",
+)
 _OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
@@ -46,23 +52,24 @@ def main(argv: list[str]) -> None:
         if not 0 <= _LABEL.value < max(num_classes, 1):
             raise app.UsageError(f"--label={_LABEL.value}: allowed 0..{num_classes - 1}")
         labels = np.full((_NUM.value,), _LABEL.value, np.int32)
-    cfg_scale = config.sample_cfg_scale if _CFG.value is None else _CFG.value
-    x, t, d_level, y = models.example_inputs(config, batch_size=1)
-    del t, d_level, y
+    cfg_scale = latent_space.guidance_scale(config, _STEPS.value, _CFG.value)
+    mesh = sharding.make_mesh(config, jax.local_devices())
     samples, sample_labels = sampling.sample_batch(
         steps.make_apply_fn(models.get_model(config)),
         state.params if _RAW.value else state.ema_params,
         jax.random.PRNGKey(_SEED.value),
         num=_NUM.value,
-        shape=tuple(x.shape[1:]),
+        shape=latent_space.model_shape(config),
         labels=labels,
         num_steps=_STEPS.value,
         denoise_timesteps=config.denoise_timesteps,
         cfg_scale=float(cfg_scale),
         num_classes=num_classes,
         batch_size=_BATCH.value,
+        mesh=mesh,
     )
-    samples = np.clip(samples, -1.0, 1.0) if samples.ndim > 2 else samples
+    # Latent runs decode to pixels here; images are clipped to [-1, 1] only after decoding.
+    samples = latent_space.PixelDecoder.for_config(config, mesh, _BATCH.value)(samples)
     out = os.path.abspath(_OUT.value)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     np.savez(out, images=samples.astype(np.float32), labels=sample_labels.astype(np.int32))

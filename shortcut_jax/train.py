@@ -19,13 +19,14 @@ from shortcut_jax import (
     config_lib,
     data,
     images,
+    latent_space,
     models,
     optim,
     sampling,
     sharding,
     steps,
 )
-from shortcut_jax.evaluators import sweep
+from shortcut_jax.evaluators import report, sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
 
@@ -56,6 +57,7 @@ def train_and_evaluate(
     )
 
     # ----------------------------------------------------------------- data, model, state
+    vae = latent_space.load_run_vae(config) if latent_space.uses_vae(config) else None
     source = data.get_source(config, jax.process_index(), jax.process_count())
     model = models.get_model(config)
     optimizer = optim.make_optimizer(config)
@@ -86,8 +88,23 @@ def train_and_evaluate(
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    grid_writer = SampleGridWriter(config, model, source.element_shape, workdir, writer, mesh)
-    evaluator = PeriodicEvaluator(config, grid_writer.apply_fn, workdir, writer, mesh)
+    if latent_space.is_online(config):  # images in, VAE encode inside the same jitted step
+        vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
+        encode_and_step = jax.jit(
+            latent_space.online_encode_step(
+                config, steps.make_train_step(config, model, optimizer), vae
+            ),
+            in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+
+        def train_step(state: TrainState, batch: dict[str, jax.Array]) -> Any:
+            return encode_and_step(state, batch, vae_params)
+
+    decoder = latent_space.PixelDecoder(vae, mesh, config.eval_batch_size)
+    grid_writer = SampleGridWriter(config, model, workdir, writer, mesh, decoder)
+    evaluator = PeriodicEvaluator(config, grid_writer.apply_fn, workdir, writer, mesh, decoder)
 
     # ----------------------------------------------------------------- loop
     report_progress = periodic_actions.ReportProgress(
@@ -177,13 +194,16 @@ class SampleGridWriter:
         self,
         config: ml_collections.ConfigDict,
         model: Any,
-        element_shape: tuple[int, ...],
         workdir: str,
         writer: metric_writers.MetricWriter,
         mesh: jax.sharding.Mesh | None = None,
+        decoder: latent_space.PixelDecoder | None = None,
     ):
         self.config = config
-        self.element_shape = tuple(element_shape)
+        self.element_shape = latent_space.model_shape(config)
+        if decoder is None:
+            decoder = latent_space.PixelDecoder.for_config(config, mesh, config.eval_batch_size)
+        self.decoder = decoder
         self.directory = os.path.join(workdir, "samples")
         self.writer = writer
         self.apply_fn = steps.make_apply_fn(model)
@@ -191,7 +211,10 @@ class SampleGridWriter:
         self.mesh = mesh
 
     def write(self, state: TrainState, step: int) -> dict[str, np.ndarray]:
-        """Samples with the EMA (or raw) parameters and writes one grid per step count."""
+        """Samples with the EMA (or raw) parameters and writes one grid per step count.
+
+        Latent samples are decoded to pixels; guidance follows `latent_space.guidance_scale`.
+        """
         config = self.config
         params = state.ema_params if config.sample_use_ema else state.params
         rng = jax.random.PRNGKey(config.seed + 1)  # the same noise at every step and count
@@ -205,11 +228,12 @@ class SampleGridWriter:
                 shape=self.element_shape,
                 num_steps=int(num_steps),
                 denoise_timesteps=config.denoise_timesteps,
-                cfg_scale=float(config.sample_cfg_scale),
+                cfg_scale=latent_space.guidance_scale(config, int(num_steps)),
                 num_classes=config.data.num_classes,
                 mesh=self.mesh,
             )
-            grids[f"{num_steps} step" + ("s" if num_steps > 1 else "")] = np.asarray(samples)
+            name = f"{num_steps} step" + ("s" if num_steps > 1 else "")
+            grids[name] = self.decoder(samples)
         if self.is_chief:
             self._save(grids, step)
         return grids
@@ -248,9 +272,11 @@ class PeriodicEvaluator:
         workdir: str,
         writer: metric_writers.MetricWriter,
         mesh: jax.sharding.Mesh,
+        decoder: latent_space.PixelDecoder | None = None,
     ):
         self.config = config
         self.apply_fn = apply_fn  # one function for every evaluation: samplers compile once
+        self.decoder = decoder
         self.cache_dir = os.path.join(workdir, "eval")
         self.writer = writer
         self.mesh = mesh
@@ -271,12 +297,13 @@ class PeriodicEvaluator:
             self.metrics,
             steps=config.eval_steps,
             num=config.eval_num,
-            cfg_scale=float(config.sample_cfg_scale),
+            cfg_scale=None,  # the run's guidance policy (latent_space.guidance_scale)
             seed=config.seed + 2,
             batch_size=config.eval_batch_size,
             mesh=self.mesh,
             is_chief=self.is_chief,
             apply_fn=self.apply_fn,
+            decoder=self.decoder,
         )
         scalars: dict[str, float] = {}
         if self.is_chief:
@@ -286,7 +313,7 @@ class PeriodicEvaluator:
                         scalars[f"eval/{metric.name}_{bound}"] = float(getattr(metric, bound))
             for row in rows:
                 for key, value in row.items():
-                    if key not in ("steps", "nfe", "seconds"):
+                    if key not in report.ROW_KEYS:
                         name = key.replace("/", "_")
                         scalars[f"eval/{name}/steps_{row['steps']}"] = float(value)
             scalars["perf/eval_seconds"] = time.perf_counter() - start

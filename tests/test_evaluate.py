@@ -236,7 +236,7 @@ def test_evaluate_cli_writes_json_table_and_plot(trained_run, tmp_path):
     assert results["metrics"]["fd_mnist"]["floor"] < results["metrics"]["fd_mnist"]["ceiling"]
     assert "| 8 | 8 |" in (out / "results.md").read_text()
     assert (out / "scores_vs_nfe.png").stat().st_size > 1000
-    assert "| steps | NFE | fd_mnist |" in result.stdout
+    assert "| steps | NFE | CFG | fd_mnist |" in result.stdout
 
     bad = run_module("shortcut_jax.evaluate", f"--workdir={workdir}", "--steps=1,16")
     assert bad.returncode != 0 and "outside 1..8" in bad.stderr

@@ -236,6 +236,24 @@ def test_load_statistics_reads_float32_files_with_extra_keys(tmp_path):
     assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (3, 3)
 
 
+def test_load_statistics_reads_an_adm_reference_batch_as_it_is(tmp_path):
+    """ADM's VIRTUAL_imagenet256_labeled.npz layout: images, pool and spatial statistics."""
+    path = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((64, 8))
+    np.savez(
+        path,
+        arr_0=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
+        mu=features.mean(0),
+        sigma=np.cov(features, rowvar=False),
+        mu_s=np.zeros(5),
+        sigma_s=np.eye(5),
+    )
+    mu, sigma = fid.load_statistics(str(path))
+    np.testing.assert_allclose(mu, features.mean(0))
+    assert sigma.shape == (8, 8)
+
+
 def test_load_statistics_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.npz"
     with pytest.raises(FileNotFoundError, match="nope.npz"):

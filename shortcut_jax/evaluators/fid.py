@@ -24,6 +24,7 @@ Typical use::
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -376,11 +377,16 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
       ValueError: if the file is not an ``.npz`` archive, lacks a key, or the shapes disagree;
         the message names the file.
     """
+    from etils import epath
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    file = epath.Path(path)
+    if not file.is_file():
         raise FileNotFoundError(f"FID statistics file not found: {path!r}")
-    try:
-        archive = np.load(path, allow_pickle=False)
+    try:  # ADM's reference batches also hold the images (arr_0): only mu and sigma are read
+        archive = np.load(
+            io.BytesIO(file.read_bytes()) if "://" in path else path, allow_pickle=False
+        )
     except Exception as error:
         raise ValueError(f"cannot read FID statistics from {path!r}: {error}") from error
     if not isinstance(archive, np.lib.npyio.NpzFile):

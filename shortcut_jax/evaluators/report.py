@@ -52,6 +52,10 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+# Keys of a sweep row that describe the budget rather than score it.
+ROW_KEYS = ("steps", "nfe", "cfg", "seconds")
+
+
 def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table: one row per (run, step budget), one column per score.
 
@@ -65,14 +69,15 @@ def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     for report in reports.values():
         for row in report["rows"]:
             for key in row:
-                if key not in ("steps", "nfe", "seconds") and key not in columns:
+                if key not in ROW_KEYS and key not in columns:
                     columns.append(key)
     labelled = any(label for label in reports)
-    header = (["run"] if labelled else []) + ["steps", "NFE"] + columns + ["sampling s"]
+    header = (["run"] if labelled else []) + ["steps", "NFE", "CFG"] + columns + ["sampling s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, report in reports.items():
         for row in report["rows"]:
             cells = ([label] if labelled else []) + [str(row["steps"]), str(row["nfe"])]
+            cells.append(_format(row.get("cfg")))
             cells += [_format(row.get(column)) for column in columns]
             cells.append(f"{row.get('seconds', float('nan')):.1f}")
             lines.append("| " + " | ".join(cells) + " |")

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from shortcut_jax import config_lib, sampling
+from shortcut_jax import config_lib, latent_space, sampling
 from shortcut_jax.evaluators import features, fid
 
 # Reference features beyond this many examples only refine the mean/covariance; precision and
@@ -191,6 +191,10 @@ def reference_features(
     """
     from shortcut_jax import data
 
+    if config.data.get("latent_dir"):  # the reference is the real *images*, not their latents
+        config = config.copy_and_resolve_references()
+        config.data.latent_dir = ""
+
     def compute() -> tuple[np.ndarray, str]:
         real = data.get_source(config).real_examples(num)["image"]
         if len(real) < 4:
@@ -243,7 +247,7 @@ def build_metrics(
     names: Sequence[str] | None = None,
     cache_dir: str | None = None,
     ref_stats: str | None = None,
-    ceiling_num: int = 1_000,
+    ceiling_num: int | None = None,
     is_chief: bool = True,
 ) -> list[Metric]:
     """Feature networks and reference statistics for the run described by `config`.
@@ -254,7 +258,7 @@ def build_metrics(
       cache_dir: where reference features are cached (e.g. WORKDIR/eval); None = no cache.
       ref_stats: FID reference statistics file (.npz with mu and sigma); default
         config.eval_ref_stats; '' = computed from config.eval_ref_num real examples.
-      ceiling_num: noise images behind the ceiling.
+      ceiling_num: noise images behind the ceiling; default config.eval_ceiling_num.
       is_chief: only the chief (process 0) computes references; other processes get metrics
         with the network only (they take part in sampling and feature extraction).
 
@@ -262,6 +266,8 @@ def build_metrics(
       One `Metric` per name.
     """
     names = list(metric_names(config) if names is None else names)
+    if ceiling_num is None:
+        ceiling_num = int(config.get("eval_ceiling_num", 1_000))
     ref_stats = config.get("eval_ref_stats", "") if ref_stats is None else ref_stats
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     metrics = []
@@ -331,7 +337,7 @@ def sweep(
     *,
     steps: Sequence[int],
     num: int,
-    cfg_scale: float,
+    cfg_scale: float | None,
     seed: int = 0,
     batch_size: int = 256,
     mesh: jax.sharding.Mesh | None = None,
@@ -340,6 +346,7 @@ def sweep(
     progress: Callable[[int], None] | None = None,
     keep_samples: int = 0,
     apply_fn: sampling.ApplyFn | None = None,
+    decoder: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[dict[str, float]], dict[int, np.ndarray]]:
     """Samples `num` images at each step budget and scores them with every metric.
 
@@ -352,7 +359,9 @@ def sweep(
       metrics: from `build_metrics`.
       steps: step budgets, each in [1, config.denoise_timesteps].
       num: samples per budget (>= 2).
-      cfg_scale: guidance scale (1 = none).
+      cfg_scale: guidance scale (1 = none), used at every budget; None = the run's policy
+        (`latent_space.guidance_scale`: config.sample_cfg_scale where config.sample_guidance
+        applies it, 1 elsewhere).
       seed: sampling seed.
       batch_size: samples per sampling call.
       mesh: the mesh to sample and extract features on (every process must call this).
@@ -362,6 +371,8 @@ def sweep(
       keep_samples: return the first this many samples of each budget (for grids).
       apply_fn: the model's ``apply_fn`` (`steps.make_apply_fn`); pass the same one on every
         call so the compiled samplers are reused; default: built from `config`.
+      decoder: turns samples into pixel images in [-1, 1] (`latent_space.PixelDecoder`: VAE decode
+        for latent runs); default: built from `config` (loads its VAE, if any).
 
     Returns:
       rows: one dict per budget: steps, nfe, seconds (sampling), then the scores (chief only).
@@ -380,10 +391,13 @@ def sweep(
     num_classes = int(config.data.num_classes)
     if apply_fn is None:
         apply_fn = train_steps.make_apply_fn(models.get_model(config))
-    shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    guided = uses_guidance(cfg_scale, num_classes)
+    if decoder is None:
+        decoder = latent_space.PixelDecoder.for_config(config, mesh, batch_size)
+    shape = latent_space.model_shape(config)
     rows, kept = [], {}
     for num_steps in steps:
+        scale = latent_space.guidance_scale(config, int(num_steps), cfg_scale)
+        guided = uses_guidance(scale, num_classes)
         start = time.perf_counter()
         images, _ = sampling.sample_batch(
             apply_fn,
@@ -393,15 +407,17 @@ def sweep(
             shape=shape,
             num_steps=int(num_steps),
             denoise_timesteps=config.denoise_timesteps,
-            cfg_scale=float(cfg_scale),
+            cfg_scale=scale,
             num_classes=num_classes,
             batch_size=batch_size,
             mesh=mesh,
             progress=progress,
         )
+        images = decoder(images)
         row: dict[str, float] = {
             "steps": int(num_steps),
             "nfe": int(num_steps) * (2 if guided else 1),
+            "cfg": scale,
             "seconds": time.perf_counter() - start,
         }
         if keep_samples:
