@@ -288,8 +288,8 @@ def test_eval_report_script_combines_runs_into_one_table_and_plot(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| shortcut | 1 | 2 | 50.00 |" in result.stdout
-    assert "| flow_matching | 2 | 4 | 100.00 |" in result.stdout
+    assert "| shortcut | 1 | 2 | - | 50.00 |" in result.stdout
+    assert "| flow_matching | 2 | 4 | - | 100.00 |" in result.stdout
     assert plot.stat().st_size > 1000
     missing = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "eval_report.py"), f"x={tmp_path / 'none'}"],
