@@ -183,6 +183,20 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
 # ------------------------------------------------------------------------------------ helpers
 
 
+def run_meta(quick: bool) -> dict[str, Any]:
+    """What every benchmark result records about its run: date, machine, jax, devices, load."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "quick": quick,
+        "load_average_1_5_15_min_at_start": list(os.getloadavg()),
+    }
+
+
+
 def cost(compiled_or_lowered: Any) -> dict[str, float]:
     """flops, transcendentals and bytes accessed of a compiled or lowered program (one device)."""
     analysis = compiled_or_lowered.cost_analysis()
@@ -1141,13 +1155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "quick": quick,
-            "load_average_1_5_15_min_at_start": list(os.getloadavg()),
+            **run_meta(quick),
             "notes": (
                 "FLOPs are XLA cost-analysis FLOPs of one device's program (a multiply-add is 2). "
                 "Step times are medians after compilation, the donated state threaded through, "

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -290,13 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "quick": quick,
-            "load_average_1_5_15_min_at_start": list(os.getloadavg()),
+            **flops_benchmark.run_meta(quick),
             "notes": (
                 "CPU only, on a machine shared with other jobs: numbers are this run's, compare "
                 "them as ratios to the matmul rate measured in the same process. Encoder images/s "

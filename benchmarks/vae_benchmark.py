@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -142,13 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "quick": args.quick,
-            "load_average_1_5_15_min_at_start": list(os.getloadavg()),
+            **fb.run_meta(args.quick),
             "notes": (
                 "Random weights, full SD VAE structure unless quick. FLOPs are XLA cost-analysis "
                 "FLOPs of the compiled program (a multiply-add is 2); the analytic count covers "

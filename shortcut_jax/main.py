@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from shortcut_jax import config_lib, train
+from shortcut_jax.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiments/*.py config file.", lock_config=True
@@ -30,35 +31,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> None:
-    """jax.distributed.initialize, with CPU collectives (gloo) when the hosts have only CPUs."""
-    if jax.config.jax_platforms in ("cpu",) or not _has_accelerator_plugin():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
-    logging.info(
-        "Process %d of %d; %d local of %d devices.",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
-
-
-def _has_accelerator_plugin() -> bool:
-    import importlib.util
-
-    return any(
-        importlib.util.find_spec(name) is not None
-        for name in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
-    )
 
 
 class _QuietLibraries:

@@ -1,7 +1,7 @@
-"""Smoke tests of benchmarks/flops_benchmark.py and benchmarks/mesh_benchmark.py (--quick).
+"""Smoke tests of the benchmark scripts (--quick): FLOPs, meshes, the VAE and the latent data.
 
-Both scripts run at once, each in its own process (tiny DiT, 2 steps, 256^3 matmul, two meshes),
-and must write JSON with the documented keys and positive numbers.
+The scripts run at once, each in its own process (tiny DiT, 2 steps, 256^3 matmul, two meshes, a
+small VAE), and must write JSON with the documented keys and positive numbers.
 """
 
 from __future__ import annotations
@@ -40,6 +40,20 @@ def outputs(tmp_path_factory) -> dict[str, dict]:
             "1 device,data=2 x fsdp=4",
             "--out",
             str(directory / "mesh.json"),
+        ],
+        "vae": [
+            sys.executable,
+            str(BENCHMARKS / "vae_benchmark.py"),
+            "--quick",
+            "--out",
+            str(directory / "vae.json"),
+        ],
+        "latents": [
+            sys.executable,
+            str(BENCHMARKS / "latents_benchmark.py"),
+            "--quick",
+            "--out",
+            str(directory / "latents.json"),
         ],
     }
     processes = {
@@ -128,3 +142,23 @@ def test_mesh_benchmark_reports_each_mesh_relative_to_one_device(outputs):
         meshes["data=2 x fsdp=4"]["params_bytes_per_device_max"]
         < 0.5 * meshes["1 device"]["params_bytes_per_device_max"]
     )
+
+
+def test_vae_benchmark_reports_encode_and_decode_rates_and_flops(outputs):
+    result = outputs["vae"]
+    assert result["matmul_before"]["gflops_median"] > 0
+    for part in ("encode", "decode"):
+        assert result[part]["images_per_second_median"] > 0
+        assert result[part]["flops_per_image"] > 0
+        assert result[part]["fraction_of_matmul_rate"] > 0
+        # XLA's count and the analytic count of convolutions and attention agree within padding.
+        assert 0.9 < result[part]["cost_analysis_over_analytic"] < 1.1
+
+
+def test_latents_benchmark_reports_encoder_source_and_pod_needs(outputs):
+    result = outputs["latents"]
+    assert result["encoder"]["images_per_second"] > 0
+    assert all(run["examples_per_second"] > 0 for run in result["latent_source"].values())
+    rows = result["pod_consumption"]["rows"]
+    assert set(rows) >= {"DiT-B/2 on v4-32", "DiT-XL/2 on v4-32"}
+    assert all(row["images_per_second_per_host"] > 0 for row in rows.values())

@@ -48,6 +48,7 @@ from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shortcut_jax.data import latents, preprocess
+from shortcut_jax.distributed import initialize_distributed
 
 INTERRUPT_ENV = "SHORTCUT_JAX_ENCODE_INTERRUPT_AFTER_SHARDS"  # testing: simulate a crash
 FLIP_POLICY = "both: every record holds the moments of the image and of its horizontal mirror"
@@ -529,27 +530,6 @@ def _define_flags() -> dict[str, Any]:
         "num_processes": flags.DEFINE_integer("num_processes", None, "Number of processes."),
         "process_id": flags.DEFINE_integer("process_id", None, "This process's index."),
     }
-
-
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> None:
-    """jax.distributed.initialize with gloo CPU collectives when there is no accelerator.
-
-    The same as `shortcut_jax.main.initialize_distributed` (importing main would define its
-    flags a second time).
-    """
-    import importlib.util
-
-    plugins = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
-    has_accelerator = any(importlib.util.find_spec(name) is not None for name in plugins)
-    if jax.config.jax_platforms in ("cpu",) or not has_accelerator:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
 
 
 def main(argv: list[str], flag_values: dict[str, Any]) -> None:

@@ -84,8 +84,9 @@ def make_vae(path: str, seed: int = 0) -> str:
         return path
     from shortcut_jax.models import vae as vae_lib
 
-    arch = vae_lib.VaeArch(block_out_channels=TINY_VAE_CHANNELS, layers_per_block=1,
-                           norm_num_groups=TINY_VAE_GROUPS)
+    arch = vae_lib.VaeArch(
+        block_out_channels=TINY_VAE_CHANNELS, layers_per_block=1, norm_num_groups=TINY_VAE_GROUPS
+    )
     vae = vae_lib.random_vae(arch, seed=seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     vae_lib.save_vae(path, vae)
@@ -101,16 +102,15 @@ def ensure_assets(directory: str | None = None) -> dict[str, str]:
     }
 
 
-_OUT = flags.DEFINE_string("out", None, "Directory for the assets (default: the user cache).")
-
-
 def main(argv: list[str]) -> None:
     """Makes the assets and prints where they are."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for name, path in ensure_assets(_OUT.value).items():
+    for name, path in ensure_assets(flags.FLAGS.out).items():
         print(f"{name}: {path}")
 
 
 if __name__ == "__main__":
+    # Defined only when run as a script: the :tiny configs import this module from other CLIs.
+    flags.DEFINE_string("out", None, "Directory for the assets (default: the user cache).")
     app.run(main)
