@@ -1,0 +1,462 @@
+"""The Stable Diffusion VAE's weight files: our .npz, safetensors in diffusers or LDM names.
+
+`load_vae` reads our ``.npz`` (flattened Flax paths, written by `save_vae` or
+``python -m shortcut_jax.tools.convert_vae``) or a ``.safetensors`` file directly, in diffusers
+names (``diffusion_pytorch_model.safetensors``, including the older ``query/key/value/proj_attn``
+attention names), in the original LDM names (``vae-ft-mse-840000-ema-pruned.safetensors``,
+``sdxl_vae.safetensors``) or inside a full SD checkpoint (``first_stage_model.*``). Pickled torch
+files (``.ckpt``, ``.pt``, ``.bin``) are refused: they are never unpickled. The block structure
+of a safetensors file is read from its tensor shapes.
+
+These functions are also reachable as `shortcut_jax.models.vae.load_vae` etc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from shortcut_jax.models.vae import (
+    ARCH_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SCALING_KEY,
+    SD_ARCH,
+    SD_SCALING_FACTOR,
+    SDXL_SCALING_FACTOR,
+    Vae,
+    VaeArch,
+    _as_dict,
+    _dtype,
+    _make_vae,
+    param_shapes,
+)
+
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_CONVERT = "python -m shortcut_jax.tools.convert_vae"
+
+
+def save_vae(
+    path: str | os.PathLike,
+    vae_or_params: Vae | Any,
+    arch: VaeArch | None = None,
+    scaling_factor: float | None = None,
+) -> None:
+    """Writes our ``.npz`` (flattened params, arch JSON, scaling factor) atomically.
+
+    Args:
+      path: destination (local or ``gs://``); a temporary file in the same directory is renamed.
+      vae_or_params: a `Vae`, or a parameter tree (then ``arch`` and ``scaling_factor`` are
+        required).
+      arch: the block structure (default: the Vae's).
+      scaling_factor: default: the Vae's.
+    """
+    if isinstance(vae_or_params, Vae):
+        arch = arch or vae_or_params.arch
+        scaling_factor = vae_or_params.scaling_factor if scaling_factor is None else scaling_factor
+        params = vae_or_params.params
+    else:
+        params = vae_or_params
+    if arch is None or scaling_factor is None:
+        raise ValueError("save_vae: give arch and scaling_factor with a bare parameter tree")
+    flat = {
+        k: np.asarray(v, np.float32)
+        for k, v in traverse_util.flatten_dict(_as_dict(params), sep="/").items()
+    }
+    _check_flat(flat, param_shapes(arch), f"the parameters to save ({arch})")
+    file = epath.Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        **flat,
+        **{
+            FORMAT_KEY: np.asarray(FORMAT_VERSION),
+            ARCH_KEY: np.asarray(arch.to_json()),
+            SCALING_KEY: np.asarray(float(scaling_factor), np.float64),
+        },
+    )
+    temporary = file.parent / f".{file.name}.tmp-{os.getpid()}"
+    try:
+        temporary.write_bytes(buffer.getvalue())
+        temporary.replace(file)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _check_flat(flat: Mapping[str, Any], expected: Mapping[str, tuple], source: str) -> None:
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = [
+        f"{k} {tuple(np.shape(flat[k]))} (expected {expected[k]})"
+        for k in sorted(set(expected) & set(flat))
+        if tuple(np.shape(flat[k])) != tuple(expected[k])
+    ]
+    problems = mismatch_problems(missing, unexpected, wrong)
+    if problems:
+        raise ValueError(f"{source} does not match the VAE: " + "; ".join(problems))
+
+
+def mismatch_problems(
+    missing: Iterable[str], unexpected: Iterable[str], wrong: Iterable[str], limit: int = 12
+) -> list[str]:
+    """One phrase per kind of mismatch, each listing (up to ``limit``) names."""
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        names = sorted(names)
+        if names:
+            more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
+            problems.append(f"{len(names)} {label}: " + ", ".join(names[:limit]) + more)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Name mapping: our flat paths <-> diffusers names <-> original LDM names.
+# --------------------------------------------------------------------------------------------
+
+
+def diffusers_name(path: str) -> str:
+    """Our flat path -> the diffusers state-dict name.
+
+    'encoder/down_blocks_0/resnets_1/conv1/kernel' ->
+    'encoder.down_blocks.0.resnets.1.conv1.weight'; 'downsample' / 'upsample' ->
+    'downsamplers.0.conv' / 'upsamplers.0.conv', 'attention' -> 'attentions.0', 'to_out' ->
+    'to_out.0'; kernel and scale -> weight.
+    """
+    parts = []
+    for part in path.split("/"):
+        part = re.sub(r"^(down_blocks|up_blocks|resnets)_(\d+)$", r"\1.\2", part)
+        part = {
+            "downsample": "downsamplers.0.conv",
+            "upsample": "upsamplers.0.conv",
+            "attention": "attentions.0",
+            "to_out": "to_out.0",
+            "kernel": "weight",
+            "scale": "weight",
+        }.get(part, part)
+        parts.append(part)
+    return ".".join(parts)
+
+
+_LDM_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
+
+
+def ldm_name(name: str, num_blocks: int) -> str:
+    """A diffusers name -> the original LDM (CompVis / Stability) name.
+
+    'decoder.up_blocks.{i}' is 'decoder.up.{num_blocks - 1 - i}' (LDM counts up blocks from the
+    highest resolution); resnets are 'block.{j}', mid resnets 'mid.block_1' / 'mid.block_2', the
+    attention 'mid.attn_1.{norm,q,k,v,proj_out}', 'conv_shortcut' 'nin_shortcut',
+    'conv_norm_out' 'norm_out', samplers 'downsample.conv' / 'upsample.conv'.
+    """
+    name = re.sub(r"\.down_blocks\.(\d+)\.", r".down.\1.", name)
+    name = re.sub(
+        r"\.up_blocks\.(\d+)\.", lambda m: f".up.{num_blocks - 1 - int(m.group(1))}.", name
+    )
+    name = re.sub(r"\.resnets\.(\d+)\.", r".block.\1.", name)
+    name = name.replace(".downsamplers.0.conv.", ".downsample.conv.")
+    name = name.replace(".upsamplers.0.conv.", ".upsample.conv.")
+    name = name.replace(".mid_block.block.0.", ".mid.block_1.")
+    name = name.replace(".mid_block.block.1.", ".mid.block_2.")
+    match = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", name)
+    if match:
+        name = f"{match[1]}.mid.attn_1.{_LDM_ATTENTION[match[2]]}.{match[3]}"
+    name = name.replace(".conv_shortcut.", ".nin_shortcut.")
+    return name.replace(".conv_norm_out.", ".norm_out.")
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(flax_shape) == 4:  # HWIO -> OIHW
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    if len(flax_shape) == 2:  # (in, out) -> (out, in)
+        return (flax_shape[1], flax_shape[0])
+    return flax_shape
+
+
+def _to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+    value = np.asarray(value, np.float32)
+    if len(flax_shape) == 4:
+        value = value.transpose(2, 3, 1, 0)
+    elif len(flax_shape) == 2:
+        value = value.reshape(value.shape[:2]).T  # LDM attention 1x1 convs: (C, C, 1, 1)
+    return np.ascontiguousarray(value)
+
+
+def to_state_dict(vae: Vae, layout: str = "diffusers") -> dict[str, np.ndarray]:
+    """Our params as a torch-layout state dict (numpy), in 'diffusers' or 'ldm' names.
+
+    LDM attention projections are written as 1x1 convs (C, C, 1, 1) like the original files.
+    """
+    flat = traverse_util.flatten_dict(_as_dict(vae.params), sep="/")
+    state = {}
+    for path, value in flat.items():
+        value = np.asarray(value, np.float32)
+        name = diffusers_name(path)
+        if value.ndim == 4:
+            value = value.transpose(3, 2, 0, 1)
+        elif value.ndim == 2:
+            value = value.T
+        if layout == "ldm":
+            name = ldm_name(name, len(vae.arch.block_out_channels))
+            if value.ndim == 2:
+                value = value[:, :, None, None]
+        elif layout != "diffusers":
+            raise ValueError(f"layout={layout!r}; allowed: 'diffusers', 'ldm'")
+        state[name] = np.ascontiguousarray(value)
+    return state
+
+
+_DEPRECATED_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_FULL_CHECKPOINT_PREFIX = "first_stage_model."
+_IGNORED_PREFIXES = ("loss.", "model_ema.")  # LDM training leftovers (discriminator, EMA copy)
+
+
+def _is_ldm(names: Iterable[str]) -> bool:
+    return any(re.match(r"^(encoder|decoder)\.(down|up|mid)\.", name) for name in names)
+
+
+def _infer_arch(state: Mapping[str, np.ndarray], ldm: bool, norm_num_groups: int) -> VaeArch:
+    """Reads the block structure from tensor shapes; unreadable fields keep SD defaults."""
+    down = r"^encoder\.down\.(\d+)\." if ldm else r"^encoder\.down_blocks\.(\d+)\."
+    blocks = sorted({int(m[1]) for k in state if (m := re.match(down, k))})
+    fields: dict[str, Any] = {"norm_num_groups": norm_num_groups}
+    if ldm:
+        resnet, layers = (
+            "encoder.down.{}.block.{}.conv1.weight",
+            r"^encoder\.down\.0\.block\.(\d+)\.",
+        )
+    else:
+        resnet = "encoder.down_blocks.{}.resnets.{}.conv1.weight"
+        layers = r"^encoder\.down_blocks\.0\.resnets\.(\d+)\."
+    channels = [state.get(resnet.format(i, 0)) for i in blocks]
+    if blocks and blocks == list(range(len(blocks))) and all(c is not None for c in channels):
+        fields["block_out_channels"] = tuple(int(c.shape[0]) for c in channels)
+        count = len({m[1] for k in state if (m := re.match(layers, k))})
+        fields["layers_per_block"] = count or SD_ARCH.layers_per_block
+    for key, field, read in (
+        ("encoder.conv_in.weight", "in_channels", lambda s: s[1]),
+        ("decoder.conv_out.weight", "out_channels", lambda s: s[0]),
+        ("decoder.conv_in.weight", "latent_channels", lambda s: s[1]),
+        ("quant_conv.weight", "latent_channels", lambda s: s[0] // 2),
+        ("post_quant_conv.weight", "latent_channels", lambda s: s[0]),
+    ):
+        if key in state and np.ndim(state[key]) == 4 and field not in fields:
+            fields[field] = int(read(np.shape(state[key])))
+    try:
+        return VaeArch(**fields)
+    except ValueError as error:
+        raise ValueError(
+            f"the tensor shapes give an impossible VAE: {error} (the number of GroupNorm groups "
+            "is not stored in the weights: pass norm_num_groups, --norm_num_groups)"
+        ) from None
+
+
+def from_state_dict(
+    state: Mapping[str, np.ndarray], source: str = "the state dict", norm_num_groups: int = 32
+) -> tuple[VaeArch, dict[str, np.ndarray]]:
+    """A diffusers / LDM / full-SD-checkpoint state dict (numpy) -> (arch, our flat params).
+
+    Args:
+      state: tensor name -> array (any float dtype).
+      source: what to name in error messages.
+      norm_num_groups: not readable from shapes (32 in every SD / SDXL VAE).
+
+    Returns:
+      The inferred arch and flat float32 params with exactly the paths of `param_shapes`.
+
+    Raises:
+      ValueError: one message listing every missing, unexpected and wrong-shape tensor.
+    """
+    if any(k.startswith(_FULL_CHECKPOINT_PREFIX) for k in state):
+        state = {
+            k[len(_FULL_CHECKPOINT_PREFIX) :]: v
+            for k, v in state.items()
+            if k.startswith(_FULL_CHECKPOINT_PREFIX)
+        }
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    ldm = _is_ldm(state)
+    if not ldm:  # diffusers < 0.14 attention names
+        state = {
+            re.sub(
+                r"\.attentions\.0\.(query|key|value|proj_attn)\.",
+                lambda m: f".attentions.0.{_DEPRECATED_ATTENTION[m[1]]}.",
+                k,
+            ): v
+            for k, v in state.items()
+        }
+    arch = _infer_arch(state, ldm, norm_num_groups)
+    layout = "LDM" if ldm else "diffusers"
+    expected = {}
+    for path, shape in param_shapes(arch).items():
+        name = diffusers_name(path)
+        if ldm:
+            name = ldm_name(name, len(arch.block_out_channels))
+        expected[name] = (path, shape)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong, flat = [], {}
+    for name in sorted(set(expected) & set(state)):
+        path, shape = expected[name]
+        want, got = _torch_shape(shape), tuple(np.shape(state[name]))
+        if got != want and not (len(want) == 2 and got == want + (1, 1)):
+            wrong.append(f"{name} {got} (expected {want})")
+        else:
+            flat[path] = _to_flax(state[name], shape)
+    problems = mismatch_problems(missing, unexpected, wrong)
+    if problems:
+        raise ValueError(
+            f"{source} is not an AutoencoderKL with {arch} in {layout} names: "
+            + "; ".join(problems)
+        )
+    return arch, flat
+
+
+# --------------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------------
+
+
+def convert_command(out: str) -> str:
+    return (
+        f"{_CONVERT} --from <vae-ft-mse-840000-ema-pruned.safetensors | sdxl_vae.safetensors | "
+        f"diffusion_pytorch_model.safetensors | a full SD .safetensors> --out {out} "
+        f"[--scaling_factor {SDXL_SCALING_FACTOR} for the SDXL VAE]"
+    )
+
+
+def _file_kind(file: epath.Path) -> str:
+    """'npz', 'safetensors' or 'pickle', from the suffix, else from the first bytes."""
+    name = file.name.lower()
+    if name.endswith(_PICKLE_SUFFIXES):
+        return "pickle"
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    with file.open("rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK":
+        with file.open("rb") as f, zipfile.ZipFile(f) as archive:
+            if any(n.endswith("data.pkl") for n in archive.namelist()):
+                return "pickle"
+        return "npz"
+    if len(head) > 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    raise ValueError(
+        f"{os.fspath(file)!r} is neither our .npz nor a .safetensors file; "
+        + convert_command("vae.npz")
+    )
+
+
+def _read_safetensors(file: epath.Path) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as numpy (a full SD checkpoint: only first_stage_model.*)."""
+    from safetensors import numpy as safetensors_numpy
+    from safetensors import safe_open
+
+    path = os.fspath(file)
+    if os.path.exists(path):  # local: read only what we need
+        with safe_open(path, framework="np") as f:
+            names = list(f.keys())
+            if any(n.startswith(_FULL_CHECKPOINT_PREFIX) for n in names):
+                names = [n for n in names if n.startswith(_FULL_CHECKPOINT_PREFIX)]
+            return {n: f.get_tensor(n) for n in names}
+    return safetensors_numpy.load(file.read_bytes())
+
+
+def _read_npz(file: epath.Path) -> tuple[VaeArch, float, dict[str, np.ndarray]]:
+    with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as archive:
+        keys = set(archive.files)
+        if not {FORMAT_KEY, ARCH_KEY, SCALING_KEY} <= keys:
+            raise ValueError(
+                f"{os.fspath(file)!r} is not a converted VAE (.npz without {FORMAT_KEY!r}, "
+                f"{ARCH_KEY!r} and {SCALING_KEY!r}); {convert_command(os.fspath(file))}"
+            )
+        version = int(archive[FORMAT_KEY])
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{os.fspath(file)!r} has format version {version}, this code reads "
+                f"{FORMAT_VERSION}; reconvert: {convert_command(os.fspath(file))}"
+            )
+        arch = VaeArch.from_json(str(archive[ARCH_KEY]))
+        scaling_factor = float(archive[SCALING_KEY])
+        flat = {
+            k: np.asarray(archive[k], np.float32)
+            for k in keys - {FORMAT_KEY, ARCH_KEY, SCALING_KEY}
+        }
+    return arch, scaling_factor, flat
+
+
+def load_vae(
+    path: str | os.PathLike,
+    *,
+    scaling_factor: float | None = None,
+    dtype: str = "float32",
+    norm_num_groups: int | None = None,
+) -> Vae:
+    """Loads a VAE from our ``.npz`` or a ``.safetensors`` file (local or ``gs://``).
+
+    Args:
+      path: ``.npz`` from `save_vae` / the converter, or ``.safetensors`` in diffusers names,
+        LDM names or a full SD checkpoint (only ``first_stage_model.*`` is read).
+      scaling_factor: default: the ``.npz``'s stored factor, or `SD_SCALING_FACTOR` for
+        safetensors (pass `SDXL_SCALING_FACTOR` for the SDXL VAE).
+      dtype: compute dtype, 'float32' or 'bfloat16'.
+      norm_num_groups: GroupNorm groups for safetensors (default 32).
+
+    Returns:
+      The `Vae`; params are float32 numpy.
+
+    Raises:
+      FileNotFoundError: no such file (the message has the convert command).
+      ValueError: a pickle file, another format, or not this VAE (one message listing the
+        missing, unexpected and wrong-shape tensors).
+    """
+    _dtype(dtype)
+    file = epath.Path(path)
+    source = os.fspath(file)
+    if not file.exists():
+        out = source if source.lower().endswith(".npz") else "vae.npz"
+        raise FileNotFoundError(
+            f"VAE weights not found at {source!r}. Download the VAE's .safetensors and convert it "
+            "once with:\n  " + convert_command(out)
+        )
+    kind = _file_kind(file)
+    if kind == "pickle":
+        raise ValueError(
+            f"{source!r} is a pickled torch file; shortcut_jax never unpickles weights. Download "
+            "the .safetensors version of the same VAE (every SD / SDXL VAE ships one, e.g. "
+            "vae-ft-mse-840000-ema-pruned.safetensors, sdxl_vae.safetensors, "
+            "diffusion_pytorch_model.safetensors) and run:\n  " + convert_command("vae.npz")
+        )
+    if kind == "npz":
+        arch, stored_scaling, flat = _read_npz(file)
+        if norm_num_groups is not None and norm_num_groups != arch.norm_num_groups:
+            arch = dataclasses.replace(arch, norm_num_groups=norm_num_groups)
+        _check_flat(flat, param_shapes(arch), repr(source))
+        scaling = stored_scaling if scaling_factor is None else scaling_factor
+    else:
+        state = _read_safetensors(file)
+        arch, flat = from_state_dict(state, repr(source), norm_num_groups or 32)
+        scaling = SD_SCALING_FACTOR if scaling_factor is None else scaling_factor
+    bad = [k for k, v in flat.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise ValueError(f"{source!r} has non-finite values in {', '.join(sorted(bad)[:5])}")
+    return _make_vae(arch, flat, scaling, source, dtype)
