@@ -20,9 +20,14 @@ EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
 
 @pytest.fixture(autouse=True)
 def _user_cache(tmp_path, monkeypatch):
-    """A user cache holding a (placeholder) converted SD VAE where the paper configs look for it."""
+    """A user cache holding placeholders where the latent configs look for their files: the
+    converted SD VAE (paper configs), the MNIST autoencoder and its latents (mnist_latent)."""
     monkeypatch.setenv("SHORTCUT_JAX_CACHE", str(tmp_path))
-    (tmp_path / "sd_vae_ft_mse.npz").write_bytes(b"placeholder: validation checks existence")
+    placeholder = b"placeholder: validation checks existence"
+    (tmp_path / "sd_vae_ft_mse.npz").write_bytes(placeholder)
+    (tmp_path / "mnist_autoencoder.npz").write_bytes(placeholder)
+    (tmp_path / "mnist_latents").mkdir()
+    (tmp_path / "mnist_latents" / "metadata.json").write_bytes(placeholder)
     return tmp_path
 
 
