@@ -452,8 +452,14 @@ def report(results: dict[str, Any]) -> str:
             f"cosine, batch {recipe['batch_size']} x {ae['steps']} steps on the 4,000 training "
             f"digits: {ae['wall_seconds'] / 60:.1f} min wall (matmul "
             f"{ae['matmul_gflops_before']:.0f} / {ae['matmul_gflops_after']:.0f} GFLOP/s before "
-            f"/ after). Scaling factor {ae['scaling_factor']} (posterior std / latent std "
-            f"{ae['posterior_std_over_latent_std']:.3f}).",
+            f"/ after). Scaling factor {ae['scaling_factor']} "
+            + (
+                "(the literal of experiments/mnist_latent.py"
+                if ae.get("config_scaling_factor_matches", True)
+                else f"(NOT the config's {ae['config_scaling_factor']}: the stages passed "
+                "--config.vae.scaling_factor"
+            )
+            + f"; posterior std / latent std {ae['posterior_std_over_latent_std']:.3f}).",
             "",
             "| held-out 1,000 digits | MSE (per pixel, [-1, 1]) | FD-MNIST |",
             "|---|---|---|",
