@@ -11,8 +11,6 @@ import filecmp
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import free_port, run_processes
 
 from shortcut_jax import configs, data
 from shortcut_jax.data import latents, preprocess
@@ -345,12 +344,6 @@ def test_mocked_tfds_imagenet_is_decoded_with_pil_and_encoded(tfds, workspace, t
 # --- Two processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_write_the_same_files_as_one(workspace, encoded, tmp_path):
     config_file = tmp_path / "config.py"
@@ -374,26 +367,9 @@ def test_two_processes_write_the_same_files_as_one(workspace, encoded, tmp_path)
     ]  # fmt: skip
     environment = {**os.environ, "JAX_PLATFORMS": "cpu"}
     environment.pop("XLA_FLAGS", None)
-    processes = [
-        subprocess.Popen(
-            [*command, f"--process_id={index}"],
-            cwd=REPO,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=300))
-    finally:
-        for process in processes:
-            process.kill()
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
+    run_processes(
+        [[*command, f"--process_id={index}"] for index in range(2)], env=environment, timeout=300
+    )
     assert sorted(os.listdir(out)) == sorted(os.listdir(encoded))
     for name in os.listdir(encoded):
         assert filecmp.cmp(out / name, encoded / name, shallow=False), name

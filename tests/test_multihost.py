@@ -6,24 +6,18 @@ process restores.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import free_port, run_processes
 
 from shortcut_jax import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main_command(workdir: Path, *extra: str) -> list[str]:
@@ -74,32 +68,19 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     fd_mnist.load_or_train()  # cached once here rather than trained in every process
     port = free_port()
     multi = tmp_path / "two_processes"
-    processes = [
-        subprocess.Popen(
+    outputs = run_processes(
+        [
             main_command(
                 multi,
                 "--distributed",
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={index}",
-            ),
-            cwd=REPO,
-            env=environment(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=600))
-    finally:
-        for process in processes:
-            process.kill()
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-4000:]
+            )
+            for index in range(2)
+        ],
+        env=environment(4),
+    )
     assert "Process 1 of 2; 4 local of 8 devices" in outputs[1][1]
 
     single = tmp_path / "one_process"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,39 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a jax.distributed coordinator)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(
+    commands: list[list[str]], env: dict[str, str], timeout: float = 600
+) -> list[tuple[str, str]]:
+    """Starts every command at once from the repository root and waits for all of them.
+
+    Returns:
+      (stdout, stderr) of each; asserts that every process exited 0 (killing the rest otherwise).
+    """
+    processes = [
+        subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for command in commands
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout))
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-4000:]
+    return outputs
 
 
 def tiny_mnist_config(total_steps: int = 6):
