@@ -128,7 +128,24 @@ def run(command: list[str], log: Path) -> float:
     if completed.returncode:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{tail}")
+    write_json_atomic(log.with_suffix(".wall.json"), {"command": command, "seconds": seconds})
     return seconds
+
+
+def recorded_wall(log: Path) -> tuple[float, str]:
+    """Wall seconds of an earlier `run` with output to `log`, and how they were obtained.
+
+    From the `.wall.json` that `run` writes; for logs older than that, from the log file's
+    creation and last-modification times (GNU stat; within a second of the real wall time).
+    """
+    sidecar = log.with_suffix(".wall.json")
+    if sidecar.exists():
+        return float(json.loads(sidecar.read_text())["seconds"]), "measured"
+    birth = subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True)
+    created = float(birth.stdout.strip() or 0)
+    if created <= 0:
+        raise RuntimeError(f"{log}: no {sidecar.name} and no file creation time")
+    return log.stat().st_mtime - created, "log file creation -> last write"
 
 
 def latent_overrides(results: dict[str, Any]) -> list[str]:
@@ -353,15 +370,25 @@ def latent_source_speed(num_batches: int = 200) -> float:
 def stage_train(args: argparse.Namespace, results: dict[str, Any]) -> None:
     steps = args.latent_steps or results["throughput"]["latent_steps_at_equal_wall_time"]
     workdir = Path(args.workdir) / "mnist_latent"
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    log = Path(args.workdir) / "logs" / "train_mnist_latent.log"
     command = [sys.executable, "-m", "shortcut_jax.main", "--config", LATENT_CONFIG]
     command += ["--workdir", str(workdir), f"--config.total_steps={steps}"]
     command += ["--config.eval_every_steps=0", "--config.sample_every_steps=0"]
     command += latent_overrides(results)
-    before = matmul_gflops()
-    wall = run(command, Path(args.workdir) / "logs" / "train_mnist_latent.log")
-    after = matmul_gflops()
+    finished = (workdir / "checkpoints" / str(steps)).is_dir()
+    if args.reuse_run and finished:  # summarize a finished run again (no training)
+        previous = results.get("train", {})
+        # Not measured again: the last rate before the run (the throughput stage's, when the
+        # first summary of the run was lost) and, unless recorded, none after it.
+        before = previous.get("matmul_gflops_before", results["throughput"]["matmul_gflops"][-1])
+        after = previous.get("matmul_gflops_after")
+        wall, wall_source = recorded_wall(log)
+    else:
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        before = matmul_gflops()
+        wall, wall_source = run(command, log), "measured"
+        after = matmul_gflops()
     scalars = read_scalars(workdir)
     rates = scalars.get("perf/images_per_second", [])
     samples = sorted((workdir / "samples").glob("step_*.png"))
@@ -377,6 +404,7 @@ def stage_train(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "workdir": str(workdir),
         "total_steps": steps,
         "wall_seconds": wall,
+        "wall_seconds_source": wall_source,
         "matmul_gflops_before": before,
         "matmul_gflops_after": after,
         "images_per_second_median": statistics.median(rates) if rates else None,
@@ -400,10 +428,11 @@ def read_scalars(workdir: Path) -> dict[str, list[float]]:
     import numpy as np
 
     for tag in accumulator.Tags().get("tensors", []):
-        values[tag] = [
-            (e.step, float(np.asarray(_tensor_value(e.tensor_proto))))
-            for e in accumulator.Tensors(tag)
+        pairs = [
+            (e.step, np.asarray(_tensor_value(e.tensor_proto))) for e in accumulator.Tensors(tag)
         ]
+        if pairs and all(value.size == 1 and value.dtype.kind == "f" for _, value in pairs):
+            values[tag] = [(step, float(value.reshape(()))) for step, value in pairs]
     return {tag: [v for _, v in sorted(pairs)] for tag, pairs in values.items()}
 
 
@@ -501,8 +530,8 @@ def report(results: dict[str, Any]) -> str:
             f"Latent run: {train_info['total_steps']:,} steps x 32 in "
             f"{train_info['wall_seconds'] / 60:.1f} min wall (median "
             f"{train_info['images_per_second_median'] or float('nan'):.0f} images/s; matmul "
-            f"{train_info['matmul_gflops_before']:.0f} / {train_info['matmul_gflops_after']:.0f} "
-            "GFLOP/s before / after).",
+            f"{_rate(train_info['matmul_gflops_before'])} / "
+            f"{_rate(train_info['matmul_gflops_after'])} GFLOP/s before / after).",
             "",
         ]
         if speed:
@@ -569,6 +598,10 @@ def _speed_lines(speed: dict[str, Any], title: str) -> list[str]:
     return [*lines, ""]
 
 
+def _rate(gflops: float | None) -> str:
+    return "not measured" if gflops is None else f"{gflops:.0f}"
+
+
 def _score(row: dict[str, Any]) -> str:
     if "fd_mnist" not in row:
         return "-"
@@ -598,6 +631,11 @@ def main() -> None:
     parser.add_argument("--throughput_steps", type=int, default=300)
     parser.add_argument("--throughput_rounds", type=int, default=2)
     parser.add_argument("--latent_steps", type=int, default=0, help="override the train steps")
+    parser.add_argument(
+        "--reuse_run",
+        action="store_true",
+        help="train stage: summarize a finished latent run in --workdir instead of retraining",
+    )
     parser.add_argument(
         "--autoencoder_flag",
         dest="autoencoder_flags",
