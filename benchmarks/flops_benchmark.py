@@ -22,7 +22,7 @@ and in fresh processes
   (e) the MNIST and DiT-B/2 steps under glibc malloc settings (default, mallopt that keeps freed
       memory, transparent huge pages), interleaved: XLA:CPU allocates each step's temporaries
       afresh, and with the default settings the kernel maps and zeroes them again at every step
-      (see `tune_malloc`).
+      (see shortcut_jax/allocator.py, which the product applies on import).
 Per step it also records minor page faults and user / system CPU seconds (getrusage).
 Random arrays stand in for data: {'image': (B, H, W, C) float32 in [-1, 1], 'label': (B,) int32}.
 """
@@ -55,40 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Set to "1" in a worker's environment to apply `tune_malloc()` before jax allocates anything.
-MALLOPT_ENV = "FLOPS_BENCHMARK_MALLOPT"
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-
-
-def tune_malloc() -> bool:
-    """Makes glibc malloc keep and reuse freed memory instead of returning it to the kernel.
-
-    XLA:CPU allocates each step's temporaries (about 100 MB for the MNIST step) afresh and frees
-    them at its end. glibc serves blocks over 32 MB with mmap and trims per-thread heaps, so every
-    step the kernel maps and zeroes those pages again, one page fault per 4 KiB touched. One arena,
-    no mmap for large blocks and no trimming make the next step reuse the same memory.
-
-    Returns:
-      True if every mallopt call succeeded (False off glibc).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        settings = (
-            (_M_ARENA_MAX, 1),
-            (_M_MMAP_MAX, 0),
-            (_M_TRIM_THRESHOLD, -1),  # -1: never trim
-            (_M_TOP_PAD, 256 * 2**20),
-        )
-        return all(libc.mallopt(param, value) == 1 for param, value in settings)
-    except (OSError, AttributeError):
-        return False
-
-
-if os.environ.get(MALLOPT_ENV) == "1":
-    tune_malloc()
+# `import shortcut_jax` tunes glibc malloc (shortcut_jax/allocator.py); a worker started with
+# MALLOC_TUNING_ENV=0 in its environment runs with glibc's defaults instead.
+MALLOC_TUNING_ENV = "SHORTCUT_JAX_MALLOC_TUNING"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -194,7 +163,6 @@ def run_meta(quick: bool) -> dict[str, Any]:
         "quick": quick,
         "load_average_1_5_15_min_at_start": list(os.getloadavg()),
     }
-
 
 
 def cost(compiled_or_lowered: Any) -> dict[str, float]:
@@ -921,14 +889,15 @@ def abstract_cost(config: ml_collections.ConfigDict, compile_program: bool) -> d
 # ------------------------------------------------------------------------------------ (e)
 
 ALLOCATORS: dict[str, dict[str, str]] = {
-    "glibc default": {},
+    "glibc default": {MALLOC_TUNING_ENV: "0"},
     "mallopt: arena_max=1, mmap_max=0, trim_threshold=-1, top_pad=256 MiB (in-process)": {
-        MALLOPT_ENV: "1"
+        MALLOC_TUNING_ENV: "1"
     },
     "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages)": {
-        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"
+        MALLOC_TUNING_ENV: "0",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
     },
-    "both": {MALLOPT_ENV: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "both": {MALLOC_TUNING_ENV: "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 
 
@@ -966,7 +935,7 @@ def allocator_ab(models_steps: dict[str, int], rounds: int, quick: bool) -> dict
                 env = {
                     key: value
                     for key, value in os.environ.items()
-                    if key not in (MALLOPT_ENV, "GLIBC_TUNABLES")
+                    if key not in (MALLOC_TUNING_ENV, "GLIBC_TUNABLES")
                 }
                 env.update(ALLOCATORS[name])
                 command = [

@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
-MALLOPT_ENV = "FLOPS_BENCHMARK_MALLOPT"  # as in flops_benchmark.py (not imported: it loads jax)
+MALLOC_TUNING_ENV = "SHORTCUT_JAX_MALLOC_TUNING"  # shortcut_jax/allocator.py (not imported here)
 
 # name -> (process device count, mesh sizes).
 MESHES: dict[str, tuple[int, dict[str, int]]] = {
@@ -56,7 +56,7 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import flops_benchmark as fb
 
-    from shortcut_jax import models, sharding
+    from shortcut_jax import allocator, models, sharding
 
     if not quick:  # compile times are results: never read them from a persistent cache
         jax.config.update("jax_enable_compilation_cache", False)
@@ -95,7 +95,7 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
         "state_bytes_total": sum(state_per_device.values()),
         "params_bytes_per_device_max": max(params_per_device.values()),
         "per_step_os": usage,
-        "malloc_tuned": os.environ.get(fb.MALLOPT_ENV) == "1",
+        "malloc_tuned": allocator.is_tuned(),
         "final_loss": total / max(count, 1.0),
     }
 
@@ -107,15 +107,14 @@ def run_worker(
     steps: int,
     quick: bool,
     timeout: float,
-    mallopt: bool = False,
+    malloc_tuning: bool = True,
 ) -> dict[str, Any]:
     """Runs `worker` for one mesh in a fresh process with `devices` CPU devices.
 
-    With `mallopt`, the worker applies flops_benchmark.tune_malloc() before importing jax.
+    Without `malloc_tuning` the worker keeps glibc's malloc defaults (SHORTCUT_JAX_MALLOC_TUNING=0).
     """
-    env = {key: value for key, value in os.environ.items() if key != MALLOPT_ENV}
-    if mallopt:
-        env[MALLOPT_ENV] = "1"
+    env = dict(os.environ)
+    env[MALLOC_TUNING_ENV] = "1" if malloc_tuning else "0"
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     flags = [flag for flag in env.get("XLA_FLAGS", "").split() if not flag.startswith(DEVICE_FLAG)]
@@ -179,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--meshes", default=",".join(MESHES), help="subset of mesh names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mesh process")
     parser.add_argument(
-        "--mallopt",
+        "--glibc_malloc_defaults",
         action="store_true",
-        help="workers keep freed memory (flops_benchmark.tune_malloc): no per-step page faults",
+        help="workers run without shortcut_jax's malloc tuning (per-step page faults come back)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mesh", default="data=1", help=argparse.SUPPRESS)
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         devices, sizes = MESHES[name]
         results[name] = run_worker(
-            name, devices, sizes, steps, args.quick, args.timeout, args.mallopt
+            name, devices, sizes, steps, args.quick, args.timeout, not args.glibc_malloc_defaults
         )
         result = results[name]
         print(
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "quick": args.quick,
             "steps_timed": steps,
-            "malloc_tuned": args.mallopt,
+            "malloc_tuned": not args.glibc_malloc_defaults,
             "load_average_1_5_15_min_at_start": load_at_start,
             "load_average_1_5_15_min_at_end": list(os.getloadavg()),
             "workload": "experiments/mnist.py train step (tiny DiT with --quick), random data",
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "page faults and CPU seconds per step; with glibc's default malloc a program "
                 "whose temporaries exceed 32 MB per device re-faults them every step (see "
                 "flops.json), which penalises the meshes with large per-device temporaries; "
-                "--mallopt removes that effect."
+                "shortcut_jax's malloc tuning (on unless --glibc_malloc_defaults) removes it."
             ),
         },
         "meshes": results,
