@@ -46,7 +46,8 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
         ],
-        # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build.
-        "convert": ["torch>=2.0"],
+        # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build;
+        # >= 2.6 because weights_only loading had a code-execution bypass before it.
+        "convert": ["torch>=2.6"],
     },
 )

@@ -178,10 +178,29 @@ else
     die "--config '$CONFIG': no file $REPO_DIR/$config_file" \
       "the path is relative to the repository root (--repo-dir)"
 fi
+output_flag=--output-script
 if [[ -z $OUTPUT_SCRIPT ]]; then
+  output_flag=--workdir
   OUTPUT_SCRIPT=$WORKDIR/slurm/$JOB_NAME-$(date -u +%Y%m%dT%H%M%SZ).sbatch
 fi
 LOG_DIR=$(dirname "$OUTPUT_SCRIPT")
+
+# Values written into '#SBATCH' lines are not quoted there: a newline would start a line of
+# script and the other characters are read by sbatch's own option parser or by the shell.
+check_header_value() {
+  local flag=$1 value=$2
+  if [[ $value == *$'\n'* || $value == *$'\r'* || $value =~ [\;\&\|\`\$\<\>\'\"\\] ]]; then
+    die "$flag $(printf '%q' "$value") is written into an #SBATCH line and may not hold a newline or any of" \
+      "; & | \` \$ < > ' \" \\ (give plain values, e.g. --partition gpu --sbatch-arg=--qos=high)"
+  fi
+}
+check_header_value --time "$TIME_LIMIT"
+check_header_value --partition "$PARTITION"
+check_header_value --account "$ACCOUNT"
+check_header_value "$output_flag" "$LOG_DIR"
+for extra in ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"}; do
+  check_header_value --sbatch-arg "$extra"
+done
 
 # ------------------------------------------------------------------ rendering
 # Quotes one word for bash, leaving plain words (flags, paths) readable.

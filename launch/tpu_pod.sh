@@ -78,8 +78,11 @@ Environment only:
   TPU_PYTHON                 interpreter the worker venv is built from; default python3.11
                              (installed with apt if missing: the TPU images ship Python 3.10)
   REMOTE_DIR, REMOTE_VENV, REMOTE_LOG_DIR
-                             paths on the workers, relative to the home directory; defaults
-                             shortcut_jax, shortcut_jax_venv, shortcut_jax_logs
+                             paths on the workers, relative to the home directory (or
+                             absolute); defaults shortcut_jax, shortcut_jax_venv,
+                             shortcut_jax_logs. REMOTE_DIR is replaced (rm -rf) on every
+                             install, so each may only hold letters, digits, '_', '.', '-'
+                             and '/', and may not be the home directory or / itself
 
 On the workers the log is ~/shortcut_jax_logs/train.log (appended to across relaunches), the
 process id ~/shortcut_jax_logs/train.pid and the exit status ~/shortcut_jax_logs/exit_code.
@@ -273,16 +276,58 @@ if ((DELETE_AFTER)) && ((!TAIL)); then
   note "--delete-after: this script stays attached until training ends, then deletes $NAME"
 fi
 
+# Checks a worker path given in the environment: REMOTE_DIR is deleted with rm -rf before every
+# install, so it must name a plain directory of its own (never /, ~, $HOME or a parent of it).
+check_remote_path() {
+  local variable=$1 path=$2
+  [[ -n $path ]] || die "$variable is empty" \
+    "give a directory relative to the home directory of the workers, e.g. $variable=shortcut_jax"
+  [[ $path =~ ^[A-Za-z0-9_./-]+$ ]] ||
+    die "$variable='$path' may only hold letters, digits, '_', '.', '-' and '/'" \
+      "no spaces, quotes, '~', '\$' or other shell characters: it is removed with rm -rf"
+  local component
+  local -a components
+  IFS=/ read -r -a components <<<"$path"
+  local kept=0
+  for component in "${components[@]}"; do
+    [[ $component != ".." ]] ||
+      die "$variable='$path' has a '..' component; name a directory below the home directory"
+    if [[ -n $component && $component != "." ]]; then
+      kept=$((kept + 1))
+    fi
+  done
+  ((kept > 0)) ||
+    die "$variable='$path' is the home directory or / itself, which rm -rf would wipe" \
+      "name a directory of its own, e.g. $variable=shortcut_jax"
+}
+check_remote_path REMOTE_DIR "$REMOTE_DIR"
+check_remote_path REMOTE_VENV "$REMOTE_VENV"
+check_remote_path REMOTE_LOG_DIR "$REMOTE_LOG_DIR"
+
 # ------------------------------------------------------------------ commands
 GCLOUD_LOCATION=(--zone "$ZONE")
 if [[ -n $PROJECT ]]; then
   GCLOUD_LOCATION+=(--project "$PROJECT")
 fi
 SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_LOCATION[@]}")
-VENV_PYTHON="\$HOME/$REMOTE_VENV/bin/python"
-CODE_DIR="\$HOME/$REMOTE_DIR"
-LOG_DIR="\$HOME/$REMOTE_LOG_DIR"
-TARBALL_NAME="$REMOTE_DIR.tar.gz"
+# A worker path as one double-quoted word for the remote shell: $HOME expands, nothing splits.
+remote_path() {
+  local path=${1%/}
+  if [[ $path == /* ]]; then
+    printf '"%s"' "$path"
+  else
+    printf '"$HOME/%s"' "${path#./}"
+  fi
+}
+VENV_DIR=$(remote_path "$REMOTE_VENV")
+VENV_PYTHON=$(remote_path "$REMOTE_VENV/bin/python")
+CODE_DIR=$(remote_path "$REMOTE_DIR")
+LOG_DIR=$(remote_path "$REMOTE_LOG_DIR")
+PID_FILE=$(remote_path "$REMOTE_LOG_DIR/train.pid")
+LOG_FILE=$(remote_path "$REMOTE_LOG_DIR/train.log")
+EXIT_FILE=$(remote_path "$REMOTE_LOG_DIR/exit_code")
+TARBALL_NAME="$(basename "$REMOTE_DIR").tar.gz" # scp puts it in the home directory
+TARBALL=$(remote_path "$TARBALL_NAME")
 
 # The training command on each worker (the venv's interpreter, words quoted for its shell).
 train_line=""
@@ -397,16 +442,16 @@ copy_code() {
 }
 
 # Stops a worker command if a training process launched earlier is still alive there.
-PID_OF_RUN="\$(cat $LOG_DIR/train.pid)"
-RUNNING_CHECK="if [ -f $LOG_DIR/train.pid ] && kill -0 \"$PID_OF_RUN\" 2>/dev/null; then"
+PID_OF_RUN="\$(cat $PID_FILE)"
+RUNNING_CHECK="if [ -f $PID_FILE ] && kill -0 \"$PID_OF_RUN\" 2>/dev/null; then"
 RUNNING_CHECK+=" echo \"error: training is still running on \$(hostname) (pid $PID_OF_RUN);"
 RUNNING_CHECK+=" stop it first: kill $PID_OF_RUN\" >&2; exit 1; fi"
 
 install_command() {
   local code_step
   if ((COPY)); then
-    code_step="rm -rf $CODE_DIR && mkdir -p $CODE_DIR && tar -xzf \$HOME/$TARBALL_NAME -C $CODE_DIR"
-    code_step+=" && rm -f \$HOME/$TARBALL_NAME"
+    code_step="rm -rf $CODE_DIR && mkdir -p $CODE_DIR && tar -xzf $TARBALL -C $CODE_DIR"
+    code_step+=" && rm -f $TARBALL"
   else
     local repo branch_flag="" update="git -C $CODE_DIR pull -q --ff-only"
     repo=$(shell_quote "$REPO")
@@ -432,24 +477,23 @@ install_command() {
   printf '%s' "set -e; $RUNNING_CHECK; " \
     "if ! command -v $python >/dev/null; then $apt update -qq && $apt install -y -qq" \
     " $python $python-venv; fi; " \
-    "[ -x $VENV_PYTHON ] || $python -m venv \$HOME/$REMOTE_VENV; " \
+    "[ -x $VENV_PYTHON ] || $python -m venv $VENV_DIR; " \
     "$code_step; " \
     "$VENV_PYTHON -m pip install -q -U pip; " \
     "$VENV_PYTHON -m pip install -q -e $CODE_DIR 'jax[tpu]'$find_links"
 }
 
 launch_command() {
-  local pid_file="$LOG_DIR/train.pid"
-  local inner="$train_line; echo \$? > $LOG_DIR/exit_code"
+  local inner="$train_line; echo \$? > $EXIT_FILE"
   printf '%s' "mkdir -p $LOG_DIR && cd $CODE_DIR && $RUNNING_CHECK; " \
-    "rm -f $LOG_DIR/exit_code; " \
-    "echo \"=== \$(date -u) launch on \$(hostname)\" >> $LOG_DIR/train.log; " \
-    "nohup bash -c $(shell_quote "$inner") >> $LOG_DIR/train.log 2>&1 < /dev/null & " \
-    "echo \$! > $pid_file"
+    "rm -f $EXIT_FILE; " \
+    "echo \"=== \$(date -u) launch on \$(hostname)\" >> $LOG_FILE; " \
+    "nohup bash -c $(shell_quote "$inner") >> $LOG_FILE 2>&1 < /dev/null & " \
+    "echo \$! > $PID_FILE"
 }
 
 # Blocks (remotely) until the training process on the worker has exited.
-WAIT_CMD="while kill -0 \"\$(cat $LOG_DIR/train.pid)\" 2>/dev/null; do sleep 60; done"
+WAIT_CMD="while kill -0 \"\$(cat $PID_FILE)\" 2>/dev/null; do sleep 60; done"
 
 wait_for_all_workers() {
   if ((DRY_RUN)); then
@@ -514,7 +558,7 @@ fi
 echo "# 3. start training on all workers at once"
 run "${SSH[@]}" --worker=all --command "$(launch_command)"
 
-TAIL_CMD="tail --pid=\"\$(cat $LOG_DIR/train.pid)\" -n 200 -F $LOG_DIR/train.log"
+TAIL_CMD="tail --pid=\"\$(cat $PID_FILE)\" -n 200 -F $LOG_FILE"
 if ((TAIL)); then
   echo "# 4. follow worker 0's log until training ends"
   run "${SSH[@]}" --worker=0 --command "$TAIL_CMD" || note "log stream ended: $?"
@@ -525,10 +569,10 @@ if ((DELETE_AFTER)); then
   status=1
   if wait_for_all_workers; then
     if ((DRY_RUN)); then
-      run "${SSH[@]}" --worker=0 --command "cat $LOG_DIR/exit_code"
+      run "${SSH[@]}" --worker=0 --command "cat $EXIT_FILE"
       status=0
     else
-      status=$(run "${SSH[@]}" --worker=0 --command "cat $LOG_DIR/exit_code" || echo 1)
+      status=$(run "${SSH[@]}" --worker=0 --command "cat $EXIT_FILE" || echo 1)
       note "training exited with status $status on worker 0"
     fi
   fi

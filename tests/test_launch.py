@@ -196,16 +196,17 @@ def test_tpu_dry_run_prints_create_copy_install_train_tail_and_delete(failing_to
     assert scp.startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in scp
     assert install.startswith("gcloud compute tpus tpu-vm ssh shortcut-v4 --zone us-central2-b")
     assert "--worker=all" in install
-    assert "pip install -q -e $HOME/shortcut_jax" in install and "jax[tpu]" in install
+    assert 'pip install -q -e "$HOME/shortcut_jax"' in install and "jax[tpu]" in install
+    assert 'rm -rf "$HOME/shortcut_jax" && mkdir -p "$HOME/shortcut_jax"' in install
     assert "https://" not in install  # libtpu comes from PyPI unless LIBTPU_FIND_LINKS is set
     assert "--worker=all" in train and "nohup" in train
     for piece in (
-        "python -m shortcut_jax.main",
+        '"$HOME/shortcut_jax_venv/bin/python" -m shortcut_jax.main',
         "--config experiments/imagenet256.py",
         "--workdir gs://my-bucket/runs/imagenet",
         "--distributed",
         "--config.total_steps=1000",
-        ">> $HOME/shortcut_jax_logs/train.log",
+        '>> "$HOME/shortcut_jax_logs/train.log"',
     ):
         assert piece in train, piece
     assert "--worker=0" in tail and "tail" in tail and "train.log" in tail
@@ -220,7 +221,7 @@ def test_tpu_dry_run_without_delete_after_never_deletes(failing_tools):
     commands = _commands(result.stdout)
     assert len(commands) == 3  # create, install, train
     assert not any("delete" in command for command in commands)
-    assert "git clone -q https://example.com/r.git $HOME/shortcut_jax" in commands[1]
+    assert 'rm -rf "$HOME/shortcut_jax" && git clone -q https://example.com/r.git' in commands[1]
 
 
 def test_tpu_dry_run_queued_spot_reuse_uses_queued_resources(failing_tools):
@@ -306,6 +307,45 @@ def test_tpu_needs_exactly_one_code_source(failing_tools):
     assert both.returncode == 2 and "not both" in both.stderr
     unknown = _dry_run(TPU, [*TPU_ARGS, "--copy", "--bogus"], failing_tools)
     assert unknown.returncode == 2 and "unknown option '--bogus'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("REMOTE_DIR", "/", "is the home directory or / itself"),
+        ("REMOTE_DIR", "./", "is the home directory or / itself"),
+        ("REMOTE_DIR", "~", "may only hold letters"),
+        ("REMOTE_DIR", "$HOME", "may only hold letters"),
+        ("REMOTE_DIR", "code dir", "may only hold letters"),
+        ("REMOTE_DIR", "x;rm -rf ~", "may only hold letters"),
+        ("REMOTE_DIR", "../other", "has a '..' component"),
+        ("REMOTE_LOG_DIR", "logs/..", "has a '..' component"),
+        ("REMOTE_VENV", "`id`", "may only hold letters"),
+    ],
+)
+def test_tpu_refuses_remote_paths_that_rm_rf_could_turn_against_the_worker(
+    failing_tools, variable, value, message
+):
+    result = _dry_run(TPU, [*TPU_ARGS, "--copy"], failing_tools, **{variable: value})
+    assert result.returncode == 2
+    assert f"error: {variable}=" in result.stderr and message in result.stderr
+    assert "rm -rf" not in result.stdout
+
+
+def test_tpu_quotes_remote_paths_and_accepts_absolute_ones(failing_tools):
+    result = _dry_run(
+        TPU,
+        [*TPU_ARGS, "--copy"],
+        failing_tools,
+        REMOTE_DIR="/opt/shortcut/code/",
+        REMOTE_LOG_DIR="./logs",
+    )
+    assert result.returncode == 0, result.stderr
+    _, scp, install, train = _commands(result.stdout)[1:]
+    assert scp.split()[6] == "shortcut-v4:code.tar.gz"
+    assert 'rm -rf "/opt/shortcut/code" && mkdir -p "/opt/shortcut/code"' in install
+    assert 'tar -xzf "$HOME/code.tar.gz" -C "/opt/shortcut/code"' in install
+    assert '>> "$HOME/logs/train.log"' in train and 'cd "/opt/shortcut/code"' in train
 
 
 def test_tpu_training_arguments_survive_the_remote_shell(failing_tools, tmp_path):
@@ -459,6 +499,34 @@ def test_slurm_rejects_bad_values_with_clear_errors(failing_tools):
         result = _dry_run(SLURM, args, failing_tools)
         assert result.returncode == 2, args
         assert message in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--partition", "gpu\n#SBATCH --uid=0"),
+        ("--partition", "gpu;id"),
+        ("--account", "a&b"),
+        ("--time", "1:00|x"),
+        ("--sbatch-arg", "--comment=`id`"),
+        ("--sbatch-arg", "--comment=$HOME"),
+        ("--account", "a<b"),
+        ("--account", "a>b"),
+        ("--partition", "it's"),
+        ("--partition", 'say"x"'),
+        ("--partition", "back\\slash"),
+        ("--workdir", "/shared/run;id"),
+    ],
+)
+def test_slurm_rejects_shell_characters_in_values_written_into_the_header(
+    failing_tools, flag, value
+):
+    args = [*SLURM_ARGS, "--workdir", "/shared/run", f"{flag}={value}"]
+    result = _dry_run(SLURM, args, failing_tools)
+    assert result.returncode == 2, result.stdout
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"slurm_gpu.sh: error: {flag} ") and "#SBATCH line" in first
+    assert "#SBATCH" not in result.stdout
 
 
 def test_slurm_submits_the_rendered_script_and_it_runs_one_srun_per_node_with_all_gpus(tmp_path):
