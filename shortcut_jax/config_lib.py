@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from shortcut_jax import latent_space, objectives, timesteps
+from shortcut_jax import latent_space, objectives, resume_policy, timesteps
 
 DATA_NAMES = ("mnist_embedded", "toy2d", "tfds", "image_folder")
 MODEL_NAMES = ("dit", "mlp")
@@ -197,6 +197,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check("eval_ref_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("eval_ceiling_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    check(
+        "resume_allow_changes",
+        lambda v: isinstance(v, str) and not resume_policy.unknown_names(v, _field_names(config)),
+        "'' or comma-separated config fields (or sections, globs, 'process_count') that a "
+        "resumed run may change",
+    )
 
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
@@ -358,6 +364,10 @@ def _file_exists(path: str) -> bool:
     from etils import epath
 
     return epath.Path(path).is_file()
+
+
+def _field_names(config: ml_collections.ConfigDict) -> list[str]:
+    return list(resume_policy.flatten(config))
 
 
 def _is_int(value: Any) -> bool:

@@ -121,6 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_ref_num = 10_000  # real examples behind reference statistics taken from the data
     config.eval_ceiling_num = 1_000  # clipped-noise images behind each metric's ceiling
     config.eval_batch_size = 256  # samples per sampling call
+
+    # --- Resume ----------------------------------------------------------------------------
+    # A rerun in the same workdir resumes, and refuses a config that would change the run (see
+    # shortcut_jax.resume_policy). Comma-separated fields (a section such as 'optim' or a glob
+    # such as 'data.*' names all under it; 'process_count' the number of processes) that may
+    # change anyway: --config.resume_allow_changes=total_steps,optim.learning_rate
+    config.resume_allow_changes = ""
     return config
 
 

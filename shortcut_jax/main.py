@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from shortcut_jax import config_lib, train
+from shortcut_jax import config_lib, run_guard, train
 from shortcut_jax.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,7 +54,10 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as error:
         raise SystemExit(f"error: {error}") from None
     logging.info("JAX devices: %s", jax.devices())
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except run_guard.RunGuardError as error:  # refused before any work: say why, no traceback
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from shortcut_jax import (
     latent_space,
     models,
     optim,
+    run_guard,
     sampling,
     sharding,
     steps,
@@ -39,16 +40,25 @@ def train_and_evaluate(
 ) -> dict[int, dict[str, float]]:
     """Trains `config` in `workdir`, resuming from the newest checkpoint there.
 
+    Before anything compiles, `run_guard.guard_start` refuses (with a `run_guard.RunGuardError`)
+    a workdir that cannot be written or whose disk is full, a workdir another run is training in,
+    and a resume whose config would change the run; the workdir stays locked until this returns.
+
     Returns:
       {step: metric averages} for every step this call logged (also written to the CLU writers).
     """
-    # ----------------------------------------------------------------- config and workdir
     config_lib.validate(config)
+    with run_guard.guard_start(config, workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[int, dict[str, float]]:
+    """`train_and_evaluate` once the start checks passed."""
+    # ----------------------------------------------------------------- config and workdir
     workdir = str(checkpoint.workdir_path(workdir))
     is_chief = jax.process_index() == 0
-    if is_chief:
-        checkpoint.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-        (checkpoint.workdir_path(workdir) / "config.json").write_text(config_lib.to_json(config))
     # Only process 0 writes metrics, logs and images.
     writer = (
         metric_writers.create_default_writer(workdir)
@@ -69,6 +79,7 @@ def train_and_evaluate(
         manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
     )
     start_step = int(sharding.to_host(state.step))
+    run_guard.record_start(config, workdir, start_step, state)  # starts.json and config.json
     num_params = models.count_params(state.params)
     logging.info(
         "%s at step %d of %d; %s parameters; objective %s; mesh %s.",

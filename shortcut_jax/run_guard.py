@@ -1,0 +1,391 @@
+"""What a training start checks and records in its workdir, before anything is compiled.
+
+`guard_start(config, workdir)` (a context manager around the whole run):
+  1. the workdir can be created and written, and its disk has `MIN_FREE_BYTES` free;
+  2. no other run holds the workdir: process 0 takes `WORKDIR/run.lock` with `fcntl.flock`, which
+     the kernel drops when the holder exits or is killed, so a crashed run never leaves it stuck;
+  3. a resume continues the same run: the config saved in the newest checkpoint (and the process
+     count of the previous start) is compared with the given one (`resume_policy`), and a change
+     that would alter the run stops it with one `ResumeMismatchError` listing every field.
+Process 0 decides 1 and 2 and tells the other processes, so all of them stop together; 3 runs on
+every process (all read the same checkpoint).
+
+`record_start(...)` after the state is restored: appends this start to `WORKDIR/starts.json` (time,
+step, host, process and device counts, jax version, the fields changed since the previous start and
+the full config) and refuses to train when not even one more checkpoint fits on the disk.
+`WORKDIR/config.json` keeps holding the config of the newest start, as every reader expects.
+
+Bucket workdirs (gs://...) are probed for writes but have no lock (an object store has no lock
+the kernel releases when a holder dies) and no free-space check: run one job per bucket workdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from shortcut_jax import atomic_files, checkpoint, config_lib, resume_policy
+
+LOCK_NAME = "run.lock"
+HOLDER_NAME = "run.lock.json"
+HISTORY_NAME = "starts.json"
+# Room for the config, metric events, logs and a few sample grids before the first checkpoint;
+# `record_start` then checks the room for checkpoints from the real size of the state.
+MIN_FREE_BYTES = 256 * 2**20
+
+
+class RunGuardError(RuntimeError):
+    """A training start is refused before any work; the message says why and what to do."""
+
+
+class ResumeMismatchError(RunGuardError):
+    """The given config would change the run saved in the workdir."""
+
+
+class WorkdirBusyError(RunGuardError):
+    """Another run is training in the same workdir."""
+
+
+class WorkdirUnusableError(RunGuardError):
+    """The workdir cannot be written, or its disk is (nearly) full."""
+
+
+# ----------------------------------------------------------------------- writable, free space
+
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def check_workdir_usable(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Creates `workdir`, writes and deletes a probe file there, and checks the free disk space.
+
+    Raises:
+      WorkdirUnusableError: naming the workdir and the OS error or the free space.
+    """
+    path = checkpoint.workdir_path(workdir)
+    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_files.write_bytes(probe, b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise WorkdirUnusableError(
+            f"cannot write to the workdir {path} ({type(error).__name__}: {error}): pass a "
+            "--workdir this user can create and write"
+        ) from None
+    if atomic_files.is_remote(path):
+        return
+    _check_free(str(path), min_free_bytes, "to start")
+
+
+def _check_free(path: str, needed: int, purpose: str) -> None:
+    free = _free_bytes(path)
+    if free < needed:
+        raise WorkdirUnusableError(
+            f"the disk of the workdir {path} has {_mib(free)} free; {_mib(needed)} are needed "
+            f"{purpose}: free some space or pass a --workdir on another disk"
+        )
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+# ----------------------------------------------------------------------- one run per workdir
+
+
+class WorkdirLock:
+    """An exclusive `fcntl.flock` on WORKDIR/run.lock, held until `release()` or process exit.
+
+    The lock belongs to the open file: a killed holder's lock vanishes with it. Who holds it is
+    written beside it (run.lock.json) only to name the holder in the refusal.
+    """
+
+    def __init__(self, workdir: str):
+        self.directory = str(checkpoint.workdir_path(workdir))
+        self.path = os.path.join(self.directory, LOCK_NAME)
+        self.holder_path = os.path.join(self.directory, HOLDER_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock without waiting.
+
+        Raises:
+          WorkdirBusyError: another process (or another open of the lock in this one) holds it.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise WorkdirBusyError(
+                f"another run is training in {self.directory} ({self._holder()}): wait for it "
+                "to finish, stop it, or pass another --workdir"
+            ) from None
+        self._fd = fd
+        atomic_files.write_json(self.holder_path, _this_process())
+        return self
+
+    def release(self) -> None:
+        """Drops the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.holder_path)
+        os.close(self._fd)  # closing the only descriptor releases the flock
+        self._fd = None
+
+    def _holder(self) -> str:
+        try:
+            with open(self.holder_path) as handle:
+                holder = json.load(handle)
+            return f"pid {holder['pid']} on {holder['host']}, started {holder['time']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+
+def _this_process() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "time": _now()}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------- same run on resume
+
+
+def saved_config(workdir: str) -> tuple[int | None, ml_collections.ConfigDict | None]:
+    """(step, config) of the newest checkpoint in `workdir`, or (None, None) without one."""
+    manager = checkpoint.make_manager(workdir)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        return None, None
+    path = os.path.join(str(checkpoint.checkpoint_dir(workdir)), str(step))
+    try:
+        return step, checkpoint.restore_config(workdir, step)
+    except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
+        raise checkpoint.CheckpointError(
+            f"cannot read the config saved in the checkpoint {path} ({type(error).__name__}: "
+            f"{error}). If it is corrupt, move it out of {checkpoint.checkpoint_dir(workdir)} to "
+            "resume from the previous one (nothing was deleted)."
+        ) from error
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: str, process_count: int
+) -> list[resume_policy.Change]:
+    """Compares `config` with the newest checkpoint's; returns the (safe) changes.
+
+    Raises:
+      ResumeMismatchError: listing every change that would alter the run and how to proceed.
+    """
+    step, saved = saved_config(workdir)
+    if saved is None:
+        return []
+    old = resume_policy.flatten(saved)
+    new = resume_policy.flatten(config)
+    history = read_history(workdir)
+    if history and PROCESS_COUNT_KEY in history[-1]:
+        old[resume_policy.PROCESS_COUNT] = history[-1][PROCESS_COUNT_KEY]
+        new[resume_policy.PROCESS_COUNT] = process_count
+    changes = resume_policy.compare(old, new, step, config.get("resume_allow_changes", ""))
+    refused = [change for change in changes if not change.safe]
+    if refused:
+        raise ResumeMismatchError(
+            resume_policy.refusal_message(
+                str(checkpoint.workdir_path(workdir)),
+                step,
+                refused,
+                config.get("resume_allow_changes", ""),
+            )
+        )
+    if changes:
+        logging.info(
+            "Resuming step %d with changed fields: %s",
+            step,
+            "; ".join(change.describe() for change in changes),
+        )
+    return changes
+
+
+# ----------------------------------------------------------------------- history of starts
+
+PROCESS_COUNT_KEY = "process_count"
+
+
+def history_path(workdir: str) -> epath.Path:
+    """WORKDIR/starts.json: a JSON list with one entry per training start, oldest first."""
+    return checkpoint.workdir_path(workdir) / HISTORY_NAME
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+    """The recorded starts of the run in `workdir` ([] before the first).
+
+    Raises:
+      WorkdirUnusableError: when starts.json exists but is not a JSON list.
+    """
+    path = history_path(workdir)
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except ValueError as error:
+        history = error
+    if not isinstance(history, list):
+        raise WorkdirUnusableError(
+            f"{path} is not the JSON list of starts this library writes: move it away to "
+            "start a new history (the checkpoints are unaffected)"
+        )
+    return history
+
+
+def record_start(
+    config: ml_collections.ConfigDict, workdir: str, step: int, state: Any
+) -> dict[str, Any] | None:
+    """Appends this start to starts.json, rewrites config.json, checks room for checkpoints.
+
+    Every process calls it once the state is built or restored (before the train step compiles);
+    process 0 writes.
+
+    Raises:
+      WorkdirUnusableError: when one more checkpoint of `state` does not fit on the disk.
+
+    Returns:
+      The entry written (None on the other processes).
+    """
+    import jax
+
+    entry, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            entry = _write_start(config, workdir, step, state)
+        except RunGuardError as error:
+            refusal = error
+    agree(refusal)
+    return entry
+
+
+def _write_start(
+    config: ml_collections.ConfigDict, workdir: str, step: int, state: Any
+) -> dict[str, Any]:
+    import jax
+
+    path = checkpoint.workdir_path(workdir)
+    history = read_history(workdir)
+    config_dict = json.loads(config_lib.to_json(config))
+    previous = resume_policy.flatten(history[-1]["config"]) if history else {}
+    changed = {
+        change.field: [change.old, change.new]
+        for change in resume_policy.compare(previous, resume_policy.flatten(config_dict), step)
+    }
+    entry = {
+        "time": _now(),
+        "step": int(step),
+        "host": socket.gethostname(),
+        PROCESS_COUNT_KEY: jax.process_count(),
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "changed": changed if history else {},
+        "config": config_dict,
+    }
+    if not atomic_files.is_remote(path):
+        _check_checkpoint_room(str(path), state, config)
+    atomic_files.write_json(history_path(workdir), [*history, entry])
+    atomic_files.write_text(path / "config.json", config_lib.to_json(config))
+    return entry
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of every array in `state` (an upper bound of one uncompressed checkpoint)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _check_checkpoint_room(workdir: str, state: Any, config: ml_collections.ConfigDict) -> None:
+    size = state_bytes(state) + MIN_FREE_BYTES // 4
+    _check_free(workdir, size, f"to save one checkpoint of this state ({_mib(size)})")
+    existing = len(list(checkpoint.checkpoint_dir(workdir).glob("[0-9]*")))
+    # Orbax deletes the oldest checkpoint after the newest is written: max_to_keep + 1 at the peak.
+    peak = max(1, int(config.max_checkpoints_to_keep) + 1 - existing) * size
+    if _free_bytes(workdir) < peak:
+        logging.warning(
+            "The disk of %s has %s free; keeping %d checkpoints needs about %s more.",
+            workdir,
+            _mib(_free_bytes(workdir)),
+            config.max_checkpoints_to_keep,
+            _mib(peak),
+        )
+
+
+# ----------------------------------------------------------------------- the start sequence
+
+
+@contextlib.contextmanager
+def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[None]:
+    """Checks 1-3 of the module docstring, holds the workdir lock for the body, then releases it.
+
+    Raises:
+      WorkdirUnusableError, WorkdirBusyError, ResumeMismatchError (on every process).
+    """
+    import jax
+
+    lock = None
+    refusal: RunGuardError | None = None
+    if jax.process_index() == 0:
+        try:
+            check_workdir_usable(workdir)
+            if not atomic_files.is_remote(workdir):
+                lock = WorkdirLock(workdir).acquire()
+        except RunGuardError as error:
+            refusal = error
+    try:
+        agree(refusal)
+        check_resume(config, workdir, jax.process_count())
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def agree(refusal: RunGuardError | None) -> None:
+    """Raises `refusal` on process 0 and a pointer to it on the others, if process 0 refused.
+
+    Every process must call it (a collective when there is more than one process).
+    """
+    import jax
+
+    refused = refusal is not None
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise RunGuardError("process 0 refused to start this run: its log says why")
