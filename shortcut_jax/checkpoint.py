@@ -11,15 +11,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from shortcut_jax import config_lib
+from shortcut_jax import config_lib, sharding
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The train state holds NaN or inf: it was not saved; the newest checkpoint is untouched."""
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -32,18 +37,64 @@ def checkpoint_dir(workdir: str) -> epath.Path:
     return workdir_path(workdir) / "checkpoints"
 
 
-def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """An async CheckpointManager over workdir/checkpoints holding 'state' and 'config'."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def make_manager(
+    workdir: str, max_to_keep: int = 3, *, for_training: bool = False
+) -> ocp.CheckpointManager:
+    """An async CheckpointManager over workdir/checkpoints holding 'state' and 'config'.
+
+    Args:
+      for_training: the manager of the run that saves. It removes the temporary directories
+        (`STEP.orbax-checkpoint-tmp`) a killed save left behind. Readers (sampling, evaluation)
+        must not: while the run is saving, that would delete the save in flight.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=for_training
+    )
     return ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options, item_names=("state", "config")
     )
 
 
+def is_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of `tree` is free of NaN and inf (reduced on device)."""
+    return bool(sharding.to_host(_all_finite(tree)))
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
 def save(
     manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict, step: int
 ) -> None:
-    """Starts an async save of `state` and `config` at `step`."""
+    """Starts an async save of `state` and `config` at `step`, if the state is finite.
+
+    Raises:
+      NonFiniteStateError: a parameter, EMA or optimizer value is NaN or inf. Nothing is saved;
+        saves in flight are finished first, so the newest checkpoint it names is complete (and
+        finite: every save passes this check and a resumed state is checked on restore).
+    """
+    if not is_finite(state):
+        manager.wait_until_finished()
+        newest = manager.latest_step()
+        where = (
+            f"the newest checkpoint, step {newest} in {manager.directory}, is finite and a rerun "
+            "resumes from it"
+            if newest is not None
+            else f"no checkpoint was saved yet in {manager.directory}; a rerun starts afresh"
+        )
+        raise NonFiniteStateError(
+            f"The train state at step {step} holds NaN or inf (parameters, EMA or optimizer "
+            f"state). Nothing was saved at this step; {where}. "
+            "Lower config.optim.learning_rate, set config.optim.grad_clip_norm > 0 or check the "
+            "data for extreme values."
+        )
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -122,9 +173,17 @@ def restore_or_init(
     Returns:
       (state, resumed).
     """
-    if manager.latest_step() is None:
+    step = manager.latest_step()
+    if step is None:
         return init_fn(), False
-    return restore_state(manager, abstract_state), True
+    state = restore_state(manager, abstract_state, step)
+    if not is_finite(state):  # saved before saves were checked: do not train on from it
+        path = os.path.join(str(manager.directory), str(step))
+        raise CheckpointError(
+            f"the checkpoint {path} holds NaN or inf values. Move it out of {manager.directory} "
+            f"to resume from the previous one (saved steps: {sorted(manager.all_steps())})."
+        )
+    return state, True
 
 
 def abstract_like(tree: Any) -> Any:
@@ -142,7 +201,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
     (parameters replicated), whatever mesh it was saved from. Used by the sampling and evaluation
     CLIs and notebooks.
     """
-    from shortcut_jax import models, optim, sharding
+    from shortcut_jax import models, optim
     from shortcut_jax.state import sharded_abstract_state
 
     manager = make_manager(workdir)

@@ -22,6 +22,7 @@ from shortcut_jax import (
     latent_space,
     models,
     optim,
+    preemption,
     run_guard,
     sampling,
     sharding,
@@ -74,7 +75,7 @@ def _train_and_evaluate(
     mesh = sharding.make_mesh(config)
     abstract_state, state_sharding = sharded_abstract_state(config, model, optimizer, mesh)
     init_fn = functools.partial(init_state, config, model, optimizer)
-    manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep)
+    manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep, for_training=True)
     state, resumed = checkpoint.restore_or_init(
         manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
     )
@@ -126,6 +127,8 @@ def _train_and_evaluate(
     history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
     timer = _Throughput(config.batch_size)
+    watcher = preemption.PreemptionWatcher(manager.reached_preemption)
+    watcher.install()
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             batch = sharding.global_batch(mesh, next(batches))
@@ -147,12 +150,21 @@ def _train_and_evaluate(
                 summary.update(timer.measure(step))
                 writer.write_scalars(step, summary)
                 history[step] = summary
-            if step % config.checkpoint_every_steps == 0 or is_last:
+            preempted = watcher.reached(step)  # every step, on every process
+            if step % config.checkpoint_every_steps == 0 or is_last or preempted:
                 total, count = (sharding.to_host(value) for value in metrics["loss"])
                 loss = float(total) / max(float(count), 1.0)
                 _raise_if_not_finite(loss, step, manager, workdir)
-                checkpoint.save(manager, state, config, step)
+                checkpoint.save(manager, state, config, step)  # refuses a non-finite state
                 last_saved = step
+            if preempted:
+                manager.wait_until_finished()
+                logging.warning(
+                    "Preempted: saved step %d in %s; rerun the same command to resume.",
+                    step,
+                    checkpoint.checkpoint_dir(workdir),
+                )
+                return history
             sample_every = config.sample_every_steps
             if (sample_every and step % sample_every == 0) or is_last:
                 grid_writer.write(state, step)
@@ -162,6 +174,7 @@ def _train_and_evaluate(
                 history.setdefault(step, {}).update(evaluator.run(state, step))
                 timer.start(step)
     finally:
+        watcher.uninstall()
         manager.wait_until_finished()  # never leave a save half-written
         manager.close()
         writer.flush()

@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from shortcut_jax import configs
@@ -57,6 +59,73 @@ def run_processes(
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-4000:]
     return outputs
+
+
+class HookedRun:
+    """`tests/hooked_main.py ARGS` (training with test hooks) in the background.
+
+    Its stdout lines `step N` are collected by a thread, so the tests can time their signals;
+    its stderr goes to `log` (a file, so a chatty run never blocks on a full pipe).
+    """
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
+        self.log = Path(log)
+        self.steps: list[int] = []
+        environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+        with open(self.log, "ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "hooked_main.py"), *args],
+                cwd=REPO,
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith("step "):
+                self.steps.append(int(line.split()[1]))
+
+    def wait_for(self, condition, timeout: float = 120.0, what: str = "a condition") -> None:
+        """Polls `condition()` every 10 ms until it holds; fails if the run ends or times out."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the run ended (exit {self.process.returncode}) before {what}:\n"
+                    + self.stderr_tail()
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s:\n" + self.stderr_tail())
+            time.sleep(0.01)
+
+    def wait_for_steps(self, count: int, timeout: float = 120.0) -> int:
+        """Waits until this run has finished `count` steps; returns the newest step number."""
+        self.wait_for(lambda: len(self.steps) >= count, timeout, f"{count} steps")
+        return self.steps[-1]
+
+    def __enter__(self) -> HookedRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:  # a failed test never leaves a run behind
+            self.process.kill()
+            self.process.wait()
+
+    def send(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        """Waits for the exit; returns the exit code (negative: killed by that signal)."""
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def stderr_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
 
 
 def tiny_mnist_config(total_steps: int = 6):

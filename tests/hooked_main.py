@@ -1,0 +1,66 @@
+"""`python -m shortcut_jax.main` with test hooks, for the preemption and kill tests.
+
+    SHORTCUT_JAX_TEST_STEP_SECONDS=0.05 SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS=2 \
+        python tests/hooked_main.py --config tests/tiny.py --workdir DIR [main's flags]
+
+Hooks (environment variables, all optional), none of which touches the library's code:
+  SHORTCUT_JAX_TEST_STEP_SECONDS: sleep this long before each batch, so a signal can land at a
+    chosen step of a tiny model whose steps take milliseconds.
+  SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS: hold every async checkpoint this long after its arrays
+    are written and before Orbax renames its temporary directory into place, so a SIGKILL can
+    land inside a save.
+Each finished step prints `step N` to stdout, which the tests read to time their signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from orbax.checkpoint._src.path import atomicity  # noqa: E402
+
+from shortcut_jax import data, main  # noqa: E402
+
+
+class _SlowSource:
+    """Wraps a data source: sleeps before each batch and reports the step it feeds."""
+
+    def __init__(self, source, seconds: float):
+        self.source, self.seconds = source, seconds
+        self.element_shape, self.num_classes = source.element_shape, source.num_classes
+
+    def iterate(self, start_step: int = 0):
+        for step, batch in enumerate(self.source.iterate(start_step), start=start_step + 1):
+            if step > start_step + 1:
+                print(f"step {step - 1}", flush=True)  # the previous step has finished
+            time.sleep(self.seconds)
+            yield batch
+
+
+def _install_hooks() -> None:
+    step_seconds = float(os.environ.get("SHORTCUT_JAX_TEST_STEP_SECONDS", "0"))
+    if step_seconds > 0:
+        real_get_source = data.get_source
+        data.get_source = lambda *args: _SlowSource(real_get_source(*args), step_seconds)
+
+    save_delay = float(os.environ.get("SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS", "0"))
+    if save_delay > 0:
+        real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def slow_finalize(self, *args, **kwargs):
+            await asyncio.sleep(save_delay)
+            return await real_finalize(self, *args, **kwargs)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+
+
+if __name__ == "__main__":
+    _install_hooks()
+    app.run(main.main)
