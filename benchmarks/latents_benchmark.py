@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from shortcut_jax import configs  # noqa: E402
+from shortcut_jax import atomic_files, configs  # noqa: E402
 from shortcut_jax.data import latents, preprocess  # noqa: E402
 from shortcut_jax.models import vae as vae_lib  # noqa: E402
 from shortcut_jax.tools import encode_latents  # noqa: E402
@@ -190,7 +190,7 @@ def make_latent_dir(
         writer.commit()
         shards.append({"file": name, "start": start, "count": stop - start})
     metadata.update(count=count, shard_size=shard_size, shards=shards)
-    latents.write_json_atomic(str(out / latents.METADATA_FILE), metadata)
+    atomic_files.write_json(out / latents.METADATA_FILE, metadata, indent=1)
     size = sum((out / shard["file"]).stat().st_size for shard in shards)
     return {"count": count, "latent_shape": list(shape), "bytes_per_example": size / count}
 

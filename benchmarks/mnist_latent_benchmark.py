@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shortcut_jax import atomic_files
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mnist_latent"
 PIXEL_EVAL = ROOT / "benchmarks" / "results" / "eval_mnist_shortcut" / "results.json"
@@ -81,21 +83,13 @@ LATENT_NOISE = (0.2, 0.4)  # std of the noise added to unit-std latents before d
 # ------------------------------------------------------------------------------------ helpers
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Writes JSON to a temporary sibling, then renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
-
-
 def load_results() -> dict[str, Any]:
     path = RESULTS / "results.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def save_results(results: dict[str, Any]) -> None:
-    write_json_atomic(RESULTS / "results.json", results)
+    atomic_files.write_json(RESULTS / "results.json", results)
 
 
 def matmul_gflops() -> float:
@@ -128,7 +122,7 @@ def run(command: list[str], log: Path) -> float:
     if completed.returncode:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{tail}")
-    write_json_atomic(log.with_suffix(".wall.json"), {"command": command, "seconds": seconds})
+    atomic_files.write_json(log.with_suffix(".wall.json"), {"command": command, "seconds": seconds})
     return seconds
 
 
@@ -614,9 +608,7 @@ def _score(row: dict[str, Any]) -> str:
 def stage_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     text = report(results)
     path = RESULTS / "results.md"
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_files.write_text(path, text)
     print(text)
 
 

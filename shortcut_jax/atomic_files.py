@@ -80,3 +80,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
     """Writes `value` as JSON to `path` atomically."""
     write_text(path, json.dumps(value, indent=indent, sort_keys=True) + "\n")
+
+
+def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """Writes `arrays` as an uncompressed .npz at exactly `path` (no suffix added), atomically.
+
+    Args:
+      path: destination, local or a bucket path.
+      **arrays: name -> array, as for `np.savez` (object arrays are refused by readers that load
+        with allow_pickle=False, so pass numeric or string arrays).
+    """
+    import numpy as np
+
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)

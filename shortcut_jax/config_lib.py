@@ -189,6 +189,15 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         f"'auto' or a comma-separated list of {EVAL_METRICS}",
     )
     check("eval_inception_path", lambda v: isinstance(v, str), "a path string ('' = default)")
+    every = config.get("eval_every_steps")
+    if _is_int(every) and every > 0 and "fid" in _metric_list(config.get("eval_metrics")):
+        check(
+            "eval_inception_path",
+            _inception_weights_exist,
+            "config.eval_metrics names 'fid', which needs the converted Inception weights at this "
+            f"path ('' = {_default_inception_path()}): make them with python -m "
+            "shortcut_jax.tools.convert_inception, or drop 'fid' from config.eval_metrics",
+        )
     check(
         "eval_ref_stats",
         lambda v: isinstance(v, str) and (not v or _file_exists(v)),
@@ -358,6 +367,20 @@ EVAL_METRICS = ("fd_mnist", "fid")
 def _metric_names_ok(value: str) -> bool:
     names = [name.strip() for name in value.split(",")]
     return bool(names) and all(name in EVAL_METRICS for name in names)
+
+
+def _metric_list(value: Any) -> list[str]:
+    return [name.strip() for name in value.split(",")] if isinstance(value, str) else []
+
+
+def _default_inception_path() -> str:
+    from shortcut_jax.evaluators import inception
+
+    return inception.default_weights_path()
+
+
+def _inception_weights_exist(path: str) -> bool:
+    return _file_exists(path or _default_inception_path())
 
 
 def _file_exists(path: str) -> bool:

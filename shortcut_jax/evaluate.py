@@ -6,7 +6,9 @@
 Samples from the newest (or --checkpoint_step) checkpoint with the same noise at every budget,
 scores the samples (FD-MNIST for the embedded MNIST, FID when the Inception weights are there,
 with k-NN precision/recall), and writes results.json, results.md and scores_vs_nfe.png to
---out (default WORKDIR/eval/step_N). Sampling and feature extraction use all local devices.
+--out (default WORKDIR/eval/step_N; a bucket path works too), each file atomically. Sampling and
+feature extraction use all local devices. Bad flags, a workdir that is not a run, missing weights
+or statistics and NaN samples give one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from absl import app, flags, logging
 from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, sharding
-from shortcut_jax.evaluators import report, sweep
+from shortcut_jax import checkpoint, cli_inputs, sharding
+from shortcut_jax.evaluators import features, inception, report, sweep
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_list("steps", None, "Step budgets; default 1, 2, 4, ..., denoise_timesteps.")
@@ -56,43 +58,58 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    """Loads the run, samples at every budget, scores and writes the report."""
+    """Checks the flags and the run, samples at every budget, scores and writes the report."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config, state = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+    with cli_inputs.errors_as_one_line(
+        checkpoint.CheckpointError,
+        sweep.EvaluationError,
+        inception.InceptionWeightsError,
+        features.NonFiniteImagesError,
+    ):
+        _evaluate()
+
+
+def _budgets(denoise_timesteps: int) -> list[int]:
+    """The --steps budgets (default 1, 2, 4, ..., denoise_timesteps), each checked."""
+    if not _STEPS.value:
+        return [2**k for k in range(denoise_timesteps.bit_length())]
+    try:
+        budgets = [int(value) for value in _STEPS.value]
+    except ValueError:
+        raise cli_inputs.InputError(f"--steps={_STEPS.value}: integers expected") from None
+    bad = [s for s in budgets if not 1 <= s <= denoise_timesteps]
+    if bad:
+        raise cli_inputs.InputError(f"--steps: {bad} outside 1..{denoise_timesteps}")
+    return budgets
+
+
+def _evaluate() -> None:
+    if _NUM.value < 2:
+        raise cli_inputs.InputError(f"--num={_NUM.value}: at least 2 samples per budget")
+    cli_inputs.check_positive("--batch_size", _BATCH.value)
+    if _PR_NUM.value < 0:
+        raise cli_inputs.InputError(f"--pr_num={_PR_NUM.value}: must be >= 0 (0 = skip)")
+    # --cfg applies at every budget; without it the run's policy (config.sample_guidance) decides.
+    cfg_scale = cli_inputs.check_guidance_scale("--cfg", _CFG.value)
+    if _REF_NUM.value is not None and _REF_NUM.value < 4:
+        raise cli_inputs.InputError(f"--ref_num={_REF_NUM.value}: at least 4 real examples")
+    step = cli_inputs.checkpoint_step(_WORKDIR.value, _STEP.value)
+    config, state = checkpoint.load_run(_WORKDIR.value, step)
     step = int(sharding.to_host(state.step))
     if _INCEPTION.value:
         config.eval_inception_path = _INCEPTION.value
     if _REF_NUM.value is not None:
-        if _REF_NUM.value < 4:
-            raise app.UsageError(f"--ref_num={_REF_NUM.value}: at least 4 real examples")
         config.eval_ref_num = _REF_NUM.value
-    if _STEPS.value:
-        try:
-            budgets = [int(value) for value in _STEPS.value]
-        except ValueError as error:
-            raise app.UsageError(f"--steps={_STEPS.value}: integers expected") from error
-    else:
-        budgets = [2**k for k in range(config.denoise_timesteps.bit_length())]
-    bad = [s for s in budgets if not 1 <= s <= config.denoise_timesteps]
-    if bad:
-        raise app.UsageError(f"--steps: {bad} outside 1..{config.denoise_timesteps}")
-    if _NUM.value < 2:
-        raise app.UsageError(f"--num={_NUM.value}: at least 2 samples per budget")
-    # --cfg applies at every budget; without it the run's policy (config.sample_guidance) decides.
-    cfg_scale = None if _CFG.value is None else float(_CFG.value)
+    budgets = _budgets(config.denoise_timesteps)
     out = epath.Path(
         _OUT.value or checkpoint.workdir_path(_WORKDIR.value) / "eval" / f"step_{step}"
     )
     cache_dir = _CACHE.value or str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
-
-    try:
-        names = sweep.metric_names(config, _METRICS.value)
-        metrics = sweep.build_metrics(
-            config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value
-        )
-    except sweep.EvaluationError as error:
-        raise app.UsageError(str(error)) from error
+    names = sweep.metric_names(config, _METRICS.value)
+    metrics = sweep.build_metrics(
+        config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value
+    )
     mesh = sharding.make_mesh(config, jax.local_devices())
     params = state.params if _RAW.value else state.ema_params
     total = _NUM.value * len(budgets) * (1 + len(metrics))

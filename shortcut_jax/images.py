@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from shortcut_jax import atomic_files
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -98,14 +99,9 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     raise ValueError(f"images need 1, 3 or 4 channels to be saved, got {array.shape[-1]}")
 
 
-def _make_parent(path: str | os.PathLike) -> None:
-    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-
 def _write_png(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Creates the parent directory and writes through epath (local paths and gs:// alike)."""
-    _make_parent(path)
-    with epath.Path(path).open("wb") as file:
+    """Writes atomically (local paths and gs:// alike), creating the parent directory."""
+    with atomic_files.atomic_path(path) as temporary, open(temporary, "wb") as file:
         write(file)
 
 

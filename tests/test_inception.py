@@ -448,6 +448,35 @@ def test_converter_without_torch_says_how_to_install_it(monkeypatch, tmp_path, c
     assert "pip install torch==2.13.0" in capsys.readouterr().err
 
 
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls os.mkdir(marker): what a crafted weights file could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_converter_loads_weights_only_and_never_runs_code_from_a_pickle(torch, tmp_path):
+    marker = tmp_path / "code_ran"
+    source = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCodeWhenUnpickled(str(marker))}, source)
+    with pytest.raises(inception.InceptionWeightsError, match="neither a TorchScript module"):
+        convert_inception.read_state_dict(source)
+    assert not marker.exists()
+
+
+def test_converter_refuses_torch_older_than_2_6(torch, monkeypatch, tmp_path, capsys):
+    source = tmp_path / "default_1.pt"
+    source.write_bytes(b"x")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    status = convert_inception.main(["--from", str(source), "--out", str(tmp_path / "o.npz")])
+    assert status == 1
+    assert "torch 2.5.1+cpu is too old" in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def test_converter_rejects_a_file_that_is_not_a_pytorch_file(torch, tmp_path):
     source = tmp_path / "default_1.pt"
     source.write_bytes(b"definitely not a torch file")

@@ -148,22 +148,6 @@ def shard_name(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}.arrayrecord"
 
 
-def write_json_atomic(path: str, value: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-    unique = f"{os.getpid()}-{threading.get_ident()}"
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{unique}")
-    try:
-        with open(temporary, "w") as file:
-            json.dump(value, file, indent=1, sort_keys=True)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 class ShardWriter:
     """Writes one shard to a temporary name; `commit` renames it to its final name.
 

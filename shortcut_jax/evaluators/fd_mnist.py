@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -48,6 +47,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from shortcut_jax import atomic_files
 from shortcut_jax.data.mnist import NUM_CLASSES, load_mnist
 from shortcut_jax.evaluators import features, fid
 
@@ -354,22 +354,11 @@ def cache_path(
 
 def _save(path: str, params: Params, info: dict[str, Any]) -> None:
     """Writes params (flattened, keys 'param/<module>/<name>') and JSON metadata atomically."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     arrays = {_PARAM_PREFIX + key: np.asarray(value) for key, value in flat.items()}
     metadata = {"format_version": FORMAT_VERSION, **info}
     arrays[_META_KEY] = np.array(json.dumps(metadata, sort_keys=True))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_files.write_npz(path, **arrays)
 
 
 def _load(path: str, expected_hash: str) -> tuple[Params, dict[str, Any]]:

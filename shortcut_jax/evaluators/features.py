@@ -50,11 +50,34 @@ class FeatureNet:
     batch_size: int = 64
 
 
+class NonFiniteImagesError(FloatingPointError):
+    """Images reaching a feature network hold NaN or inf (a diverged sampler or decoder)."""
+
+
+def check_finite_images(images: np.ndarray, what: str = "the images") -> None:
+    """Raises `NonFiniteImagesError` with the counts if `images` (N, ...) hold NaN or inf.
+
+    Quantization would otherwise turn NaN into mid-grey and inf into black or white, and the
+    score would silently describe images nobody generated.
+    """
+    finite = np.isfinite(images)
+    if finite.all():
+        return
+    bad_values = int(finite.size - np.count_nonzero(finite))
+    bad_images = int(np.count_nonzero(~finite.reshape(len(images), -1).all(axis=1)))
+    raise NonFiniteImagesError(
+        f"{what}: {bad_values:,} of {finite.size:,} values are NaN or inf (in {bad_images} of "
+        f"{len(images)} images); the sampler or the VAE decoder diverged: check the training "
+        "losses, or evaluate an earlier --checkpoint_step"
+    )
+
+
 def quantize(images: np.ndarray | jax.Array) -> jax.Array:
     """Rounds images in [-1, 1] to the 256 levels of an 8-bit PNG, staying in [-1, 1].
 
     Args:
-      images: float array of any shape; values outside [-1, 1] are clipped, NaN becomes 0.
+      images: float array of any shape; values outside [-1, 1] are clipped, NaN becomes 0
+        (`compute_features` refuses non-finite images before they get here).
 
     Returns:
       float32 array of the same shape with values k / 127.5 - 1, k in 0..255.
@@ -101,12 +124,16 @@ def compute_features(
 
     Returns:
       (N, D) float32 features on the host.
+
+    Raises:
+      NonFiniteImagesError: if an image holds NaN or inf (counted before quantization).
     """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(
             f"images must have shape (N, H, W, C) with C in (1, 3), got {images.shape}"
         )
+    check_finite_images(images, f"the images given to {net.name}")
     num = images.shape[0]
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     chunk = batch_size if batch_size is not None else net.batch_size * shards

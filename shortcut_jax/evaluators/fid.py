@@ -350,14 +350,17 @@ def frechet_distance(
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes ``mu`` and ``sigma`` (float64) to an uncompressed ``.npz`` at exactly ``path``.
 
+    The file appears whole or not at all (`atomic_files`); parent directories are created.
+
     Args:
-      path: destination file (no ``.npz`` suffix is appended); its directory must exist.
+      path: destination file, local or a bucket path (no ``.npz`` suffix is appended).
       mu: (D,) mean.
       sigma: (D, D) covariance.
     """
+    from shortcut_jax import atomic_files
+
     mu, sigma = _check_statistics(mu, sigma, "statistics to save")
-    with open(path, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+    atomic_files.write_npz(path, mu=mu, sigma=sigma)
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ and flow matching trained on the same budget) can share a table and a plot.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from shortcut_jax import atomic_files
 
 _LABELS = {"fd_mnist": "FD-MNIST", "fid": "FID (Inception)"}
 
@@ -133,14 +134,12 @@ def plot(reports: Mapping[str, Mapping[str, Any]], path: str | epath.PathLike) -
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
+    with atomic_files.atomic_path(path) as temporary, open(temporary, "wb") as f:
         figure.savefig(f, format="png")
 
 
 def write(report: Mapping[str, Any], directory: str | epath.PathLike) -> dict[str, str]:
-    """Writes results.json, results.md and scores_vs_nfe.png into `directory`.
+    """Writes results.json, results.md and scores_vs_nfe.png into `directory`, each atomically.
 
     Returns:
       {'json': path, 'markdown': path, 'plot': path}.
@@ -152,9 +151,11 @@ def write(report: Mapping[str, Any], directory: str | epath.PathLike) -> dict[st
         "markdown": directory / "results.md",
         "plot": directory / "scores_vs_nfe.png",
     }
-    paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_files.write_json(paths["json"], report)
     settings = report["settings"]
     title = ", ".join(f"{key}={value}" for key, value in settings.items())
-    paths["markdown"].write_text(f"Settings: {title}\n\n" + markdown_table({"": report}))
+    atomic_files.write_text(
+        paths["markdown"], f"Settings: {title}\n\n" + markdown_table({"": report})
+    )
     plot({"": report}, paths["plot"])
     return {key: str(value) for key, value in paths.items()}

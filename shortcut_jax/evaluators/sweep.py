@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from shortcut_jax import config_lib, latent_space, sampling
+from shortcut_jax import atomic_files, config_lib, latent_space, sampling
 from shortcut_jax.evaluators import features, fid
 
 # Reference features beyond this many examples only refine the mean/covariance; precision and
@@ -154,25 +155,45 @@ def _cache_file(cache_dir: str | None, prefix: str, *key: Any) -> epath.Path | N
     return epath.Path(cache_dir) / f"{prefix}_{digest}.npz"
 
 
+def _read_cache(cache: epath.Path, dim: int, max_num: int) -> tuple[np.ndarray, str]:
+    """(features, description) stored in `cache`; ValueError saying what is wrong with it."""
+    try:
+        with cache.open("rb") as f, np.load(f, allow_pickle=False) as stored:
+            missing = [key for key in ("features", "description") if key not in stored.files]
+            if missing:
+                raise ValueError(f"it lacks {missing}")
+            feats = np.asarray(stored["features"])
+            description = str(stored["description"])
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"unreadable: {type(error).__name__}: {error}") from error
+    if feats.ndim != 2 or feats.shape[1] != dim or not 2 <= len(feats) <= max_num:
+        raise ValueError(f"features of shape {feats.shape}, expected (N <= {max_num}, {dim})")
+    if not np.all(np.isfinite(feats)):
+        raise ValueError("its features hold NaN or inf")
+    return feats, description
+
+
 def _cached_features(
-    cache: epath.Path | None, compute: Callable[[], tuple[np.ndarray, str]]
+    cache: epath.Path | None,
+    compute: Callable[[], tuple[np.ndarray, str]],
+    dim: int,
+    max_num: int,
 ) -> tuple[np.ndarray, str]:
-    """(features, description) from `cache` if it is there, else computed and stored."""
+    """(features, description) from `cache` if it holds a valid entry, else computed and stored.
+
+    A cache file that is empty, truncated or of the wrong shape is recomputed with a warning
+    naming it: its content is a pure function of the key in its name, so recomputing restores
+    exactly what belongs there, and failing would only ask the user to delete it by hand. Writes
+    are atomic with a unique temporary name, so runs sharing a cache directory never collide.
+    """
     if cache is not None and cache.is_file():
         try:
-            with cache.open("rb") as f, np.load(f) as stored:
-                return np.asarray(stored["features"]), str(stored["description"])
-        except (OSError, ValueError, KeyError) as error:
-            raise EvaluationError(
-                f"cannot read the cached features {cache} ({error}); delete it to recompute"
-            ) from error
+            return _read_cache(cache, dim, max_num)
+        except ValueError as problem:
+            logging.warning("Recomputing the feature cache %s (%s)", cache, problem)
     feats, description = compute()
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.parent / (cache.name + ".tmp")
-        with tmp.open("wb") as f:
-            np.savez(f, features=feats, description=np.asarray(description))
-        tmp.rename(cache)
+        atomic_files.write_npz(cache, features=feats, description=np.asarray(description))
     return feats, description
 
 
@@ -207,7 +228,7 @@ def reference_features(
 
     data_fields = {key: config.data.get(key) for key in sorted(config.data.keys())}
     cache = _cache_file(cache_dir, f"reference_{net.name}", net.name, num, data_fields)
-    return _cached_features(cache, compute)
+    return _cached_features(cache, compute, net.dim, num)
 
 
 def noise_features(
@@ -224,7 +245,7 @@ def noise_features(
         return features.compute_features(net, images), f"{num} noise images {tuple(shape)}"
 
     cache = _cache_file(cache_dir, f"noise_{net.name}", net.name, num, list(shape), _NOISE_SEED)
-    return _cached_features(cache, compute)[0]
+    return _cached_features(cache, compute, net.dim, num)[0]
 
 
 def floor_from_features(real_features: np.ndarray) -> float:
@@ -283,7 +304,10 @@ def build_metrics(
             metrics.append(Metric(name, net, *empty, reference="(on process 0)"))
             continue
         if name == "fid" and ref_stats:
-            mu, sigma = fid.load_statistics(ref_stats)
+            try:
+                mu, sigma = fid.load_statistics(ref_stats)
+            except (FileNotFoundError, ValueError) as error:
+                raise EvaluationError(f"FID reference statistics: {error}") from error
             if mu.shape != (net.dim,):
                 raise EvaluationError(
                     f"{ref_stats}: mu has shape {mu.shape} but the {net.name} features have "

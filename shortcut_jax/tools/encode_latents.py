@@ -47,6 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from shortcut_jax import atomic_files
 from shortcut_jax.data import latents, preprocess
 from shortcut_jax.distributed import initialize_distributed
 
@@ -141,7 +142,7 @@ def check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
                 + "\n  ".join(differences)
             )
         return
-    latents.write_json_atomic(path, plan)
+    atomic_files.write_json(path, plan, indent=1)
 
 
 # ------------------------------------------------------------------------------------ encoder
@@ -420,7 +421,9 @@ def _encode_shards(
                 if writer.count != stop - start:
                     raise RuntimeError(f"Shard {shard}: wrote {writer.count} of {stop - start}.")
                 shard_info = {"count": writer.count, "start": start, "stats": stats.to_json()}
-                latents.write_json_atomic(path.removesuffix(".arrayrecord") + ".json", shard_info)
+                atomic_files.write_json(
+                    path.removesuffix(".arrayrecord") + ".json", shard_info, indent=1
+                )
                 writer.commit()
             finally:
                 writer.close()
@@ -501,7 +504,7 @@ def _write_metadata(
         "vae_source": vae.source,
         "moment_stats": _combine_stats(stats) if len(stats) == num_shards else None,
     }
-    latents.write_json_atomic(os.path.join(out_dir, latents.METADATA_FILE), metadata)
+    atomic_files.write_json(os.path.join(out_dir, latents.METADATA_FILE), metadata, indent=1)
     return metadata
 
 

@@ -45,7 +45,6 @@ the step, and XLA on CPU is deterministic.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -57,6 +56,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
+from shortcut_jax import atomic_files
 from shortcut_jax.data.mnist import load_mnist
 from shortcut_jax.evaluators import fd_mnist
 from shortcut_jax.models import vae as vae_lib
@@ -514,7 +514,7 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
     vae, metrics = train_autoencoder(values["steps"], values["seed"], recipe)
     vae_lib.save_vae(values["out"], vae)
     if values["metrics_out"]:
-        write_json_atomic(values["metrics_out"], metrics)
+        atomic_files.write_json(values["metrics_out"], metrics, indent=1)
     arch, out = vae.arch, values["out"]
     print(
         f"Wrote {out}: {metrics['num_params']:,} parameters, latents "
@@ -528,21 +528,6 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
         f"--config.vae.latent_channels={arch.latent_channels} "
         f"--config.vae.downsample_factor={arch.downsample_factor}"
     )
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-    """Writes JSON to a temporary sibling of `path`, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w") as file:
-            json.dump(value, file, indent=1, sort_keys=True)
-            file.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 if __name__ == "__main__":

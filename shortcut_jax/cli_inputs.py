@@ -1,0 +1,94 @@
+"""Checks of the command-line inputs the sample, evaluate and fid_stats CLIs share.
+
+Each check raises `InputError` naming the flag (or file), the value and what to do; the CLIs run
+their body inside `errors_as_one_line`, which prints ``error: <message>`` on stderr and exits
+with status 2 (as argparse and absl do for usage errors), without a traceback. Nothing here
+creates files or directories: a workdir that is not a run is reported, not turned into one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+
+USAGE_EXIT_CODE = 2
+
+
+class InputError(ValueError):
+    """A command-line value or input file the CLI cannot run with."""
+
+
+@contextlib.contextmanager
+def errors_as_one_line(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turns `InputError` (and `kinds`) raised inside into ``error: ...`` and exit status 2."""
+    try:
+        yield
+    except (InputError, *kinds) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+def check_positive(flag: str, value: int) -> int:
+    """`value` if it is an integer >= 1, else InputError naming `flag`."""
+    if value is None or value < 1:
+        raise InputError(f"{flag}={value}: must be a positive integer")
+    return value
+
+
+def check_guidance_scale(flag: str, value: float | None) -> float | None:
+    """`value` (None = the run's default) if it is finite and >= 0, else InputError."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise InputError(
+            f"{flag}={value}: the guidance scale must be a finite number >= 0 "
+            "(1 = no guidance); leave it out to use the run's sample_cfg_scale"
+        )
+    return value
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The finalized checkpoint steps of the run in `workdir`, read without writing anything.
+
+    Raises:
+      InputError: if `workdir` is empty, does not exist, or holds no checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    from shortcut_jax import checkpoint
+
+    if not workdir or not str(workdir).strip():
+        raise InputError("--workdir is empty: pass the directory a training run wrote to")
+    root = checkpoint.workdir_path(workdir)
+    if not root.is_dir():
+        raise InputError(f"--workdir={workdir}: no such directory")
+    directory = checkpoint.checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise InputError(
+            f"--workdir={workdir} is not a training run (it has no checkpoints/ directory): "
+            "pass the --workdir given to python -m shortcut_jax.main"
+        )
+    steps = sorted(ocp.path.step.checkpoint_steps(directory))
+    if not steps:
+        raise InputError(
+            f"--workdir={workdir}: no finished checkpoint in {directory} yet; train first "
+            "(python -m shortcut_jax.main --config ... --workdir ...)"
+        )
+    return steps
+
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+    """The checkpoint step to load: `step` if it was saved, else the newest when None.
+
+    Raises:
+      InputError: as `saved_steps`, or naming the saved steps when `step` is not among them.
+    """
+    steps = saved_steps(workdir)
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise InputError(
+            f"--checkpoint_step={step}: no checkpoint at that step in {workdir}; "
+            f"saved steps: {steps}"
+        )
+    return step
