@@ -127,13 +127,20 @@ class WorkdirLock:
         Raises:
           WorkdirBusyError: another process (or another open of the lock in this one) holds it.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise WorkdirUnusableError(
+                f"cannot create the lock file {self.path}: {error}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+                raise WorkdirUnusableError(
+                    f"cannot lock {self.path} ({error}): this file system has no working flock"
+                ) from None
             raise WorkdirBusyError(
                 f"another run is training in {self.directory} ({self._holder()}): wait for it "
                 "to finish, stop it, or pass another --workdir"
@@ -279,6 +286,8 @@ def record_start(
             entry = _write_start(config, workdir, step, state)
         except RunGuardError as error:
             refusal = error
+        except OSError as error:  # e.g. the disk filled up since the start
+            refusal = WorkdirUnusableError(f"cannot record this start in {workdir}: {error}")
     agree(refusal)
     return entry
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from tiny import REPO, run_module, tiny_mnist_config
+from tiny import REPO, free_port, run_module, run_processes, tiny_mnist_config
 
 from shortcut_jax import checkpoint, config_lib, configs, resume_policy, run_guard, train
 
@@ -286,3 +286,32 @@ def test_the_cli_reports_a_refused_start_in_one_line(tmp_path):
     assert result.returncode == 1
     assert f"error: cannot write to the workdir {blocker / 'run'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+_START = """
+import sys
+from tiny import tiny_mnist_config
+from shortcut_jax import distributed, run_guard
+port, index, workdir = sys.argv[1:]
+distributed.initialize_distributed(f"127.0.0.1:{port}", 2, int(index))
+try:
+    with run_guard.guard_start(tiny_mnist_config(), workdir):
+        print("guard passed")
+except run_guard.RunGuardError as error:
+    print(f"error: {error}")
+"""
+
+
+def test_every_process_stops_when_process_0_refuses_the_start(tmp_path):
+    workdir = str(tmp_path)
+    lock = run_guard.WorkdirLock(workdir).acquire()  # a run already trains here
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO / "tests")}
+    commands = [[sys.executable, "-c", _START, str(port), str(i), workdir] for i in range(2)]
+    try:
+        outputs = run_processes(commands, env, timeout=120)
+    finally:
+        lock.release()
+    assert f"error: another run is training in {workdir} (pid {os.getpid()}" in outputs[0][0]
+    assert "error: process 0 refused to start this run" in outputs[1][0]
+    assert "guard passed" not in outputs[0][0] + outputs[1][0]
