@@ -77,6 +77,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check("cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
     check("class_dropout_prob", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check("target_clip", lambda v: v >= 0.0, "a float >= 0 (0 = no clipping)")
+    _check_objective_sections(config, check)
 
     if config.get("objective") in objectives.names():
         minimum = objectives.get(config.objective).min_bootstrap_every
@@ -215,6 +216,48 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable) -> None:
+    """The sub-configs of the objectives (read by objectives.ObjectiveConfig.from_config)."""
+    from shortcut_jax.objectives import diffusion
+
+    if config.get("objective") in objectives.names():
+        check(
+            "objective",
+            lambda v: not objectives.get(v).needs_teacher_run,
+            "an objective this version can train (this one needs a frozen teacher run, which the "
+            "train loop does not provide yet)",
+        )
+    check("meanflow.ratio_r_neq_t", lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]")
+    check("meanflow.time_mean", lambda v: math.isfinite(v), "a finite float")
+    check("meanflow.time_std", lambda v: v > 0.0, "a float > 0")
+    check("meanflow.adaptive_p", lambda v: v >= 0.0, "a float >= 0 (0 = unweighted)")
+    check("meanflow.adaptive_c", lambda v: v > 0.0, "a float > 0")
+    check("diffusion.schedule", lambda v: v in diffusion.SCHEDULES, f"one of {diffusion.SCHEDULES}")
+    check(
+        "diffusion.prediction",
+        lambda v: v in diffusion.PREDICTIONS,
+        f"one of {diffusion.PREDICTIONS}",
+    )
+    check("diffusion.clip_x0", lambda v: v >= 0.0, "a float >= 0 (0 = no clipping)")
+    check("diffusion.eta", lambda v: 0.0 <= v <= 1.0, "a float in [0, 1] (0 = deterministic DDIM)")
+    check("consistency.sigma_max", lambda v: v > 0.0, "a float > 0")
+    check(
+        "consistency.sigma_min",
+        lambda v: 0.0 < v < config.consistency.sigma_max,
+        "a float in (0, config.consistency.sigma_max)",
+    )
+    check("consistency.sigma_data", lambda v: v > 0.0, "a float > 0")
+    check("consistency.rho", lambda v: v > 0.0, "a float > 0")
+    check("consistency.s0", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    check(
+        "consistency.s1",
+        lambda v: _is_int(v) and v >= config.consistency.s0,
+        "an integer >= config.consistency.s0",
+    )
+    check("consistency.mu0", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("live_reflow.steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 
 
 def _check_mesh(

@@ -29,6 +29,29 @@ def base_config() -> ml_collections.ConfigDict:
     config.class_dropout_prob = 0.1  # labels replaced by the null class (for CFG)
     config.target_clip = 4.0  # clip bootstrap targets and the intermediate x to [-c, c]; 0 = off
 
+    # --- Other objectives (each module's docstring cites its paper and equations) -------------
+    config.meanflow = ml_collections.ConfigDict()  # objective 'meanflow' (Geng et al. 2025)
+    config.meanflow.ratio_r_neq_t = 0.25  # fraction of examples with r != t (the rest: r = t)
+    config.meanflow.time_mean = -0.4  # logit-normal (mean, std) of the two times
+    config.meanflow.time_std = 1.0
+    config.meanflow.adaptive_p = 1.0  # loss weight 1 / (error + c)^p; p = 0 = plain squared error
+    config.meanflow.adaptive_c = 1e-3
+    config.diffusion = ml_collections.ConfigDict()  # objective 'diffusion' (DDPM, DDIM sampling)
+    config.diffusion.schedule = "cosine"  # 'cosine' or 'linear'
+    config.diffusion.prediction = "eps"  # 'eps' or 'v'
+    config.diffusion.clip_x0 = 1.0  # clip predicted data to [-c, c] while sampling; 0 = off
+    config.diffusion.eta = 0.0  # DDIM noise: 0 = deterministic, 1 = DDPM posterior variance
+    config.consistency = ml_collections.ConfigDict()  # 'consistency_training' (Song et al. 2023)
+    config.consistency.sigma_min = 0.002
+    config.consistency.sigma_max = 80.0
+    config.consistency.sigma_data = 0.5
+    config.consistency.rho = 7.0
+    config.consistency.s0 = 2  # discretisation curriculum N(k) from s0 + 1 ... to s1 + 1 scales
+    config.consistency.s1 = 150
+    config.consistency.mu0 = 0.9  # target-network EMA rate at N = s0
+    config.live_reflow = ml_collections.ConfigDict()  # objective 'live_reflow' (Frans et al.)
+    config.live_reflow.steps = 8  # Euler steps of the model's own flow behind each reflow target
+
     # --- Data ------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
     config.data.name = "mnist_embedded"  # 'mnist_embedded', 'toy2d', 'tfds', 'image_folder'

@@ -1,13 +1,18 @@
-"""Pure sampler for shortcut models: any step count, classifier-free guidance, `lax.fori_loop`.
+"""Pure sampler for every objective: any step count, classifier-free guidance, `lax.fori_loop`.
 
-Sampling integrates dx/dt = s(x, t, d, y) from noise (t = 0) to data (t = 1) with Euler steps
-x <- x + d * s(x, t, d_level, y). With M = 2**k steps every step has size d = 1/M and level k. Any
-other count N in [1, denoise_timesteps] is split into power-of-two shortcut steps (see
-`step_schedule`), so every step is one the network was trained on.
+Sampling walks from noise (t = 0) to data (t = 1) in N steps, one network evaluation per step
+(two batched into one call with guidance). With M = 2**k steps every step has size d = 1/M and
+level k. Any other count N in [1, denoise_timesteps] is split into power-of-two steps (see
+`step_schedule`), so every step is one a shortcut model was trained on.
 
-The model is passed as ``apply_fn(params, x, t, d_level, labels) -> velocity`` with
-x: (B, ...) any trailing shape, t: (B,) float32, d_level: (B,) int32, labels: (B,) int32; the
-output has x's shape.
+What a step does is the objective's (`objectives.Sampler`, chosen by passing the run's
+`objectives.ObjectiveConfig` as `objective`): Euler shortcut steps x <- x + d * s(x, t, d, y) for
+shortcut, flow matching, live reflow and MeanFlow (also the default, `objective=None`); DDIM steps
+for diffusion; consistency multistep sampling for consistency training.
+
+The model is passed as ``apply_fn(params, x, t, d, labels) -> output`` with x: (B, ...) any
+trailing shape, t: (B,) float32, d: (B,) float32 step sizes, labels: (B,) int32; the output has
+x's shape.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sharding
+from shortcut_jax import objectives, sharding
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -86,33 +91,47 @@ def step_schedule(
     return t_start.astype(np.float32), step_size.astype(np.float32), d_level
 
 
-def _velocity(
-    apply_fn: ApplyFn,
-    params: Any,
-    x: jax.Array,
-    t: jax.Array,
-    d_level: jax.Array,
-    labels: jax.Array,
-    cfg_scale: float,
-    num_classes: int,
-) -> jax.Array:
-    """Model velocity, with classifier-free guidance in one batched call when it applies.
+def _guided_network(
+    apply_fn: ApplyFn, params: Any, labels: jax.Array, cfg_scale: float, num_classes: int
+) -> objectives.Network:
+    """network(x, t, d) -> output, with classifier-free guidance in one batched call if it applies.
 
-    x: (B, ...), t: (B,) float32, d_level: (B,) int32, labels: (B,) int32. Returns (B, ...).
+    Guided: out_null + cfg_scale * (out_cond - out_null), the null class being label num_classes.
+    x: (B, ...), t: (B,) float32, d: (B,) float32. Returns (B, ...).
     """
-    if cfg_scale == 1.0 or num_classes <= 0:
-        return apply_fn(params, x, t, d_level, labels)
-    batch = x.shape[0]
-    null_labels = jnp.full_like(labels, num_classes)
-    velocity = apply_fn(
-        params,
-        jnp.concatenate([x, x], axis=0),
-        jnp.concatenate([t, t], axis=0),
-        jnp.concatenate([d_level, d_level], axis=0),
-        jnp.concatenate([labels, null_labels], axis=0),
-    )
-    v_cond, v_null = velocity[:batch], velocity[batch:]
-    return v_null + cfg_scale * (v_cond - v_null)
+
+    def network(x: jax.Array, t: jax.Array, d: jax.Array) -> jax.Array:
+        if cfg_scale == 1.0 or num_classes <= 0:
+            return apply_fn(params, x, t, d, labels)
+        batch = x.shape[0]
+        null_labels = jnp.full_like(labels, num_classes)
+        out = apply_fn(
+            params,
+            jnp.concatenate([x, x], axis=0),
+            jnp.concatenate([t, t], axis=0),
+            jnp.concatenate([d, d], axis=0),
+            jnp.concatenate([labels, null_labels], axis=0),
+        )
+        out_cond, out_null = out[:batch], out[batch:]
+        return out_null + cfg_scale * (out_cond - out_null)
+
+    return network
+
+
+def step_noise(noise: jax.Array, step: jax.Array) -> jax.Array:
+    """Fresh standard normal noise for step `step` of stochastic samplers, per example.
+
+    Each example's key comes from the bits of its own starting noise, so a sample stays
+    independent of how the batch is chunked or sharded. noise: (B, ...). Returns (B, ...).
+    """
+    flat = noise.reshape(noise.shape[0], -1)
+    seeds = jax.lax.bitcast_convert_type(flat[:, 0].astype(jnp.float32), jnp.uint32)
+
+    def one(seed: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), seed), step)
+        return jax.random.normal(key, noise.shape[1:], noise.dtype)
+
+    return jax.vmap(one)(seeds)
 
 
 def sample(
@@ -125,17 +144,19 @@ def sample(
     denoise_timesteps: int,
     cfg_scale: float = 1.0,
     num_classes: int = 0,
+    objective: objectives.ObjectiveConfig | None = None,
 ) -> jax.Array:
-    """Integrates from noise (t = 0) to data (t = 1) with `num_steps` shortcut Euler steps.
+    """Walks from noise (t = 0) to data (t = 1) in `num_steps` steps of the objective's sampler.
 
-    Pure and jit-compatible (`num_steps`, `denoise_timesteps`, `cfg_scale` and `num_classes` must be
-    static). Each step is x <- x + d * v(x, t, d_level, y) over `step_schedule`. With
-    ``cfg_scale != 1`` and ``num_classes > 0`` the conditional and null-class (label num_classes)
-    velocities come from one call on a 2B batch and are mixed as
-    v = v_null + cfg_scale * (v_cond - v_null); otherwise the model is called once on B examples.
+    Pure and jit-compatible (`num_steps`, `denoise_timesteps`, `cfg_scale`, `num_classes` and
+    `objective` must be static). The steps follow `step_schedule`; by default each is the Euler
+    shortcut step x <- x + d * v(x, t, d, y). With ``cfg_scale != 1`` and ``num_classes > 0`` the
+    conditional and null-class (label num_classes) outputs come from one call on a 2B batch and are
+    mixed as out_null + cfg_scale * (out_cond - out_null); otherwise the model is called once on B
+    examples.
 
     Args:
-      apply_fn: ``apply_fn(params, x, t, d_level, labels) -> velocity`` (see module docstring).
+      apply_fn: ``apply_fn(params, x, t, d, labels) -> output`` (see module docstring).
       params: the model parameters (any pytree), passed through to apply_fn.
       noise: (B, ...) x0 ~ N(0, I), any trailing shape ((B, H, W, C) images, (B, D) points).
       labels: (B,) int32 class labels in [0, num_classes] (num_classes = null class; all 0 when
@@ -144,6 +165,8 @@ def sample(
       denoise_timesteps: power of two; the smallest step is 1/denoise_timesteps.
       cfg_scale: guidance scale w; 1.0 means no guidance.
       num_classes: number of classes; 0 = unconditional (no guidance possible).
+      objective: the run's `objectives.ObjectiveConfig.from_config(config)`: its objective's
+        sampler and settings; None = Euler shortcut steps.
 
     Returns:
       x1: (B, ...) samples with noise's shape and dtype.
@@ -155,23 +178,26 @@ def sample(
     labels = jnp.asarray(labels, dtype=jnp.int32)
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape (B,) = ({batch},), got {labels.shape}")
+    del d_level
     t_start = jnp.asarray(t_start)
-    d_level = jnp.asarray(d_level)
     step_size = jnp.asarray(step_size)
+    sampler = objectives.EULER if objective is None else objectives.get(objective.name).sampler
+    network = _guided_network(apply_fn, params, labels, cfg_scale, num_classes)
 
     def body(i: jax.Array, x: jax.Array) -> jax.Array:
         t = jnp.full((batch,), t_start[i], dtype=jnp.float32)
-        level = jnp.full((batch,), d_level[i], dtype=jnp.int32)
-        velocity = _velocity(apply_fn, params, x, t, level, labels, cfg_scale, num_classes)
-        return (x + step_size[i] * velocity).astype(x.dtype)
+        d = jnp.full((batch,), step_size[i], dtype=jnp.float32)
+        return sampler.step(network, x, t, d, step_noise(noise, i), objective).astype(x.dtype)
 
-    return jax.lax.fori_loop(0, num_steps, body, noise)
+    return jax.lax.fori_loop(
+        0, num_steps, body, sampler.start(noise, objective).astype(noise.dtype)
+    )
 
 
 @functools.partial(
     jax.jit,
     static_argnums=(0,),
-    static_argnames=("num_steps", "denoise_timesteps", "cfg_scale", "num_classes"),
+    static_argnames=("num_steps", "denoise_timesteps", "cfg_scale", "num_classes", "objective"),
 )
 def _jitted_sample(
     apply_fn: ApplyFn,
@@ -183,6 +209,7 @@ def _jitted_sample(
     denoise_timesteps: int,
     cfg_scale: float,
     num_classes: int,
+    objective: objectives.ObjectiveConfig | None,
 ) -> jax.Array:
     """`sample` under jit; compiled once per (apply_fn, settings, input shapes)."""
     return sample(
@@ -194,6 +221,7 @@ def _jitted_sample(
         denoise_timesteps=denoise_timesteps,
         cfg_scale=cfg_scale,
         num_classes=num_classes,
+        objective=objective,
     )
 
 
@@ -221,6 +249,7 @@ def make_sampler(
     denoise_timesteps: int,
     cfg_scale: float = 1.0,
     num_classes: int = 0,
+    objective: objectives.ObjectiveConfig | None = None,
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """A jitted ``sampler(params, noise, labels) -> x1`` for fixed settings.
 
@@ -231,11 +260,12 @@ def make_sampler(
     unhashable apply_fn gets its own jitted function (compiled once per sampler).
 
     Args:
-      apply_fn: ``apply_fn(params, x, t, d_level, labels) -> velocity``.
+      apply_fn: ``apply_fn(params, x, t, d, labels) -> output``.
       num_steps: number of steps, in [1, denoise_timesteps].
       denoise_timesteps: power of two.
       cfg_scale: guidance scale (1.0 = none).
       num_classes: 0 = unconditional; otherwise label num_classes is the null class.
+      objective: the run's `objectives.ObjectiveConfig` (its sampler); None = Euler steps.
 
     Returns:
       sampler(params, noise: (B, ...), labels: (B,) int32) -> (B, ...).
@@ -248,12 +278,27 @@ def make_sampler(
         "denoise_timesteps": int(denoise_timesteps),
         "cfg_scale": float(cfg_scale),
         "num_classes": int(num_classes),
+        "objective": _check_objective(objective),
     }
     try:
         hash(apply_fn)
     except TypeError:  # e.g. a bound method of a module holding unhashable fields
         return jax.jit(functools.partial(sample, apply_fn, **settings))
     return functools.partial(_jitted_sample, apply_fn, **settings)
+
+
+def _check_objective(
+    objective: objectives.ObjectiveConfig | None,
+) -> objectives.ObjectiveConfig | None:
+    """Returns `objective` or raises a ValueError naming what to pass."""
+    if objective is not None and not isinstance(objective, objectives.ObjectiveConfig):
+        raise ValueError(
+            "objective must be the run's objectives.ObjectiveConfig.from_config(config) or None, "
+            f"got {type(objective).__name__}"
+        )
+    if objective is not None:
+        objectives.get(objective.name)
+    return objective
 
 
 def example_noise(rng: jax.Array, num: int, shape: tuple[int, ...]) -> jax.Array:
@@ -290,6 +335,7 @@ def sample_batch(
     batch_size: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
+    objective: objectives.ObjectiveConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws `num` samples from noise seeded by `rng`, in chunks of at most `batch_size`.
 
@@ -298,7 +344,7 @@ def sample_batch(
     padded to `batch_size` so one compiled program serves every chunk.
 
     Args:
-      apply_fn: ``apply_fn(params, x, t, d_level, labels) -> velocity``.
+      apply_fn: ``apply_fn(params, x, t, d, labels) -> output``.
       params: model parameters.
       rng: a PRNG key.
       num: number of samples.
@@ -314,6 +360,9 @@ def sample_batch(
         is padded to a multiple of the batch shards. Every process must call this together.
       progress: called with the number of samples finished after each chunk (e.g. a progress
         bar's ``update``).
+      objective: the run's `objectives.ObjectiveConfig.from_config(config)`, which picks the
+        objective's sampler (DDIM for diffusion, multistep consistency sampling, Euler for the
+        others); None = Euler shortcut steps.
 
     Returns:
       images: (num, *shape) float32 numpy array, the samples.
@@ -334,6 +383,7 @@ def sample_batch(
         denoise_timesteps=denoise_timesteps,
         cfg_scale=cfg_scale,
         num_classes=num_classes,
+        objective=objective,
     )
     shape = tuple(int(s) for s in shape)
     noise = example_noise(rng, num, shape)
@@ -347,6 +397,7 @@ def sample_batch(
             ("denoise_timesteps", int(denoise_timesteps)),
             ("num_classes", int(num_classes)),
             ("num_steps", int(num_steps)),
+            ("objective", objective),
         )
         sampler = _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings))
     outputs = []

@@ -24,8 +24,9 @@ class TrainState:
       params: model parameters.
       opt_state: optax state.
       ema_params: EMA of params at `config.ema_rate`, used for sampling and evaluation.
-      teacher_params: EMA at `config.teacher_ema_rate` used as the bootstrap teacher when
-        `config.bootstrap_teacher == 'ema'`; None otherwise.
+      teacher_params: EMA used as the teacher when `config.bootstrap_teacher == 'ema'`, or as the
+        target network of an objective that always has one (its rate is
+        `config.teacher_ema_rate` or the objective's schedule); None otherwise.
       rng: base key; the key of step s is fold_in(rng, s), so resuming is exact.
     """
 
@@ -51,12 +52,12 @@ def init_state(
     """
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
-    x, t, d_level, labels = models.example_inputs(config, batch_size=1)
-    params = model.init(init_rng, x, t, d_level, labels)["params"]
+    x, t, d, labels = models.example_inputs(config, batch_size=1)
+    params = model.init(init_rng, x, t, d, labels)["params"]
     if not boxed:
         params = nn.unbox(params)
-    uses_ema_teacher = objectives.get(config.objective).uses_teacher and (
-        config.bootstrap_teacher == "ema"
+    uses_ema_teacher = objectives.uses_ema_teacher(
+        objectives.get(config.objective), config.bootstrap_teacher
     )
     return TrainState(
         step=jnp.zeros((), jnp.int32),

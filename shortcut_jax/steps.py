@@ -20,10 +20,10 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
 def make_apply_fn(model: nn.Module) -> Callable[..., jax.Array]:
-    """Wraps a model as apply_fn(params, x, t, d_level, labels) -> velocity."""
+    """Wraps a model as apply_fn(params, x, t, d, labels) -> output, d a float step size."""
 
-    def apply_fn(params: Any, x: jax.Array, t: jax.Array, d_level: jax.Array, labels: jax.Array):
-        return model.apply({"params": params}, x, t, d_level, labels)
+    def apply_fn(params: Any, x: jax.Array, t: jax.Array, d: jax.Array, labels: jax.Array):
+        return model.apply({"params": params}, x, t, d, labels)
 
     return apply_fn
 
@@ -39,7 +39,8 @@ def regression_metrics(
     """Loss totals and counts: all, flow part, bootstrap part and bootstrap part per step size.
 
     Args:
-      per_example_loss: (B,) mean squared error of each example.
+      per_example_loss: (B,) mean squared error of each example (unweighted, so the numbers of
+        every objective are comparable).
       regression: the batch the loss was computed on.
       denoise_timesteps: defines the levels.
     """
@@ -55,7 +56,7 @@ def regression_metrics(
         "loss_bootstrap": masked(is_bootstrap),
     }
     for level in range(timesteps.num_levels(denoise_timesteps)):
-        at_level = (regression.d_level == level).astype(per_example_loss.dtype)
+        at_level = (regression.d == timesteps.step_size(level)).astype(per_example_loss.dtype)
         metrics[bootstrap_level_name(level)] = masked(is_bootstrap * at_level)
     return metrics
 
@@ -74,34 +75,44 @@ def make_train_step(
     apply_fn = make_apply_fn(model)
     schedule = optim.learning_rate_schedule(config)
     ema_rate = float(config.ema_rate)
-    teacher_rate = float(config.teacher_ema_rate)
-    ema_teacher = objective.uses_teacher and config.bootstrap_teacher == "ema"
+    ema_teacher = objectives.uses_ema_teacher(objective, config.bootstrap_teacher)
+
+    def teacher_rate(step: jax.Array) -> jax.Array:
+        if objective.teacher_ema_rate is None:
+            return jnp.asarray(config.teacher_ema_rate, jnp.float32)
+        return objective.teacher_ema_rate(step, objective_config)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         teacher = state.teacher_params if ema_teacher else jax.lax.stop_gradient(state.params)
         regression, objective_metrics = objective.build_targets(
-            apply_fn, teacher, batch, rng, objective_config
+            apply_fn, teacher, batch, rng, objective_config, state.step
         )
 
         def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
             prediction = apply_fn(
-                params, regression.x_t, regression.t, regression.d_level, regression.labels
+                params, regression.x_t, regression.t, regression.d, regression.labels
             )
             error = jnp.square(prediction - regression.target)
             per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
-            return jnp.mean(per_example), per_example
+            weight = regression.weight
+            if objective.loss_weighting is not None:
+                adaptive = objective.loss_weighting(per_example, objective_config)
+                weight = weight * jax.lax.stop_gradient(adaptive)
+            # Logged without the adaptive weighting, so it stays the squared error.
+            return jnp.mean(weight * per_example), regression.weight * per_example
 
         (_, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        rate = teacher_rate(state.step)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
             ema_params=optax.incremental_update(params, state.ema_params, 1.0 - ema_rate),
             teacher_params=(
-                optax.incremental_update(params, state.teacher_params, 1.0 - teacher_rate)
+                optax.incremental_update(params, state.teacher_params, 1.0 - rate)
                 if ema_teacher
                 else state.teacher_params
             ),

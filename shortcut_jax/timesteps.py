@@ -1,8 +1,11 @@
 """Time and step-size grids shared by every objective and the sampler.
 
-A step size is d = 1/M for M in {1, 2, 4, ..., denoise_timesteps}; the network sees its log2 index
-``d_level = log2(M)``, so level 0 is one step of size 1 and level ``log2(denoise_timesteps)`` is the
-smallest step, the one flow matching trains.
+The network takes a step size d as a float in [0, 1]. Shortcut models train the dyadic sizes
+d = 1/M for M in {1, 2, 4, ..., denoise_timesteps}, whose log2 index is ``d_level = log2(M)``:
+level 0 is one step of size 1 and level ``log2(denoise_timesteps)`` is the smallest step, the one
+flow matching trains. The network embeds the continuous level ``-log2(d)`` (`level_of`), so the
+dyadic sizes embed exactly as the integer levels did before d became a float; sizes below
+1/denoise_timesteps (including d = 0, MeanFlow's r = t) embed as the finest level.
 """
 
 from __future__ import annotations
@@ -29,8 +32,28 @@ def flow_level(denoise_timesteps: int) -> int:
 
 
 def step_size(d_level: jax.Array) -> jax.Array:
-    """d = 2**-d_level as float32. d_level: (B,) int."""
-    return jnp.exp2(-d_level.astype(jnp.float32))
+    """d = 2**-d_level as float32, exact for integer levels. d_level: (B,) int."""
+    return jnp.ldexp(jnp.ones(jnp.shape(d_level), jnp.float32), -jnp.asarray(d_level, jnp.int32))
+
+
+def level_of(d: jax.Array, max_level: float) -> jax.Array:
+    """The continuous level -log2(d), with d clamped to at least 2**-max_level.
+
+    Exact for powers of two (so d = 2**-k gives the float k bit for bit), and differentiable in d
+    above the clamp (d level / d d = -1 / (d ln 2)), which MeanFlow's jvp needs.
+
+    Args:
+      d: (B,) float step sizes in [0, 1].
+      max_level: the finest level log2(denoise_timesteps); d below 2**-max_level embeds as it.
+
+    Returns:
+      (B,) float32 levels in [0, max_level].
+    """
+    d = jnp.maximum(jnp.asarray(d, jnp.float32), jnp.exp2(-jnp.float32(max_level)))
+    # d = m * 2**e with m in [0.5, 1): -log2(d) = (1 - e) - log2(2 m), and log2(1) is exactly 0.
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(d))
+    mantissa = d * jnp.ldexp(jnp.ones_like(d), 1 - exponent)  # in [1, 2); exact rescaling
+    return jnp.minimum((1 - exponent).astype(jnp.float32) - jnp.log2(mantissa), max_level)
 
 
 def sample_flow_times(rng: jax.Array, batch_size: int, denoise_timesteps: int) -> jax.Array:

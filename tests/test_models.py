@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from shortcut_jax import models
+from shortcut_jax import models, timesteps
 from shortcut_jax.configs import base_config
 
 
@@ -29,14 +29,14 @@ def _tiny_config(name: str = "dit", num_classes: int = 10) -> ml_collections.Con
 
 
 def _random_inputs(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0):
-    """(x, t, d_level, labels) with random values in their valid ranges."""
-    x, t, d_level, labels = models.example_inputs(config, batch_size)
+    """(x, t, d, labels) with random values in their valid ranges (d on the dyadic levels)."""
+    x, t, d, labels = models.example_inputs(config, batch_size)
     keys = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(keys[0], x.shape)
     t = jax.random.uniform(keys[1], t.shape)
-    d_level = jax.random.randint(keys[2], d_level.shape, 0, 8)
+    d = timesteps.step_size(jax.random.randint(keys[2], d.shape, 0, 8))
     labels = jax.random.randint(keys[3], labels.shape, 0, config.data.num_classes + 1)
-    return x, t, d_level, labels
+    return x, t, d, labels
 
 
 def _perturbed_params(model: nn.Module, config: ml_collections.ConfigDict, seed: int = 0):
@@ -82,22 +82,24 @@ def test_mlp_point_dimension_comes_from_config_data_dim():
 
 
 @pytest.mark.parametrize("name", ["dit", "mlp"])
-@pytest.mark.parametrize("changed", ["x", "t", "d_level", "labels"])
+@pytest.mark.parametrize("changed", ["x", "t", "d", "d_between_levels", "labels"])
 def test_output_depends_on_each_input(name, changed):
     config = _tiny_config(name)
     model = models.get_model(config)
     params = _perturbed_params(model, config)
-    x, t, d_level, labels = _random_inputs(config, batch_size=4)
-    base = model.apply({"params": params}, x, t, d_level, labels)
+    x, t, d, labels = _random_inputs(config, batch_size=4)
+    base = model.apply({"params": params}, x, t, d, labels)
     if changed == "x":
         x = x + 0.5
     elif changed == "t":
         t = t + 1.0 / 128.0  # one grid step of the finest level
-    elif changed == "d_level":
-        d_level = (d_level + 1) % 8
+    elif changed == "d":
+        d = jnp.where(d < 1.0, 2.0 * d, 0.5)
+    elif changed == "d_between_levels":
+        d = 1.5 * jnp.minimum(d, 0.5)  # a continuous step size between two dyadic ones
     else:
         labels = (labels + 1) % (config.data.num_classes + 1)
-    moved = model.apply({"params": params}, x, t, d_level, labels)
+    moved = model.apply({"params": params}, x, t, d, labels)
     per_example = np.abs(np.asarray(moved - base)).reshape(4, -1).max(axis=1)
     assert np.all(per_example > 1e-4), per_example
 
@@ -210,8 +212,81 @@ def test_default_mnist_config_runs_a_forward_pass():
     config = base_config()
     model = models.get_model(config)
     variables = model.init(jax.random.key(0), *models.example_inputs(config, 1))
-    x, t, d_level, labels = _random_inputs(config, batch_size=4)
+    x, t, d, labels = _random_inputs(config, batch_size=4)
     assert x.shape == (4, 28, 28, 1)
-    out = jax.jit(model.apply)(variables, x, t, d_level, labels)
+    out = jax.jit(model.apply)(variables, x, t, d, labels)
     assert out.shape == x.shape and out.dtype == jnp.float32
     assert 1.0e6 < models.count_params(variables) < 1.6e6
+
+
+# ----------------------------------------------------------------------------- continuous d
+
+
+def test_dyadic_step_sizes_embed_bit_for_bit_as_the_integer_levels_did():
+    """Runs saved before d became a float sample the same: the old model embedded float(level)."""
+    hidden, num_classes = 32, 10
+    conditioning = models.embeddings.Conditioning(hidden, num_classes, max_level=7.0)
+    level = jnp.arange(8, dtype=jnp.int32)
+    t = jnp.linspace(0.0, 1.0, 8)
+    labels = jnp.arange(8) % (num_classes + 1)
+    variables = conditioning.init(jax.random.key(0), t, timesteps.step_size(level), labels)
+    params = nn.unbox(variables)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)
+    new = conditioning.apply({"params": params}, t, timesteps.step_size(level), labels)
+
+    embedder = models.embeddings.ScalarEmbedder
+    old = (
+        embedder(hidden, scale=models.embeddings.TIME_SCALE).apply(
+            {"params": params["t_embedder"]}, t
+        )
+        + embedder(hidden).apply({"params": params["d_embedder"]}, level.astype(jnp.float32))
+        + models.embeddings.LabelEmbedder(num_classes, hidden).apply(
+            {"params": params["y_embedder"]}, labels
+        )
+    )
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_level_of_is_exact_on_powers_of_two_and_clamps_small_steps():
+    levels = np.arange(0, 24)
+    d = timesteps.step_size(jnp.asarray(levels))
+    np.testing.assert_array_equal(np.asarray(timesteps.level_of(d, 30.0)), levels)
+    clamped = np.asarray(timesteps.level_of(jnp.array([0.0, 1e-9, 2.0**-7, 0.75]), 7.0))
+    np.testing.assert_allclose(clamped, [7.0, 7.0, 7.0, -np.log2(0.75)], rtol=1e-6)
+    slope = jax.grad(lambda x: timesteps.level_of(x, 7.0))(0.3)
+    np.testing.assert_allclose(slope, -1.0 / (0.3 * np.log(2.0)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dit", "mlp"])
+def test_zero_step_size_is_the_finest_level(name):
+    config = _tiny_config(name)
+    config.denoise_timesteps = 8
+    model = models.get_model(config)
+    params = _perturbed_params(model, config)
+    x, t, _, labels = _random_inputs(config, batch_size=3)
+    at_zero = model.apply({"params": params}, x, t, jnp.zeros(3), labels)
+    at_finest = model.apply({"params": params}, x, t, jnp.full((3,), 1 / 8), labels)
+    np.testing.assert_array_equal(np.asarray(at_zero), np.asarray(at_finest))
+
+
+def test_integer_levels_are_refused_with_the_conversion_named():
+    config = _tiny_config("mlp")
+    model = models.get_model(config)
+    params = _perturbed_params(model, config)
+    x, t, _, labels = _random_inputs(config, batch_size=2)
+    with pytest.raises(TypeError, match="step_size"):
+        model.apply({"params": params}, x, t, jnp.array([0, 3]), labels)
+
+
+def test_dit_and_mlp_keep_their_parameter_names():
+    """Checkpoints name parameters by path: the shared adaLN code must not rename any."""
+    mlp = _perturbed_params(models.get_model(_tiny_config("mlp")), _tiny_config("mlp"))
+    block = {"ada_ln", "norm", "fc1", "fc2"}
+    assert set(mlp) == {"conditioning", "input_proj", "block_0", "block_1", "final_layer"}
+    assert set(mlp["block_0"]) <= block and {"ada_ln", "fc1", "fc2"} <= set(mlp["block_0"])
+    assert set(mlp["final_layer"]) == {"ada_ln", "proj"}
+    dit = _perturbed_params(models.get_model(_tiny_config("dit")), _tiny_config("dit"))
+    assert set(dit) == {"patch_embed", "conditioning", "block_0", "block_1", "final_layer"}
+    assert set(dit["block_0"]) == {"ada_ln", "attn", "mlp"}
+    assert set(dit["final_layer"]) == {"ada_ln", "proj"}
+    assert set(dit["conditioning"]) == {"t_embedder", "d_embedder", "y_embedder"}

@@ -10,8 +10,9 @@ from shortcut_jax.objectives import ObjectiveConfig
 from shortcut_jax.objectives.shortcut import bootstrap_targets, teacher_velocity
 
 
-def make_cfg(**overrides) -> ObjectiveConfig:
+def make_settings(**overrides) -> ObjectiveConfig:
     fields = dict(
+        name="shortcut",
         denoise_timesteps=8,
         bootstrap_every=4,
         bootstrap_cfg=False,
@@ -24,9 +25,8 @@ def make_cfg(**overrides) -> ObjectiveConfig:
     return ObjectiveConfig(**fields)
 
 
-def linear_teacher(params, x, t, d_level, labels):
+def linear_teacher(params, x, t, d, labels):
     """A teacher whose velocity depends on x, t, d and y, so every input is exercised."""
-    d = timesteps.step_size(d_level)
     expand = (slice(None),) + (None,) * (x.ndim - 1)
     return params["a"] * x + (t + d + 0.1 * labels)[expand]
 
@@ -87,13 +87,13 @@ def test_interpolate_is_noise_at_zero_and_data_at_one():
 
 
 def test_flow_matching_regresses_x1_minus_x0_at_x_t():
-    cfg = make_cfg()
+    settings = make_settings()
     batch = {
         "image": jax.random.normal(jax.random.PRNGKey(2), (16, 4, 4, 1)),
         "label": jnp.arange(16) % 10,
     }
     rng = jax.random.PRNGKey(3)
-    regression, _ = objectives.get("flow_matching").build_targets(None, None, batch, rng, cfg)
+    regression, _ = objectives.get("flow_matching").build_targets(None, None, batch, rng, settings)
     noise_rng = jax.random.split(rng, 4)[0]
     x0 = jax.random.normal(noise_rng, batch["image"].shape)
     np.testing.assert_allclose(regression.target, batch["image"] - x0, rtol=1e-6)
@@ -106,13 +106,13 @@ def test_flow_matching_regresses_x1_minus_x0_at_x_t():
 
 
 def test_label_dropout_uses_the_null_class():
-    cfg = make_cfg(class_dropout_prob=0.5)
+    settings = make_settings(class_dropout_prob=0.5)
     labels = jnp.zeros((4000,), jnp.int32)
-    dropped = objectives.flow_matching.drop_labels(jax.random.PRNGKey(0), labels, cfg)
+    dropped = objectives.flow_matching.drop_labels(jax.random.PRNGKey(0), labels, settings)
     assert set(np.unique(np.asarray(dropped))) == {0, 10}
     assert 0.45 < float(jnp.mean(dropped == 10)) < 0.55
     unconditional = objectives.flow_matching.drop_labels(
-        jax.random.PRNGKey(0), labels + 3, make_cfg(num_classes=0)
+        jax.random.PRNGKey(0), labels + 3, make_settings(num_classes=0)
     )
     assert np.all(np.asarray(unconditional) == 0)
 
@@ -122,12 +122,12 @@ def test_label_dropout_uses_the_null_class():
 
 def test_bootstrap_target_is_mean_of_two_half_steps():
     params = {"a": 0.5}
-    cfg = make_cfg()
+    settings = make_settings()
     x_t = jnp.array([[1.0, -2.0], [0.5, 0.0]])
     t = jnp.array([0.0, 0.5])
     d_level = jnp.array([0, 1])  # student steps 1 and 1/2; teacher half steps 1/2 and 1/4
     labels = jnp.array([3, 10])
-    target = bootstrap_targets(linear_teacher, params, x_t, t, d_level, labels, cfg)
+    target = bootstrap_targets(linear_teacher, params, x_t, t, d_level, labels, settings)
 
     expected = []
     for i in range(2):
@@ -140,77 +140,77 @@ def test_bootstrap_target_is_mean_of_two_half_steps():
 
 
 def test_bootstrap_target_is_exact_for_a_constant_velocity_field():
-    cfg = make_cfg()
+    settings = make_settings()
     constant = jnp.array([0.3, -0.7])
 
-    def teacher(params, x, t, d_level, labels):
+    def teacher(params, x, t, d, labels):
         return jnp.broadcast_to(constant, x.shape)
 
     x_t = jax.random.normal(jax.random.PRNGKey(0), (5, 2))
     target = bootstrap_targets(
-        teacher, None, x_t, jnp.zeros(5), jnp.arange(5) % 3, jnp.zeros(5, int), cfg
+        teacher, None, x_t, jnp.zeros(5), jnp.arange(5) % 3, jnp.zeros(5, int), settings
     )
     np.testing.assert_allclose(target, jnp.broadcast_to(constant, (5, 2)), rtol=1e-6)
 
 
 def test_target_clipping_bounds_targets_and_the_intermediate_point():
-    def teacher(params, x, t, d_level, labels):
+    def teacher(params, x, t, d, labels):
         return 10.0 * jnp.ones_like(x) + x
 
     x_t = jnp.zeros((2, 3))
     args = (teacher, None, x_t, jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32))
-    clipped = bootstrap_targets(*args, make_cfg(target_clip=4.0))
-    unclipped = bootstrap_targets(*args, make_cfg(target_clip=0.0))
+    clipped = bootstrap_targets(*args, make_settings(target_clip=4.0))
+    unclipped = bootstrap_targets(*args, make_settings(target_clip=0.0))
     np.testing.assert_allclose(clipped, 4.0)
     # Unclipped: v1 = 10, x_mid = 0 + 0.5 * 10 = 5, v2 = 15, mean 12.5.
     np.testing.assert_allclose(unclipped, 12.5)
-    partly = bootstrap_targets(*args, make_cfg(target_clip=4.5))
+    partly = bootstrap_targets(*args, make_settings(target_clip=4.5))
     np.testing.assert_allclose(partly, 4.5)
 
 
-def test_cfg_inside_targets_guides_only_the_level_next_to_the_flow_level():
-    def teacher(params, x, t, d_level, labels):
+def test_guidance_inside_targets_guides_only_the_level_next_to_the_flow_level():
+    def teacher(params, x, t, d, labels):
         label_term = jnp.where(labels == 10, 0.0, 1.0)  # null class -> 0, any class -> 1
         return jnp.zeros_like(x) + label_term[:, None]
 
-    cfg = make_cfg(bootstrap_cfg=True, cfg_scale=3.0)  # denoise_timesteps 8: flow level 3
+    settings = make_settings(bootstrap_cfg=True, cfg_scale=3.0)  # denoise_timesteps 8: flow level 3
     x = jnp.zeros((3, 2))
-    teacher_levels = jnp.array([3, 2, 3])
+    teacher_d = timesteps.step_size(jnp.array([3, 2, 3]))
     labels = jnp.array([4, 4, 10])
-    v = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_levels, labels, cfg)
+    v = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_d, labels, settings)
     # Level 3 (flow level), class 4: v_null + 3 (v_cond - v_null) = 0 + 3 * 1 = 3.
     # Level 2: already-guided level, no extra guidance: v_cond = 1. Null label: 0.
     np.testing.assert_allclose(v[:, 0], [3.0, 1.0, 0.0])
-    unguided = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_levels, labels, make_cfg())
+    unguided = teacher_velocity(teacher, None, x, jnp.zeros(3), teacher_d, labels, make_settings())
     np.testing.assert_allclose(unguided[:, 0], [1.0, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("batch_size,bootstrap_every", [(32, 8), (8, 8), (24, 4), (6, 2)])
 def test_every_example_reaches_the_loss(batch_size, bootstrap_every):
-    cfg = make_cfg(bootstrap_every=bootstrap_every, denoise_timesteps=128)
+    settings = make_settings(bootstrap_every=bootstrap_every, denoise_timesteps=128)
     batch = {"image": jnp.ones((batch_size, 4, 4, 1)), "label": jnp.arange(batch_size) % 10}
     regression, metrics = objectives.get("shortcut").build_targets(
-        linear_teacher, {"a": 0.1}, batch, jax.random.PRNGKey(0), cfg
+        linear_teacher, {"a": 0.1}, batch, jax.random.PRNGKey(0), settings
     )
     num_bootstrap = batch_size // bootstrap_every
     assert regression.x_t.shape[0] == batch_size == regression.target.shape[0]
     assert int(regression.is_bootstrap.sum()) == num_bootstrap
     assert bool(regression.is_bootstrap[:num_bootstrap].all())
-    flow_levels = np.asarray(regression.d_level[num_bootstrap:])
-    assert np.all(flow_levels == 7)
-    assert np.all(np.asarray(regression.d_level[:num_bootstrap]) < 7)
+    np.testing.assert_array_equal(regression.d[num_bootstrap:], 1 / 128)
+    assert np.all(np.asarray(regression.d[:num_bootstrap]) >= 1 / 64)
+    np.testing.assert_array_equal(regression.weight, 1.0)
     assert np.isfinite(float(metrics["bootstrap_target_rms"]))
 
 
 def test_shortcut_flow_part_matches_flow_matching_definition():
-    cfg = make_cfg(denoise_timesteps=128)
+    settings = make_settings(denoise_timesteps=128)
     batch = {
         "image": jax.random.normal(jax.random.PRNGKey(5), (16, 2)),
         "label": jnp.zeros(16, jnp.int32),
     }
     rng = jax.random.PRNGKey(6)
     regression, _ = objectives.get("shortcut").build_targets(
-        linear_teacher, {"a": 0.0}, batch, rng, cfg
+        linear_teacher, {"a": 0.0}, batch, rng, settings
     )
     x0 = jax.random.normal(jax.random.split(rng, 4)[0], (16, 2))
     flow = slice(4, None)
@@ -227,12 +227,12 @@ def test_shortcut_flow_part_matches_flow_matching_definition():
 
 
 def test_shortcut_targets_carry_no_gradient_to_the_teacher():
-    cfg = make_cfg(denoise_timesteps=8)
+    settings = make_settings(denoise_timesteps=8)
     batch = {"image": jnp.ones((8, 2)), "label": jnp.zeros(8, jnp.int32)}
 
     def bootstrap_target_sum(a):
         regression, _ = objectives.get("shortcut").build_targets(
-            linear_teacher, {"a": a}, batch, jax.random.PRNGKey(0), cfg
+            linear_teacher, {"a": a}, batch, jax.random.PRNGKey(0), settings
         )
         return jnp.sum(regression.target * regression.is_bootstrap[:, None])
 

@@ -77,7 +77,7 @@ def test_make_sampler_validates_before_compiling():
 # --- sample: analytic velocities --------------------------------------------------------------
 
 
-def _constant_velocity(params, x, t, d_level, labels):
+def _constant_velocity(params, x, t, d, labels):
     return jnp.broadcast_to(params["c"], x.shape).astype(x.dtype)
 
 
@@ -97,9 +97,9 @@ def test_constant_velocity_moves_noise_by_exactly_c(num_steps):
     np.testing.assert_allclose(x1, noise + 0.75, rtol=0, atol=1e-6)
 
 
-def _linear_velocity(params, x, t, d_level, labels):
-    """v = x + t + 10 d_level: Euler results depend on every t, d and d_level."""
-    return x + _broadcast(t, x) + 10.0 * _broadcast(d_level, x)
+def _linear_velocity(params, x, t, d, labels):
+    """v = x + t + 10 level (level = -log2 d): Euler results depend on every t and d."""
+    return x + _broadcast(t, x) + 10.0 * _broadcast(-jnp.log2(d), x)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +157,7 @@ def test_sample_rejects_mismatched_labels():
 # --- sample: classifier-free guidance -------------------------------------------------------
 
 
-def _label_velocity(params, x, t, d_level, labels):
+def _label_velocity(params, x, t, d, labels):
     """v = label + 1 per example: the null class (label 3) gives 4."""
     return jnp.broadcast_to(_broadcast(labels + 1, x), x.shape)
 
@@ -182,9 +182,9 @@ def test_cfg_mixes_conditional_and_null_velocities():
 
 
 def _recording_velocity(calls):
-    def apply_fn(params, x, t, d_level, labels):
+    def apply_fn(params, x, t, d, labels):
         calls.append((x.shape[0], np.asarray(labels).tolist()))
-        return _label_velocity(params, x, t, d_level, labels)
+        return _label_velocity(params, x, t, d, labels)
 
     return apply_fn
 
@@ -216,14 +216,14 @@ def test_cfg_uses_one_model_call_per_step(cfg_scale, num_classes, batches):
 
 
 class _TinyModel(nn.Module):
-    """A flax module with the model signature: a dense layer over x, t, d_level and labels."""
+    """A flax module with the model signature: a dense layer over x, t, d and labels."""
 
     num_classes: int = 3
 
     @nn.compact
-    def __call__(self, x, t, d_level, labels, train: bool = False):
+    def __call__(self, x, t, d, labels, train: bool = False):
         flat = x.reshape(x.shape[0], -1)
-        cond = jnp.stack([t, d_level.astype(jnp.float32)], axis=-1)
+        cond = jnp.stack([t, d], axis=-1)
         label_embedding = nn.Embed(self.num_classes + 1, 4)(labels)
         hidden = jnp.concatenate([flat, cond, label_embedding], axis=-1)
         return nn.Dense(flat.shape[-1])(jnp.tanh(hidden)).reshape(x.shape)
@@ -237,7 +237,7 @@ def tiny_model():
         jax.random.key(0),
         x,
         jnp.zeros((1,)),
-        jnp.zeros((1,), jnp.int32),
+        jnp.ones((1,)),
         jnp.zeros((1,), jnp.int32),
     )
     return model, params
@@ -264,8 +264,8 @@ class _UnhashableApply:
     def __eq__(self, other):
         return self is other
 
-    def __call__(self, params, x, t, d_level, labels):
-        return _linear_velocity(params, x, t, d_level, labels)
+    def __call__(self, params, x, t, d, labels):
+        return _linear_velocity(params, x, t, d, labels)
 
 
 def test_make_sampler_accepts_unhashable_apply_fn():

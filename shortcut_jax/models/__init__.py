@@ -1,7 +1,9 @@
-"""Velocity networks s(x_t, t, d_level, y): a DiT for images and a residual MLP for points.
+"""Velocity networks s(x_t, t, d, y): a DiT for images and a residual MLP for points.
 
 Every model is a `flax.linen.Module` with
-`__call__(x, t, d_level, labels, train=False) -> velocity` (output shape of x, float32).
+`__call__(x, t, d, labels, train=False) -> output` (shape of x, float32), d a float step size in
+[0, 1] (integer levels k are d = 2**-k; see `embeddings.Conditioning`). Both share their
+conditioning (`embeddings`) and adaLN-Zero pieces (`adaln`).
 
 Parameters are float32 whatever `config.model.dtype` says. Kernels are boxed with logical axis
 names (`nn.with_logical_partitioning`), so `model.init` returns `nn.Partitioned` leaves around the
@@ -19,7 +21,7 @@ Typical use::
     model = get_model(config)
     variables = model.init(rng, *example_inputs(config, batch_size=1))
     params = nn.unbox(variables)["params"]
-    velocity = model.apply({"params": params}, x_t, t, d_level, labels)
+    velocity = model.apply({"params": params}, x_t, t, d, labels)
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
 
     Reads config.model.{name, preset, hidden_size, depth, num_heads, patch_size, mlp_ratio, dtype}
     and config.data.{image_size, channels, num_classes}. A non-empty config.model.preset (e.g.
-    "DiT-B/2") overrides hidden_size, depth, num_heads and patch_size. The step-size level is
-    embedded sinusoidally, so config.denoise_timesteps only bounds the levels the caller feeds.
+    "DiT-B/2") overrides hidden_size, depth, num_heads and patch_size. The step-size level
+    -log2(d) is embedded sinusoidally; config.denoise_timesteps sets the finest level, the one
+    smaller step sizes (d = 0 included) embed as.
 
     Args:
       config: the experiment config (see shortcut_jax.configs.base_config).
@@ -80,6 +83,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
     """
     name = config.model.name
     dtype = _compute_dtype(config)
+    max_level = float(math.log2(int(config.denoise_timesteps)))
     num_classes = int(config.data.num_classes)
     if num_classes < 0:
         raise ValueError(f"config.data.num_classes={num_classes} must be >= 0")
@@ -113,6 +117,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             num_classes=num_classes,
             mlp_ratio=config.model.mlp_ratio,
             dtype=dtype,
+            max_level=max_level,
         )
     if name == "mlp":
         if config.model.preset:
@@ -126,6 +131,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             num_classes=num_classes,
             mlp_ratio=config.model.mlp_ratio,
             dtype=dtype,
+            max_level=max_level,
         )
     raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {MODEL_NAMES}")
 
@@ -140,9 +146,9 @@ def example_inputs(
       batch_size: B.
 
     Returns:
-      (x, t, d_level, labels): x (B, H, W, C) float32 for 'dit' (`latent_space.model_shape`:
+      (x, t, d, labels): x (B, H, W, C) float32 for 'dit' (`latent_space.model_shape`:
       the pixel images, or their latents when config.vae.path is set) or (B, D) float32 for 'mlp'
-      (D = config.data.dim if that field exists, else 2); t (B,) float32; d_level (B,) int32;
+      (D = config.data.dim if that field exists, else 2); t (B,) float32; d (B,) float32 (ones);
       labels (B,) int32.
 
     Raises:
@@ -156,9 +162,9 @@ def example_inputs(
     else:
         raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {MODEL_NAMES}")
     t = jnp.zeros((batch_size,), jnp.float32)
-    d_level = jnp.zeros((batch_size,), jnp.int32)
+    d = jnp.ones((batch_size,), jnp.float32)
     labels = jnp.zeros((batch_size,), jnp.int32)
-    return x, t, d_level, labels
+    return x, t, d, labels
 
 
 def count_params(params: Any) -> int:

@@ -1,11 +1,12 @@
-"""Diffusion Transformer (DiT) with adaLN-Zero blocks, conditioned on t, step-size level and class.
+"""Diffusion Transformer (DiT) with adaLN-Zero blocks, conditioned on t, step size d and class.
 
 Layout: patchify (a strided convolution, `patch_embed`) + fixed 2-D sin-cos position embedding ->
 `depth` blocks `block_{i}` (LayerNorm without affine, shift/scale modulation, multi-head
 self-attention `attn`, gated residual; the same around the GELU(tanh) MLP `mlp`; the six
 modulation vectors come from the zero-initialised Dense `ada_ln`) -> `final_layer` (adaLN +
 zero-initialised Dense) -> unpatchify to (B, H, W, C). With every modulation and the final Dense
-at zero, an untrained model outputs exactly zero and each block starts as the identity.
+at zero, an untrained model outputs exactly zero and each block starts as the identity. The
+adaLN pieces are shared with the MLP (`models.adaln`).
 
 Compute runs in `dtype` (float32 or bfloat16); parameters are always float32 and the output is cast
 to float32. Attention logits and softmax are computed in float32.
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shortcut_jax.models.adaln import FinalLayer, dense, gate, layer_norm, modulate, modulation
 from shortcut_jax.models.embeddings import Conditioning
 
 Dtype = Any
@@ -93,44 +95,6 @@ def sincos_position_embedding(height: int, width: int, dim: int) -> np.ndarray:
     return embedding.astype(np.float32)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN modulation. x: (B, N, D); shift, scale: (B, D). Returns (B, N, D)."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
-
-
-def _dense(
-    features: int | tuple[int, ...],
-    axes: tuple[str | None, ...],
-    dtype: Dtype,
-    name: str,
-    zero: bool = False,
-    in_axes: int | tuple[int, ...] = -1,
-) -> nn.DenseGeneral:
-    """A float32-parameter DenseGeneral whose kernel carries logical axis names `axes`."""
-    init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
-    return nn.DenseGeneral(
-        features,
-        axis=in_axes,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.initializers.zeros_init(),
-        name=name,
-    )
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm without scale or bias (adaLN supplies them)."""
-    return nn.LayerNorm(
-        epsilon=1e-6,
-        use_bias=False,
-        use_scale=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection.
 
@@ -147,7 +111,7 @@ class Attention(nn.Module):
         """Args: x: (B, N, D). Returns: (B, N, D) in `dtype`."""
         hidden = x.shape[-1]
         head_dim = hidden // self.num_heads
-        qkv = _dense(
+        qkv = dense(
             (3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"), self.dtype, "qkv"
         )(x)  # (B, N, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -155,7 +119,7 @@ class Attention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, N, H, Dh)
-        return _dense(hidden, ("heads", "kv", "embed"), self.dtype, "out", in_axes=(-2, -1))(out)
+        return dense(hidden, ("heads", "kv", "embed"), self.dtype, "out", in_axes=(-2, -1))(out)
 
 
 class Mlp(nn.Module):
@@ -172,9 +136,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x: (B, N, D). Returns: (B, N, D) in `dtype`."""
-        h = _dense(self.hidden_size, ("embed", "mlp"), self.dtype, "fc1")(x)
+        h = dense(self.hidden_size, ("embed", "mlp"), self.dtype, "fc1")(x)
         h = nn.gelu(h, approximate=True)
-        return _dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)
+        return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)
 
 
 class DiTBlock(nn.Module):
@@ -194,43 +158,19 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """Args: x: (B, N, D) tokens; c: (B, D) conditioning. Returns: (B, N, D)."""
         hidden = x.shape[-1]
-        modulation = _dense((6, hidden), ("embed", None, "modulation"), self.dtype, "ada_ln", True)(
-            nn.silu(c)
-        )  # (B, 6, D)
-        shift_attn, scale_attn, gate_attn = modulation[:, 0], modulation[:, 1], modulation[:, 2]
-        shift_mlp, scale_mlp, gate_mlp = modulation[:, 3], modulation[:, 4], modulation[:, 5]
+        mod = modulation(c, 6, hidden, self.dtype)  # (B, 6, D)
+        shift_attn, scale_attn, gate_attn = mod[:, 0], mod[:, 1], mod[:, 2]
+        shift_mlp, scale_mlp, gate_mlp = mod[:, 3], mod[:, 4], mod[:, 5]
 
-        h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_attn, scale_attn)
-        x = x + gate_attn[:, None, :] * Attention(self.num_heads, self.dtype, name="attn")(h)
-        h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+        h = modulate(layer_norm(self.dtype, "norm1")(x), shift_attn, scale_attn)
+        x = x + gate(Attention(self.num_heads, self.dtype, name="attn")(h), gate_attn)
+        h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         mlp = Mlp(int(hidden * self.mlp_ratio), self.dtype, name="mlp")
-        return x + gate_mlp[:, None, :] * mlp(h)
-
-
-class FinalLayer(nn.Module):
-    """adaLN + zero-initialised projection of each token to its patch of pixels.
-
-    Attributes:
-      out_features: patch_size ** 2 * channels.
-      dtype: compute dtype.
-    """
-
-    out_features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        """Args: x: (B, N, D); c: (B, D). Returns: (B, N, out_features)."""
-        hidden = x.shape[-1]
-        modulation = _dense((2, hidden), ("embed", None, "modulation"), self.dtype, "ada_ln", True)(
-            nn.silu(c)
-        )
-        x = modulate(_layer_norm(self.dtype, "norm")(x), modulation[:, 0], modulation[:, 1])
-        return _dense(self.out_features, ("embed", "patch"), self.dtype, "proj", True)(x)
+        return x + gate(mlp(h), gate_mlp)
 
 
 class DiT(nn.Module):
-    """DiT velocity network s(x_t, t, d_level, y).
+    """DiT velocity network s(x_t, t, d, y).
 
     Attributes:
       hidden_size: token width D.
@@ -240,6 +180,7 @@ class DiT(nn.Module):
       num_classes: real classes; label num_classes is the null class (0 = unconditional).
       mlp_ratio: MLP inner width / D.
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are float32.
+      max_level: the finest step-size level log2(denoise_timesteps); smaller d embed as it.
     """
 
     hidden_size: int
@@ -249,13 +190,14 @@ class DiT(nn.Module):
     num_classes: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    max_level: float = 7.0
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,
         t: jax.Array,
-        d_level: jax.Array,
+        d: jax.Array,
         labels: jax.Array,
         train: bool = False,
     ) -> jax.Array:
@@ -264,7 +206,7 @@ class DiT(nn.Module):
         Args:
           x: (B, H, W, C) noisy images x_t.
           t: (B,) float32 times in [0, 1].
-          d_level: (B,) int32 step-size levels in [0, log2(denoise_timesteps)].
+          d: (B,) float32 step sizes in [0, 1] (see `embeddings.Conditioning`).
           labels: (B,) int32 labels in [0, num_classes] (num_classes = null class).
           train: unused (no dropout); kept for the common model signature.
 
@@ -302,14 +244,18 @@ class DiT(nn.Module):
         position = sincos_position_embedding(grid_h, grid_w, self.hidden_size)
         tokens = tokens + jnp.asarray(position, self.dtype)[None]
 
-        c = Conditioning(self.hidden_size, self.num_classes, self.dtype, name="conditioning")(
-            t, d_level, labels
-        )
+        c = Conditioning(
+            self.hidden_size,
+            self.num_classes,
+            max_level=self.max_level,
+            dtype=self.dtype,
+            name="conditioning",
+        )(t, d, labels)
         for i in range(self.depth):
             tokens = DiTBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(
                 tokens, c
             )
-        out = FinalLayer(p * p * channels, self.dtype, name="final_layer")(tokens, c)
+        out = FinalLayer(p * p * channels, "patch", self.dtype, name="final_layer")(tokens, c)
 
         # Unpatchify: (B, h*w, p*p*C) -> (B, h, p, w, p, C) -> (B, H, W, C).
         out = out.reshape(batch, grid_h, grid_w, p, p, channels)

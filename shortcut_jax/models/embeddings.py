@@ -1,12 +1,17 @@
-"""Conditioning embeddings shared by every backbone: time t, step-size level, class label.
+"""Conditioning embeddings shared by every backbone: time t, step size d, class label.
 
 The conditioning vector of an example is `c = t_emb + d_emb + y_emb`, all of width `hidden_size`:
 
 - `t_emb`: sinusoidal features of `t * 1000` (t in [0, 1]) through Dense-SiLU-Dense, as DiT embeds
   its integer timesteps; the scale makes t differences of 1/128 rotate the fastest features by
   about 8 radians, so neighbouring grid points are well separated.
-- `d_emb`: the same construction, with its own weights, on the float step-size level
-  `d_level = log2(M)` (0 = one step of size 1); integers are already well resolved, so no scale.
+- `d_emb`: the same construction, with its own weights, on the continuous step-size level
+  `-log2(d)` (`timesteps.level_of`: 0 = one step of size 1; exact for the dyadic sizes, so a
+  float d = 2**-k embeds bit for bit as the integer level k did before d became a float; integers
+  are already well resolved, so no scale). Sizes below 2**-max_level, including d = 0 (MeanFlow's
+  r = t, the instantaneous velocity), embed as the finest level max_level = log2(denoise_timesteps):
+  shortcut and flow-matching runs train that level on the instantaneous velocity x1 - x0 already,
+  so d = 0 and d = d_min mean the same thing to every objective.
 - `y_emb`: a learned table with `num_classes + 1` rows; row `num_classes` is the null class used for
   classifier-free guidance (with `num_classes == 0` the table has the single null row).
 
@@ -22,6 +27,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from shortcut_jax import timesteps
 
 Dtype = Any
 
@@ -121,30 +128,41 @@ class Conditioning(nn.Module):
     Attributes:
       hidden_size: output width.
       num_classes: number of real classes (label num_classes is the null class).
+      max_level: the finest level log2(denoise_timesteps); smaller step sizes embed as it.
       dtype: compute dtype.
     """
 
     hidden_size: int
     num_classes: int
+    max_level: float = 7.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, t: jax.Array, d_level: jax.Array, labels: jax.Array) -> jax.Array:
+    def __call__(self, t: jax.Array, d: jax.Array, labels: jax.Array) -> jax.Array:
         """Embeds the conditioning of each example.
 
         Args:
           t: (B,) float times in [0, 1].
-          d_level: (B,) int step-size levels (d = 2 ** -d_level).
+          d: (B,) float step sizes in [0, 1] (integer levels k are d = 2**-k:
+            `timesteps.step_size`).
           labels: (B,) int labels in [0, num_classes].
 
         Returns:
           c: (B, hidden_size) in `dtype`.
+
+        Raises:
+          TypeError: for an integer d (the step-size levels models took before d became a float).
         """
+        if not jnp.issubdtype(jnp.asarray(d).dtype, jnp.floating):
+            raise TypeError(
+                f"the model's d is a float step size in [0, 1], got dtype {jnp.asarray(d).dtype}: "
+                "integer levels k are d = timesteps.step_size(k) = 2**-k"
+            )
         t_emb = ScalarEmbedder(
             self.hidden_size, scale=TIME_SCALE, dtype=self.dtype, name="t_embedder"
         )(t)
         d_emb = ScalarEmbedder(self.hidden_size, scale=1.0, dtype=self.dtype, name="d_embedder")(
-            d_level.astype(jnp.float32)
+            timesteps.level_of(d, self.max_level)
         )
         y_emb = LabelEmbedder(
             self.num_classes, self.hidden_size, dtype=self.dtype, name="y_embedder"

@@ -1,12 +1,19 @@
 """Registry of training objectives.
 
-An objective turns a data batch into a regression problem: the network inputs
-(x_t, t, d_level, labels), the stop-gradient targets, and which examples are self-consistency
-(bootstrap) examples. The train step owns the forward pass, the loss, the gradient and the
-optimizer, so every objective shares one loop and the loop never branches on an objective's name.
+An objective turns a data batch into a regression problem: the network inputs (x_t, t, d, labels),
+the stop-gradient targets, per-example loss weights, and which examples are self-consistency
+(bootstrap) examples. The train step owns the forward pass, the loss, the gradient, the optimizer
+and the EMA updates, so every objective shares one loop and the loop never branches on an
+objective's name: what an objective needs from it is metadata of its registry entry (a teacher,
+an EMA target network and its rate, a loss weighting), and how its network turns into samples is
+its `Sampler` (one network evaluation per step, run by `shortcut_jax.sampling`).
 
-    @register("name", uses_teacher=True)
-    def build_targets(apply_fn, teacher_params, batch, rng, cfg) -> tuple[Regression, dict]: ...
+    @register("name", uses_teacher=True, sampler=EULER)
+    def build_targets(apply_fn, teacher_params, batch, rng, settings, step=0):
+        ...  # -> (Regression, {metric name: scalar})
+
+`settings` is the frozen `ObjectiveConfig` read from the run config; "cfg" in a name always means
+classifier-free guidance (`bootstrap_cfg`, `cfg_scale`).
 """
 
 from __future__ import annotations
@@ -17,33 +24,45 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 
 @flax.struct.dataclass
 class Regression:
-    """One regression batch: regress apply_fn(params, x_t, t, d_level, labels) onto target.
+    """One regression batch: regress apply_fn(params, x_t, t, d, labels) onto target.
+
+    The train step minimises mean(weight * loss_weighting(e) * e) with e the per-example mean
+    squared error (`Objective.loss_weighting`, stop-gradient; 1 when None).
 
     Attributes:
       x_t: (B, ...) network input.
-      t: (B,) float32 time in [0, 1].
-      d_level: (B,) int32 step-size level, d = 2**-d_level.
+      t: (B,) float32 time in [0, 1] (0 = noise, 1 = data).
+      d: (B,) float32 step size in [0, 1] (2**-level for the dyadic levels).
       labels: (B,) int32 class labels, num_classes = null class.
       target: (B, ...) regression target (already stop-gradient).
       is_bootstrap: (B,) bool, True for self-consistency examples.
+      weight: (B,) float32 fixed per-example loss weights.
     """
 
     x_t: jax.Array
     t: jax.Array
-    d_level: jax.Array
+    d: jax.Array
     labels: jax.Array
     target: jax.Array
     is_bootstrap: jax.Array
+    weight: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """The fields of the run config that objectives read (frozen: hashable, safe inside jit)."""
+    """The fields of the run config that objectives and their samplers read.
 
+    Frozen, so it is hashable and safe as a static argument of jit. Fields of one objective carry
+    its prefix and come from its sub-config (`config.meanflow`, `config.diffusion`,
+    `config.consistency`, `config.live_reflow`).
+    """
+
+    name: str
     denoise_timesteps: int
     bootstrap_every: int
     bootstrap_cfg: bool
@@ -51,11 +70,32 @@ class ObjectiveConfig:
     class_dropout_prob: float
     target_clip: float
     num_classes: int
+    total_steps: int = 1
+    meanflow_ratio_r_neq_t: float = 0.25
+    meanflow_time_mean: float = -0.4
+    meanflow_time_std: float = 1.0
+    meanflow_adaptive_p: float = 1.0
+    meanflow_adaptive_c: float = 1e-3
+    diffusion_schedule: str = "cosine"
+    diffusion_prediction: str = "eps"
+    diffusion_clip_x0: float = 1.0
+    diffusion_eta: float = 0.0
+    consistency_sigma_min: float = 0.002
+    consistency_sigma_max: float = 80.0
+    consistency_sigma_data: float = 0.5
+    consistency_rho: float = 7.0
+    consistency_s0: int = 2
+    consistency_s1: int = 150
+    consistency_mu0: float = 0.9
+    live_reflow_steps: int = 8
 
     @classmethod
     def from_config(cls, config: Any) -> ObjectiveConfig:
         """Builds it from a run config (ml_collections.ConfigDict)."""
+        mean_flow, ddpm = config.meanflow, config.diffusion
+        consistency, reflow = config.consistency, config.live_reflow
         return cls(
+            name=str(config.objective),
             denoise_timesteps=int(config.denoise_timesteps),
             bootstrap_every=int(config.bootstrap_every),
             bootstrap_cfg=bool(config.bootstrap_cfg),
@@ -63,13 +103,68 @@ class ObjectiveConfig:
             class_dropout_prob=float(config.class_dropout_prob),
             target_clip=float(config.target_clip),
             num_classes=int(config.data.num_classes),
+            total_steps=int(config.total_steps),
+            meanflow_ratio_r_neq_t=float(mean_flow.ratio_r_neq_t),
+            meanflow_time_mean=float(mean_flow.time_mean),
+            meanflow_time_std=float(mean_flow.time_std),
+            meanflow_adaptive_p=float(mean_flow.adaptive_p),
+            meanflow_adaptive_c=float(mean_flow.adaptive_c),
+            diffusion_schedule=str(ddpm.schedule),
+            diffusion_prediction=str(ddpm.prediction),
+            diffusion_clip_x0=float(ddpm.clip_x0),
+            diffusion_eta=float(ddpm.eta),
+            consistency_sigma_min=float(consistency.sigma_min),
+            consistency_sigma_max=float(consistency.sigma_max),
+            consistency_sigma_data=float(consistency.sigma_data),
+            consistency_rho=float(consistency.rho),
+            consistency_s0=int(consistency.s0),
+            consistency_s1=int(consistency.s1),
+            consistency_mu0=float(consistency.mu0),
+            live_reflow_steps=int(reflow.steps),
         )
 
 
 ApplyFn = Callable[..., jax.Array]
-BuildTargets = Callable[
-    [ApplyFn, Any, dict, jax.Array, ObjectiveConfig], tuple[Regression, dict[str, jax.Array]]
-]
+# (apply_fn, teacher_params, batch, rng, settings, step) -> (Regression, metrics); step () int32
+# is the number of updates applied so far (curricula), 0 by default.
+BuildTargets = Callable[..., tuple[Regression, dict[str, jax.Array]]]
+# network(x, t, d) -> the (guided) network output, (B, ...); built by the sampler.
+Network = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How an objective's network becomes samples, one network evaluation per step.
+
+    The sampler (`shortcut_jax.sampling`) walks the step schedule t_0 = 0 < t_1 < ... < t_N = 1
+    (step sizes d_i = t_{i+1} - t_i) from `start(noise)`, calling
+    ``x = step(network, x, t_i, d_i, fresh_noise, settings)`` at each step.
+
+    Attributes:
+      step: (network, x (B, ...), t (B,), d (B,), fresh_noise (B, ...) standard normal,
+        settings) -> next x. Deterministic steps ignore fresh_noise (jit removes it).
+      start: (noise (B, ...) standard normal, settings) -> the state at t = 0.
+    """
+
+    step: Callable[[Network, jax.Array, jax.Array, jax.Array, jax.Array, Any], jax.Array]
+    start: Callable[[jax.Array, Any], jax.Array] = lambda noise, settings: noise
+
+
+def euler_step(
+    network: Network,
+    x: jax.Array,
+    t: jax.Array,
+    d: jax.Array,
+    fresh_noise: jax.Array,
+    settings: ObjectiveConfig,
+) -> jax.Array:
+    """x + d * network(x, t, d): a shortcut step (the network's output is the average velocity
+    over [t, t + d]; for flow matching the instantaneous one)."""
+    del fresh_noise, settings
+    return (x + expand(d, x.ndim) * network(x, t, d)).astype(x.dtype)
+
+
+EULER = Sampler(step=euler_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,27 +174,42 @@ class Objective:
     Attributes:
       name: the value of `config.objective`.
       build_targets: the pure target builder.
-      uses_teacher: the objective evaluates a teacher (the current parameters under
-        stop-gradient or an EMA copy, per `config.bootstrap_teacher`).
+      uses_teacher: the objective evaluates a teacher: the current parameters under stop-gradient
+        or their EMA at `config.teacher_ema_rate`, per `config.bootstrap_teacher`.
+      target_network: the teacher is always the EMA target network, whatever
+        `config.bootstrap_teacher` says (consistency training).
+      teacher_ema_rate: (step (), settings) -> the target network's EMA rate at that step; None =
+        `config.teacher_ema_rate`.
+      loss_weighting: (per-example squared error (B,), settings) -> (B,) weights, applied under
+        stop-gradient (MeanFlow's adaptive weighting); None = 1.
+      sampler: how the network is sampled.
       min_bootstrap_every: smallest valid `config.bootstrap_every` (0 = the field is unused).
+      needs_teacher_run: the objective distils a frozen teacher from another run (room for the
+        distillation methods; no registered objective sets it yet and the loop does not provide
+        one, so `config_lib.validate` refuses such an objective).
     """
 
     name: str
     build_targets: BuildTargets
     uses_teacher: bool
-    min_bootstrap_every: int
+    min_bootstrap_every: int = 0
+    target_network: bool = False
+    teacher_ema_rate: Callable[[jax.Array, ObjectiveConfig], jax.Array] | None = None
+    loss_weighting: Callable[[jax.Array, ObjectiveConfig], jax.Array] | None = None
+    sampler: Sampler = EULER
+    needs_teacher_run: bool = False
 
 
 _REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, *, uses_teacher: bool, min_bootstrap_every: int = 0):
-    """Decorator that registers a target builder under `name`."""
+def register(name: str, *, uses_teacher: bool, **metadata: Any):
+    """Decorator that registers a target builder under `name` with its `Objective` metadata."""
 
     def decorator(fn: BuildTargets) -> BuildTargets:
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
-        _REGISTRY[name] = Objective(name, fn, uses_teacher, min_bootstrap_every)
+        _REGISTRY[name] = Objective(name, fn, uses_teacher, **metadata)
         return fn
 
     return decorator
@@ -117,5 +227,27 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def uses_ema_teacher(objective: Objective, bootstrap_teacher: str) -> bool:
+    """Whether the train state keeps an EMA teacher / target network for `objective`."""
+    return objective.target_network or (objective.uses_teacher and bootstrap_teacher == "ema")
+
+
+def unit_weights(batch_size: int) -> jax.Array:
+    """(B,) float32 ones: the weights of an unweighted regression."""
+    return jnp.ones((batch_size,), jnp.float32)
+
+
+def expand(values: jax.Array, ndim: int) -> jax.Array:
+    """Appends singleton axes to per-example values (B,) so they broadcast against (B, ...)."""
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
 # Importing the modules registers them.
-from shortcut_jax.objectives import flow_matching, shortcut  # noqa: E402, F401
+from shortcut_jax.objectives import (  # noqa: E402, F401
+    consistency_training,
+    diffusion,
+    flow_matching,
+    live_reflow,
+    meanflow,
+    shortcut,
+)

@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from shortcut_jax import timesteps
-from shortcut_jax.objectives import ApplyFn, ObjectiveConfig, Regression, register
+from shortcut_jax.objectives import (
+    ApplyFn,
+    ObjectiveConfig,
+    Regression,
+    expand,
+    register,
+    unit_weights,
+)
 from shortcut_jax.objectives.flow_matching import drop_labels, flow_part
 
 
@@ -26,35 +33,35 @@ def teacher_velocity(
     teacher_params: Any,
     x: jax.Array,
     t: jax.Array,
-    d_level: jax.Array,
+    d: jax.Array,
     labels: jax.Array,
-    cfg: ObjectiveConfig,
+    settings: ObjectiveConfig,
 ) -> jax.Array:
     """The teacher's velocity s(x, t, d), guided where CFG inside the targets applies.
 
-    With `bootstrap_cfg`, examples whose teacher level is the flow level (the only level trained on
-    unguided flow targets) get v_null + cfg_scale * (v_cond - v_null); coarser levels inherit the
-    guidance through bootstrapping, so guiding them again would compound it. Null-labelled
-    examples are unaffected (v_cond == v_null for them).
+    With `bootstrap_cfg`, examples whose teacher step is the smallest one (the only step size
+    trained on unguided flow targets) get v_null + cfg_scale * (v_cond - v_null); coarser steps
+    inherit the guidance through bootstrapping, so guiding them again would compound it.
+    Null-labelled examples are unaffected (v_cond == v_null for them).
 
     Args:
-      x: (B, ...) inputs. t: (B,). d_level: (B,) teacher levels. labels: (B,).
+      x: (B, ...) inputs. t: (B,). d: (B,) float teacher step sizes. labels: (B,).
     """
-    if not (cfg.bootstrap_cfg and cfg.num_classes > 0):
-        return apply_fn(teacher_params, x, t, d_level, labels)
+    if not (settings.bootstrap_cfg and settings.num_classes > 0):
+        return apply_fn(teacher_params, x, t, d, labels)
     batch_size = x.shape[0]
-    null = jnp.full_like(labels, cfg.num_classes)
+    null = jnp.full_like(labels, settings.num_classes)
     both = apply_fn(
         teacher_params,
         jnp.concatenate([x, x]),
         jnp.concatenate([t, t]),
-        jnp.concatenate([d_level, d_level]),
+        jnp.concatenate([d, d]),
         jnp.concatenate([labels, null]),
     )
     v_cond, v_null = both[:batch_size], both[batch_size:]
-    v_guided = v_null + cfg.cfg_scale * (v_cond - v_null)
-    at_flow_level = d_level == timesteps.flow_level(cfg.denoise_timesteps)
-    return jnp.where(_expand(at_flow_level, x.ndim), v_guided, v_cond)
+    v_guided = v_null + settings.cfg_scale * (v_cond - v_null)
+    at_flow_level = d <= 1.0 / settings.denoise_timesteps
+    return jnp.where(expand(at_flow_level, x.ndim), v_guided, v_cond)
 
 
 def bootstrap_targets(
@@ -64,72 +71,76 @@ def bootstrap_targets(
     t: jax.Array,
     d_level: jax.Array,
     labels: jax.Array,
-    cfg: ObjectiveConfig,
+    settings: ObjectiveConfig,
 ) -> jax.Array:
     """Mean of two teacher half steps of size d = 2**-(d_level + 1), clipped to +-target_clip.
 
     Args:
-      x_t: (B, ...) start points. t: (B,) start times. d_level: (B,) student levels (step 2d).
+      x_t: (B, ...) start points. t: (B,) start times. d_level: (B,) int student levels (step 2d).
       labels: (B,) labels.
 
     Returns:
       (B, ...) stop-gradient targets for the student s(x_t, t, 2d).
     """
-    teacher_level = d_level + 1
-    d = _expand(timesteps.step_size(teacher_level), x_t.ndim)
-    v_first = teacher_velocity(apply_fn, teacher_params, x_t, t, teacher_level, labels, cfg)
-    x_mid = _clip(x_t + d * v_first, cfg.target_clip)
-    t_mid = t + timesteps.step_size(teacher_level)
-    v_second = teacher_velocity(apply_fn, teacher_params, x_mid, t_mid, teacher_level, labels, cfg)
-    target = _clip((v_first + v_second) / 2, cfg.target_clip)
+    d = timesteps.step_size(d_level + 1)
+    v_first = teacher_velocity(apply_fn, teacher_params, x_t, t, d, labels, settings)
+    x_mid = _clip(x_t + expand(d, x_t.ndim) * v_first, settings.target_clip)
+    v_second = teacher_velocity(apply_fn, teacher_params, x_mid, t + d, d, labels, settings)
+    target = _clip((v_first + v_second) / 2, settings.target_clip)
     return jax.lax.stop_gradient(target)
 
 
 @register("shortcut", uses_teacher=True, min_bootstrap_every=2)
 def shortcut_targets(
-    apply_fn: ApplyFn, teacher_params: Any, batch: dict, rng: jax.Array, cfg: ObjectiveConfig
+    apply_fn: ApplyFn,
+    teacher_params: Any,
+    batch: dict,
+    rng: jax.Array,
+    settings: ObjectiveConfig,
+    step: jax.Array | int = 0,
 ) -> tuple[Regression, dict[str, jax.Array]]:
     """Builds the shortcut regression batch: bootstrap part first, then the flow part.
 
     Args:
-      apply_fn: apply_fn(params, x, t, d_level, labels) -> velocity.
+      apply_fn: apply_fn(params, x, t, d, labels) -> velocity.
       teacher_params: parameters of the teacher (stop-gradient of the current ones, or an EMA).
       batch: {'image': (B, ...) data in [-1, 1], 'label': (B,) int32}.
       rng: key.
-      cfg: objective config.
+      settings: objective config.
+      step: unused.
 
     Returns:
       The Regression over all B examples and diagnostics.
     """
+    del step
     x1 = batch["image"]
     batch_size = x1.shape[0]
-    num_bootstrap = batch_size // cfg.bootstrap_every
+    num_bootstrap = batch_size // settings.bootstrap_every
     noise_rng, drop_rng, boot_rng, flow_rng = jax.random.split(rng, 4)
     x0 = jax.random.normal(noise_rng, x1.shape, x1.dtype)
-    labels = drop_labels(drop_rng, batch["label"], cfg)
+    labels = drop_labels(drop_rng, batch["label"], settings)
 
     d_level, t = timesteps.sample_bootstrap_levels_and_times(
-        boot_rng, num_bootstrap, cfg.denoise_timesteps
+        boot_rng, num_bootstrap, settings.denoise_timesteps
     )
     x_t = timesteps.interpolate(x0[:num_bootstrap], x1[:num_bootstrap], t)
     boot_labels = labels[:num_bootstrap]
-    target = bootstrap_targets(apply_fn, teacher_params, x_t, t, d_level, boot_labels, cfg)
+    target = bootstrap_targets(apply_fn, teacher_params, x_t, t, d_level, boot_labels, settings)
     bootstrap = Regression(
         x_t=x_t,
         t=t,
-        d_level=d_level,
+        d=timesteps.step_size(d_level),
         labels=boot_labels,
         target=target,
         is_bootstrap=jnp.ones((num_bootstrap,), bool),
+        weight=unit_weights(num_bootstrap),
     )
-    flow = flow_part(flow_rng, x0[num_bootstrap:], x1[num_bootstrap:], labels[num_bootstrap:], cfg)
+    flow = flow_part(
+        flow_rng, x0[num_bootstrap:], x1[num_bootstrap:], labels[num_bootstrap:], settings
+    )
     regression = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), bootstrap, flow)
     metrics = {"bootstrap_target_rms": jnp.sqrt(jnp.mean(jnp.square(target)))}
     return regression, metrics
-
-
-def _expand(values: jax.Array, ndim: int) -> jax.Array:
-    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
 
 
 def _clip(x: jax.Array, limit: float) -> jax.Array:
