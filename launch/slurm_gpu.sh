@@ -191,7 +191,8 @@ check_header_value() {
   local flag=$1 value=$2
   if [[ $value == *$'\n'* || $value == *$'\r'* || $value =~ [\;\&\|\`\$\<\>\'\"\\] ]]; then
     die "$flag $(printf '%q' "$value") is written into an #SBATCH line and may not hold a newline or any of" \
-      "; & | \` \$ < > ' \" \\ (give plain values, e.g. --partition gpu --sbatch-arg=--qos=high)"
+      "; & | \` \$ < > ' \" \\ (give plain values, e.g. --partition gpu --sbatch-arg=--qos=high;" \
+      "sbatch's input variables pass anything else, e.g. SBATCH_CONSTRAINT='a100&ib' $PROG ...)"
   fi
 }
 check_header_value --time "$TIME_LIMIT"

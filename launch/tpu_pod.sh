@@ -316,6 +316,7 @@ remote_path() {
   if [[ $path == /* ]]; then
     printf '"%s"' "$path"
   else
+    # shellcheck disable=SC2016 # $HOME is for the worker's shell to expand
     printf '"$HOME/%s"' "${path#./}"
   fi
 }
@@ -582,7 +583,6 @@ if ((DELETE_AFTER)); then
 fi
 
 if ((!DRY_RUN)); then
-  location=$(shell_join "${GCLOUD_LOCATION[@]}")
   note "training runs in the background on every worker of $NAME. Follow it with:"
   note "  $(shell_join "${SSH[@]}" --worker=0 --command "$TAIL_CMD")"
   note "delete the TPU when done: $(shell_join "${DELETE_CMD[@]}")"
