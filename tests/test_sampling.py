@@ -394,3 +394,50 @@ def test_sample_batch_on_a_mesh_matches_the_local_sampler(tiny_model):
         model.apply, params, jax.random.key(7), mesh=mesh, batch_size=4, **kwargs
     )
     np.testing.assert_allclose(on_mesh, local, rtol=1e-5, atol=1e-6)
+
+
+# --- objective-owned samplers -----------------------------------------------------------------
+
+
+def _objective_settings(name: str):
+    from shortcut_jax import configs, objectives
+
+    config = configs.base_config()
+    config.objective = name
+    config.denoise_timesteps = DENOISE_TIMESTEPS
+    return objectives.ObjectiveConfig.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["shortcut", "flow_matching", "live_reflow", "meanflow"])
+def test_euler_objectives_sample_exactly_as_the_default(name):
+    noise = jax.random.normal(jax.random.key(0), (3, 2))
+    labels = jnp.zeros((3,), jnp.int32)
+    kwargs = dict(num_steps=3, denoise_timesteps=DENOISE_TIMESTEPS)
+    default = sampling.sample(_linear_velocity, {}, noise, labels, **kwargs)
+    owned = sampling.sample(
+        _linear_velocity, {}, noise, labels, objective=_objective_settings(name), **kwargs
+    )
+    np.testing.assert_array_equal(np.asarray(owned), np.asarray(default))
+
+
+def test_stochastic_sampler_does_not_depend_on_chunk_size():
+    settings = _objective_settings("consistency_training")
+    kwargs = dict(num=6, shape=(2,), num_steps=4, denoise_timesteps=DENOISE_TIMESTEPS)
+    rng = jax.random.key(3)
+    whole, _ = sampling.sample_batch(_linear_velocity, {}, rng, objective=settings, **kwargs)
+    chunked, _ = sampling.sample_batch(
+        _linear_velocity, {}, rng, objective=settings, batch_size=4, **kwargs
+    )
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    euler, _ = sampling.sample_batch(_linear_velocity, {}, rng, **kwargs)
+    assert not np.allclose(euler, whole)
+
+
+def test_objective_must_be_the_runs_objective_config():
+    with pytest.raises(ValueError, match="ObjectiveConfig.from_config"):
+        sampling.make_sampler(
+            _linear_velocity,
+            num_steps=2,
+            denoise_timesteps=DENOISE_TIMESTEPS,
+            objective="diffusion",
+        )
