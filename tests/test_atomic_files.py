@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -36,3 +37,24 @@ def test_temporary_names_are_unique_and_keep_the_suffix(tmp_path):
             names.add(temporary)
             open(temporary, "wb").close()
     assert len(names) == 3
+
+
+def test_writers_sharing_a_name_never_leave_a_mixed_or_partial_file(tmp_path):
+    path = tmp_path / "reference_features.npz"
+    big = {value: np.full((200, 256), value, np.float32) for value in (1.0, 2.0)}
+
+    def write(value: float) -> None:
+        for _ in range(10):
+            atomic_files.write_npz(path, features=big[value])
+
+    threads = [threading.Thread(target=write, args=(value,)) for value in big]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        if path.exists():
+            with np.load(path) as stored:  # never truncated, never two writers mixed
+                values = np.unique(stored["features"])
+            assert len(values) == 1 and float(values[0]) in big
+    for thread in threads:
+        thread.join()
+    assert os.listdir(tmp_path) == [path.name]
