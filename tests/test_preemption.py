@@ -32,7 +32,10 @@ def cli_args(workdir, total_steps: int, checkpoint_every: int, *extra: str) -> l
 
 
 def saved_steps(workdir) -> list[int]:
+    """The complete checkpoints in `workdir` (none before its first save)."""
     directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
     return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
 
 
