@@ -19,7 +19,7 @@ from etils import epath
 from tqdm import tqdm
 
 from shortcut_jax import checkpoint, cli_inputs, sharding
-from shortcut_jax.evaluators import features, inception, report, sweep
+from shortcut_jax.evaluators import fd_mnist, features, inception, report, sweep
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_list("steps", None, "Step budgets; default 1, 2, 4, ..., denoise_timesteps.")
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
         checkpoint.CheckpointError,
         sweep.EvaluationError,
         inception.InceptionWeightsError,
+        fd_mnist.CacheError,
         features.NonFiniteImagesError,
     ):
         _evaluate()

@@ -21,7 +21,7 @@ from etils.epath import gpath, testing
 from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import atomic_files, cli_inputs, config_lib, train
-from shortcut_jax.evaluators import features, fid, report, sweep
+from shortcut_jax.evaluators import fd_mnist, features, fid, report, sweep
 
 
 def toy_net(dim: int = 4) -> features.FeatureNet:
@@ -85,6 +85,17 @@ def test_sample_and_evaluate_refuse_bad_flags_and_missing_steps_in_one_line(tiny
     line = _error_line(evaluate)
     assert "--checkpoint_step=7" in line and "saved steps: [3]" in line
     assert not (tiny_run / "eval").exists()
+
+
+def test_evaluate_names_a_broken_classifier_cache_in_one_line(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_JAX_CACHE", str(tmp_path))
+    broken = Path(fd_mnist.cache_path(str(tmp_path)))
+    broken.write_bytes(b"")
+    result = run_module(
+        "shortcut_jax.evaluate", f"--workdir={tiny_run}", "--metrics=fd_mnist", "--num=2"
+    )
+    line = _error_line(result)
+    assert str(broken) in line and "Delete it and it will be retrained" in line
 
 
 def test_fid_stats_names_a_truncated_images_file(tmp_path):

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from shortcut_jax import atomic_files, cli_inputs, configs, sharding
-from shortcut_jax.evaluators import features, fid, sweep
+from shortcut_jax.evaluators import fd_mnist, features, fid, sweep
 from shortcut_jax.evaluators.inception import InceptionWeightsError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,7 +78,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     with cli_inputs.errors_as_one_line(
-        sweep.EvaluationError, InceptionWeightsError, features.NonFiniteImagesError
+        sweep.EvaluationError,
+        InceptionWeightsError,
+        fd_mnist.CacheError,
+        features.NonFiniteImagesError,
     ):
         _write_statistics()
 
