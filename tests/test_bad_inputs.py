@@ -158,6 +158,10 @@ def test_nan_images_reaching_an_evaluator_are_an_error_naming_the_count():
     images[4, 2, :2] = np.inf
     with pytest.raises(features.NonFiniteImagesError, match=r"3 of 384 values .*in 2 of 6 images"):
         features.compute_features(toy_net(), images)
+    many = np.zeros((600, 2, 2, 1), np.float32)  # counted across the check's chunks
+    many[0, 0, 0], many[599, 1, 1] = np.nan, -np.inf
+    with pytest.raises(features.NonFiniteImagesError, match=r"2 of 2,400 values .*in 2 of 600"):
+        features.check_finite_images(many)
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape"])

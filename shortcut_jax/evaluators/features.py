@@ -50,6 +50,9 @@ class FeatureNet:
     batch_size: int = 64
 
 
+_CHECK_CHUNK = 256
+
+
 class NonFiniteImagesError(FloatingPointError):
     """Images reaching a feature network hold NaN or inf (a diverged sampler or decoder)."""
 
@@ -60,13 +63,17 @@ def check_finite_images(images: np.ndarray, what: str = "the images") -> None:
     Quantization would otherwise turn NaN into mid-grey and inf into black or white, and the
     score would silently describe images nobody generated.
     """
-    finite = np.isfinite(images)
-    if finite.all():
+    images = np.asarray(images)
+    bad_values = bad_images = 0
+    for start in range(0, len(images), _CHECK_CHUNK):  # chunks: no image-sized mask at once
+        finite = np.isfinite(images[start : start + _CHECK_CHUNK])
+        if not finite.all():
+            bad_values += int(finite.size - np.count_nonzero(finite))
+            bad_images += int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
+    if not bad_values:
         return
-    bad_values = int(finite.size - np.count_nonzero(finite))
-    bad_images = int(np.count_nonzero(~finite.reshape(len(images), -1).all(axis=1)))
     raise NonFiniteImagesError(
-        f"{what}: {bad_values:,} of {finite.size:,} values are NaN or inf (in {bad_images} of "
+        f"{what}: {bad_values:,} of {images.size:,} values are NaN or inf (in {bad_images} of "
         f"{len(images)} images); the sampler or the VAE decoder diverged: check the training "
         "losses, or evaluate an earlier --checkpoint_step"
     )
