@@ -2,8 +2,9 @@
 
 `guard_start(config, workdir)` (a context manager around the whole run):
   1. the workdir can be created and written, and its disk has `MIN_FREE_BYTES` free;
-  2. no other run holds the workdir: process 0 takes `WORKDIR/run.lock` with `fcntl.flock`, which
-     the kernel drops when the holder exits or is killed, so a crashed run never leaves it stuck;
+  2. no other run holds the workdir: process 0 takes `workdir_lock.lock_for(workdir)`, a flock the
+     kernel drops when the holder exits or is killed (a lease that goes stale on buckets), so a
+     crashed run never leaves the workdir stuck;
   3. a resume continues the same run: the config saved in the newest checkpoint (and the process
      count of the previous start) is compared with the given one (`resume_policy`), and a change
      that would alter the run stops it with one `ResumeMismatchError` listing every field.
@@ -15,16 +16,13 @@ step, host, process and device counts, jax version, the fields changed since the
 the full config) and refuses to train when not even one more checkpoint fits on the disk.
 `WORKDIR/config.json` keeps holding the config of the newest start, as every reader expects.
 
-Bucket workdirs (gs://...) are probed for writes but have no lock (an object store has no lock
-the kernel releases when a holder dies) and no free-space check: run one job per bucket workdir.
+Bucket workdirs (gs://...) are probed for writes but have no free-space check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -38,29 +36,21 @@ from absl import logging
 from etils import epath
 
 from shortcut_jax import atomic_files, checkpoint, config_lib, resume_policy
+from shortcut_jax.workdir_lock import (  # noqa: F401 - the errors of a refused start, in one place
+    RunGuardError,
+    WorkdirBusyError,
+    WorkdirUnusableError,
+    lock_for,
+)
 
-LOCK_NAME = "run.lock"
-HOLDER_NAME = "run.lock.json"
 HISTORY_NAME = "starts.json"
 # Room for the config, metric events, logs and a few sample grids before the first checkpoint;
 # `record_start` then checks the room for checkpoints from the real size of the state.
 MIN_FREE_BYTES = 256 * 2**20
 
 
-class RunGuardError(RuntimeError):
-    """A training start is refused before any work; the message says why and what to do."""
-
-
 class ResumeMismatchError(RunGuardError):
     """The given config would change the run saved in the workdir."""
-
-
-class WorkdirBusyError(RunGuardError):
-    """Another run is training in the same workdir."""
-
-
-class WorkdirUnusableError(RunGuardError):
-    """The workdir cannot be written, or its disk is (nearly) full."""
 
 
 # ----------------------------------------------------------------------- writable, free space
@@ -103,72 +93,6 @@ def _check_free(path: str, needed: int, purpose: str) -> None:
 
 def _mib(size: float) -> str:
     return f"{size / 2**20:,.0f} MiB"
-
-
-# ----------------------------------------------------------------------- one run per workdir
-
-
-class WorkdirLock:
-    """An exclusive `fcntl.flock` on WORKDIR/run.lock, held until `release()` or process exit.
-
-    The lock belongs to the open file: a killed holder's lock vanishes with it. Who holds it is
-    written beside it (run.lock.json) only to name the holder in the refusal.
-    """
-
-    def __init__(self, workdir: str):
-        self.directory = str(checkpoint.workdir_path(workdir))
-        self.path = os.path.join(self.directory, LOCK_NAME)
-        self.holder_path = os.path.join(self.directory, HOLDER_NAME)
-        self._fd: int | None = None
-
-    def acquire(self) -> WorkdirLock:
-        """Takes the lock without waiting.
-
-        Raises:
-          WorkdirBusyError: another process (or another open of the lock in this one) holds it.
-        """
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise WorkdirUnusableError(
-                f"cannot create the lock file {self.path}: {error}"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise WorkdirUnusableError(
-                    f"cannot lock {self.path} ({error}): this file system has no working flock"
-                ) from None
-            raise WorkdirBusyError(
-                f"another run is training in {self.directory} ({self._holder()}): wait for it "
-                "to finish, stop it, or pass another --workdir"
-            ) from None
-        self._fd = fd
-        atomic_files.write_json(self.holder_path, _this_process())
-        return self
-
-    def release(self) -> None:
-        """Drops the lock (idempotent)."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.holder_path)
-        os.close(self._fd)  # closing the only descriptor releases the flock
-        self._fd = None
-
-    def _holder(self) -> str:
-        try:
-            with open(self.holder_path) as handle:
-                holder = json.load(handle)
-            return f"pid {holder['pid']} on {holder['host']}, started {holder['time']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
-
-
-def _this_process() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "time": _now()}
 
 
 def _now() -> str:
@@ -368,8 +292,7 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Non
     if jax.process_index() == 0:
         try:
             check_workdir_usable(workdir)
-            if not atomic_files.is_remote(workdir):
-                lock = WorkdirLock(workdir).acquire()
+            lock = lock_for(str(checkpoint.workdir_path(workdir))).acquire()
         except RunGuardError as error:
             refusal = error
     try:

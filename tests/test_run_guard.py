@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -15,7 +17,15 @@ from absl import flags
 from ml_collections import config_flags
 from tiny import REPO, free_port, run_module, run_processes, tiny_mnist_config
 
-from shortcut_jax import checkpoint, config_lib, configs, resume_policy, run_guard, train
+from shortcut_jax import (
+    checkpoint,
+    config_lib,
+    configs,
+    resume_policy,
+    run_guard,
+    train,
+    workdir_lock,
+)
 
 
 def _compare(old, new, step=100):
@@ -210,20 +220,20 @@ def test_a_resume_on_another_process_count_is_compared(tmp_path):
 def test_a_second_run_in_a_locked_workdir_is_refused_until_the_lock_is_released(tmp_path):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    first = run_guard.WorkdirLock(workdir).acquire()
+    first = workdir_lock.WorkdirLock(workdir).acquire()
     with pytest.raises(run_guard.WorkdirBusyError, match=f"pid {os.getpid()} on "):
-        run_guard.WorkdirLock(workdir).acquire()  # another open file description
+        workdir_lock.WorkdirLock(workdir).acquire()  # another open file description
     with pytest.raises(run_guard.WorkdirBusyError, match="another run is training in"):
         train.train_and_evaluate(tiny_mnist_config(3), workdir)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # refused before any work
     first.release()
-    run_guard.WorkdirLock(workdir).acquire().release()
+    workdir_lock.WorkdirLock(workdir).acquire().release()
 
 
 _HOLD = """
 import sys
-from shortcut_jax import run_guard
-run_guard.WorkdirLock(sys.argv[1]).acquire()
+from shortcut_jax import workdir_lock
+workdir_lock.WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -241,12 +251,59 @@ def test_a_killed_holder_does_not_leave_the_workdir_locked(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(run_guard.WorkdirBusyError, match=f"pid {holder.pid} on "):
-            run_guard.WorkdirLock(workdir).acquire()
+            workdir_lock.WorkdirLock(workdir).acquire()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert holder.returncode == -signal.SIGKILL
-    run_guard.WorkdirLock(workdir).acquire().release()
+    workdir_lock.WorkdirLock(workdir).acquire().release()
+
+
+def test_a_bucket_lease_refuses_a_live_run_and_is_taken_over_once_stale(tmp_path):
+    now = [1000.0]
+
+    def lease() -> workdir_lock.BucketLease:
+        return workdir_lock.BucketLease(
+            str(tmp_path), renew=3600, stale=180, settle=0, clock=lambda: now[0]
+        )
+
+    first = lease().acquire()
+    now[0] += 60
+    with pytest.raises(
+        run_guard.WorkdirBusyError,
+        match=rf"pid {os.getpid()} on .*, lease renewed 60 s ago\).* 180 s after its last renewal",
+    ):
+        lease().acquire()
+    now[0] += 200  # the first run stopped renewing (killed): its lease is stale
+    second = lease().acquire()
+    first.release()  # a run that lost its lease leaves the new holder's alone
+    assert second.read()["token"] == second.token
+    second.release()
+    assert second.read() is None
+
+
+def test_a_bucket_lease_is_renewed_by_its_heartbeat(tmp_path):
+    lease = workdir_lock.BucketLease(str(tmp_path), renew=0.05, settle=0).acquire()
+    try:
+        first = lease.read()["heartbeat"]
+        time.sleep(0.5)
+        assert lease.read()["heartbeat"] > first
+    finally:
+        lease.release()
+
+
+def test_of_two_bucket_starts_in_the_same_moment_the_last_writer_keeps_the_lease(tmp_path):
+    first = workdir_lock.BucketLease(str(tmp_path), settle=0.5)
+    other = workdir_lock.BucketLease(str(tmp_path))
+    threading.Timer(0.1, other._write).start()  # another host writes while `first` settles
+    with pytest.raises(run_guard.WorkdirBusyError, match="started just now"):
+        first.acquire()
+    assert first.read()["token"] == other.token
+
+
+def test_bucket_workdirs_get_a_lease_and_local_ones_a_flock(tmp_path):
+    assert isinstance(workdir_lock.lock_for("gs://bucket/run"), workdir_lock.BucketLease)
+    assert isinstance(workdir_lock.lock_for(str(tmp_path)), workdir_lock.WorkdirLock)
 
 
 def test_an_unwritable_workdir_is_refused_by_name(tmp_path):
@@ -304,7 +361,7 @@ except run_guard.RunGuardError as error:
 
 def test_every_process_stops_when_process_0_refuses_the_start(tmp_path):
     workdir = str(tmp_path)
-    lock = run_guard.WorkdirLock(workdir).acquire()  # a run already trains here
+    lock = workdir_lock.WorkdirLock(workdir).acquire()  # a run already trains here
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO / "tests")}
     commands = [[sys.executable, "-c", _START, str(port), str(i), workdir] for i in range(2)]
