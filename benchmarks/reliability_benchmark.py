@@ -441,6 +441,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="reliability_") as scratch:
         for stage in args.stages.split(","):
+            meta = {  # the machine before the stage: load and matmul rate
+                **flops_benchmark.run_meta(quick=False),
+                "matmul_gflops_2048": float(flops_benchmark.matmul_rate(2048, 15)["gflops_median"]),
+            }
             started = time.perf_counter()
             directory = Path(scratch) / stage
             directory.mkdir()
@@ -450,11 +454,8 @@ def main() -> None:
                 results["bad_inputs"] = bad_inputs_stage(directory)
             else:
                 raise SystemExit(f"--stages: unknown stage {stage!r} (kills, bad_inputs)")
-            results.setdefault("meta", {})[stage] = {
-                **flops_benchmark.run_meta(quick=False),
-                "matmul_gflops_2048": float(flops_benchmark.matmul_rate(2048, 15)["gflops_median"]),
-                "seconds": round(time.perf_counter() - started, 1),
-            }
+            meta["seconds"] = round(time.perf_counter() - started, 1)
+            results.setdefault("meta", {})[stage] = meta
             atomic_files.write_json(out, results)
     print(markdown(results))
 
