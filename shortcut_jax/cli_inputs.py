@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import sys
+import uuid
 from collections.abc import Iterator
 
 USAGE_EXIT_CODE = 2
@@ -45,6 +48,39 @@ def check_guidance_scale(flag: str, value: float | None) -> float | None:
             "(1 = no guidance); leave it out to use the run's sample_cfg_scale"
         )
     return value
+
+
+def check_output_directory(flag: str, directory: str, needed_bytes: int) -> None:
+    """Creates `directory` and writes a probe there; checks the free space for local paths.
+
+    Called before sampling, so an unwritable or full output disk is reported in seconds, not
+    after the samples are computed.
+
+    Raises:
+      InputError: naming `flag`, the directory and the OS error or the free space.
+    """
+    from etils import epath
+
+    from shortcut_jax import atomic_files
+
+    path = epath.Path(directory)
+    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_files.write_bytes(probe, b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(
+            f"{flag}: cannot write to {directory} ({type(error).__name__}: {error})"
+        ) from None
+    if atomic_files.is_remote(directory):
+        return
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise InputError(
+            f"{flag}: the disk of {directory} has {free / 2**20:,.0f} MiB free, the output needs "
+            f"about {needed_bytes / 2**20:,.0f} MiB: free some space or write elsewhere"
+        )
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -107,6 +107,7 @@ def _evaluate() -> None:
         _OUT.value or checkpoint.workdir_path(_WORKDIR.value) / "eval" / f"step_{step}"
     )
     cache_dir = _CACHE.value or str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
+    cli_inputs.check_output_directory("--out", str(out), 2**20)  # before hours of sampling
     names = sweep.metric_names(config, _METRICS.value)
     metrics = sweep.build_metrics(
         config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value

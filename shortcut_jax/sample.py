@@ -104,6 +104,12 @@ def _sample() -> None:
         if not 0 <= _LABEL.value < max(num_classes, 1):
             raise cli_inputs.InputError(f"--label={_LABEL.value}: allowed 0..{num_classes - 1}")
         labels = np.full((num,), _LABEL.value, np.int32)
+    out = _OUT.value if atomic_files.is_remote(_OUT.value) else os.path.abspath(_OUT.value)
+    shape = latent_space.model_shape(config)
+    if latent_space.uses_vae(config):  # the .npz holds the decoded images, not the latents
+        shape = latent_space.pixel_shape(config)
+    needed = 4 * num * int(np.prod(shape))  # float32 images (any old file stays until replaced)
+    cli_inputs.check_output_directory("--out", os.path.dirname(out), needed)
     cfg_scale = latent_space.guidance_scale(config, _STEPS.value, _CFG.value)
     mesh = sharding.make_mesh(config, jax.local_devices())
     samples, sample_labels = sampling.sample_batch(
@@ -123,7 +129,7 @@ def _sample() -> None:
     # Latent runs decode to pixels here; images are clipped to [-1, 1] only after decoding.
     samples = latent_space.PixelDecoder.for_config(config, mesh, _BATCH.value)(samples)
     png = write_samples(
-        _OUT.value,
+        out,
         samples,
         sample_labels,
         title=f"{_STEPS.value} step(s)",

@@ -87,6 +87,17 @@ def test_sample_and_evaluate_refuse_bad_flags_and_missing_steps_in_one_line(tiny
     assert not (tiny_run / "eval").exists()
 
 
+def test_sample_cli_writes_the_npz_and_the_grid_and_no_temporary(tiny_run, tmp_path):
+    out = tmp_path / "samples" / "s.npz"
+    result = run_module(
+        "shortcut_jax.sample", f"--workdir={tiny_run}", "--num=4", "--steps=2", f"--out={out}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out) as stored:
+        assert stored["images"].shape == (4, 28, 28, 1)
+    assert sorted(os.listdir(out.parent)) == ["s.npz", "s.png"]
+
+
 def test_evaluate_names_a_broken_classifier_cache_in_one_line(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SHORTCUT_JAX_CACHE", str(tmp_path))
     broken = Path(fd_mnist.cache_path(str(tmp_path)))
@@ -138,6 +149,19 @@ def test_a_workdir_that_is_not_a_run_is_reported_and_left_untouched(tmp_path, ti
         cli_inputs.checkpoint_step(str(tmp_path), None)
     assert cli_inputs.checkpoint_step(str(tiny_run), None) == 3
     assert cli_inputs.checkpoint_step(str(tiny_run), 3) == 3
+
+
+def test_an_unwritable_or_full_output_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(cli_inputs.InputError, match=r"--out: cannot write to .*a_file/eval"):
+        cli_inputs.check_output_directory("--out", str(blocker / "eval"), 1)
+    cli_inputs.check_output_directory("--out", str(tmp_path / "new"), 1)
+    assert os.listdir(tmp_path / "new") == []  # the probe is gone
+    free = mock.Mock(free=5 * 2**20)
+    monkeypatch.setattr(cli_inputs.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(cli_inputs.InputError, match="has 5 MiB free, the output needs about 40"):
+        cli_inputs.check_output_directory("--out", str(tmp_path), 40 * 2**20)
 
 
 def test_errors_as_one_line_exits_2_and_lets_other_errors_through(capsys):
