@@ -3,7 +3,9 @@
     python -m shortcut_jax.main --config experiments/mnist.py --workdir runs/mnist \
         [--config.total_steps=2000] [--config.model.preset=DiT-B/2]
 
-Rerunning the same command resumes from the newest checkpoint in --workdir.
+Rerunning the same command resumes from the newest checkpoint in --workdir. On SIGTERM (a
+preemption) it saves the step reached, waits for the save and exits 0; a NaN/inf loss or state and
+an unreadable checkpoint end it with one `error: ...` line and exit status 1.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from shortcut_jax import config_lib, run_guard, train
+from shortcut_jax import checkpoint, config_lib, run_guard, train
 from shortcut_jax.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,6 +60,12 @@ def main(argv: list[str]) -> None:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except run_guard.RunGuardError as error:  # refused before any work: say why, no traceback
         raise SystemExit(f"error: {error}") from None
+    except (
+        checkpoint.CheckpointError,
+        checkpoint.NonFiniteStateError,
+        train.NonFiniteLossError,
+    ) as error:
+        raise SystemExit(f"error: {error}") from None  # the message names the checkpoint to use
 
 
 if __name__ == "__main__":
