@@ -188,7 +188,7 @@ def test_nan_images_reaching_an_evaluator_are_an_error_naming_the_count():
         features.check_finite_images(many)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape", "other_keys"])
 def test_a_broken_feature_cache_is_recomputed_with_a_warning(tmp_path, caplog, damage):
     net = toy_net()
     first = sweep.noise_features(net, 10, (8, 8, 1), cache_dir=str(tmp_path))
@@ -197,8 +197,10 @@ def test_a_broken_feature_cache_is_recomputed_with_a_warning(tmp_path, caplog, d
         cache.write_bytes(b"")
     elif damage == "truncated":
         cache.write_bytes(cache.read_bytes()[:200])
-    else:
+    elif damage == "wrong_shape":
         np.savez(cache, features=np.zeros((10, 3)), description=np.asarray("wrong"))
+    else:
+        np.savez(cache, mu=np.zeros(3))
     with caplog.at_level(logging.WARNING):
         again = sweep.noise_features(net, 10, (8, 8, 1), cache_dir=str(tmp_path))
     np.testing.assert_array_equal(again, first)

@@ -157,15 +157,17 @@ def _cache_file(cache_dir: str | None, prefix: str, *key: Any) -> epath.Path | N
 
 def _read_cache(cache: epath.Path, dim: int, max_num: int) -> tuple[np.ndarray, str]:
     """(features, description) stored in `cache`; ValueError saying what is wrong with it."""
+    wanted = ("features", "description")
     try:
         with cache.open("rb") as f, np.load(f, allow_pickle=False) as stored:
-            missing = [key for key in ("features", "description") if key not in stored.files]
-            if missing:
-                raise ValueError(f"it lacks {missing}")
-            feats = np.asarray(stored["features"])
-            description = str(stored["description"])
+            keys = sorted(stored.files)
+            if set(wanted) <= set(keys):
+                feats = np.asarray(stored["features"])
+                description = str(stored["description"])
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise ValueError(f"unreadable: {type(error).__name__}: {error}") from error
+    if not set(wanted) <= set(keys):
+        raise ValueError(f"it holds {keys}, not {list(wanted)}")
     if feats.ndim != 2 or feats.shape[1] != dim or not 2 <= len(feats) <= max_num:
         raise ValueError(f"features of shape {feats.shape}, expected (N <= {max_num}, {dim})")
     if not np.all(np.isfinite(feats)):
