@@ -2,8 +2,9 @@
 
 Each check raises `InputError` naming the flag (or file), the value and what to do; the CLIs run
 their body inside `errors_as_one_line`, which prints ``error: <message>`` on stderr and exits
-with status 2 (as argparse and absl do for usage errors), without a traceback. Nothing here
-creates files or directories: a workdir that is not a run is reported, not turned into one.
+with status 2 (as argparse and absl do for usage errors), without a traceback. Only
+`check_output_directory` writes (the output directory and a probe it deletes): a workdir that is
+not a run is reported, never turned into one.
 """
 
 from __future__ import annotations
