@@ -4,7 +4,10 @@
         --mesh data=2,fsdp=4,tensor=1 --workdir DIR --steps 3 [--resume_mesh ...]
 
 Prints one JSON line: the logged losses, the mesh shape, and the bytes of the train state each
-device holds (summed from the arrays' addressable shards) and in all.
+device holds (summed from the arrays' addressable shards) and in all. With
+`--objectives meanflow,diffusion,...` it trains each of those objectives instead (in
+DIR/<objective>) and prints their losses; `--coordinator_address/--num_processes/--process_id`
+make it one process of a multi-process run (jax.distributed, gloo collectives).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import tiny_mnist_config  # noqa: E402
 
-from shortcut_jax import models, optim, sharding, train  # noqa: E402
+from shortcut_jax import distributed, models, optim, sharding, train  # noqa: E402
 from shortcut_jax.state import init_state, sharded_abstract_state  # noqa: E402
 
 
@@ -68,7 +71,18 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bootstrap_teacher", default="params")
+    parser.add_argument("--objectives", default="")
+    parser.add_argument("--coordinator_address", default=None)
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args()
+    if args.coordinator_address:
+        distributed.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
+    if args.objectives:
+        train_objectives(args)
+        return
 
     config = tiny_mnist_config(args.steps)
     config.mesh.update(parse_mesh(args.mesh))
@@ -80,6 +94,21 @@ def main() -> None:
         "bytes": state_bytes_per_device(config),
         "process_index": jax.process_index(),
     }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def train_objectives(args: argparse.Namespace) -> None:
+    """Trains the tiny config with each objective of --objectives on the mesh; prints the losses."""
+    losses = {}
+    for objective in args.objectives.split(","):
+        config = tiny_mnist_config(args.steps)
+        config.mesh.update(parse_mesh(args.mesh))
+        config.objective = objective
+        config.bootstrap_teacher = args.bootstrap_teacher
+        config.checkpoint_every_steps = args.steps
+        history = train.train_and_evaluate(config, os.path.join(args.workdir, objective))
+        losses[objective] = {str(step): summary["loss"] for step, summary in history.items()}
+    result = {"mesh": dict(sharding.make_mesh(config).shape), "objective_losses": losses}
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -5,6 +5,7 @@ process restores.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,49 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     # One checkpoint, written by both processes, restores in this single-device process.
     _, state = checkpoint.load_run(str(multi))
     assert int(state.step) == STEPS
+
+
+OBJECTIVES = ("meanflow", "diffusion", "live_reflow", "consistency_training")
+
+
+def objectives_command(workdir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "tests" / "mesh_worker.py"),
+        "--mesh=data=4,fsdp=2",
+        f"--workdir={workdir}",
+        f"--steps={STEPS}",
+        f"--objectives={','.join(OBJECTIVES)}",
+        *extra,
+    ]
+
+
+def worker_losses(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])["objective_losses"]
+
+
+@pytest.mark.slow
+def test_every_objective_trains_in_two_processes_like_in_one(tmp_path):
+    port = free_port()
+    outputs = run_processes(
+        [
+            objectives_command(
+                tmp_path / "two_processes",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={index}",
+            )
+            for index in range(2)
+        ],
+        env=environment(4),
+    )
+    single = run_processes([objectives_command(tmp_path / "one_process")], env=environment(8))
+    reference = worker_losses(single[0][0])
+    for stdout, _ in outputs:
+        losses = worker_losses(stdout)
+        assert sorted(losses) == sorted(OBJECTIVES)
+        for objective in OBJECTIVES:
+            assert sorted(losses[objective]) == sorted(reference[objective]), objective
+            for step, loss in reference[objective].items():
+                np.testing.assert_allclose(losses[objective][step], loss, rtol=1e-5)

@@ -23,7 +23,9 @@ REPO = TESTS.parent
 STEPS = 3
 
 
-def run_worker(mesh: str, workdir: Path, devices: int = 8, steps: int = STEPS) -> dict:
+def run_worker(
+    mesh: str, workdir: Path, devices: int = 8, steps: int = STEPS, extra: tuple[str, ...] = ()
+) -> dict:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -39,6 +41,7 @@ def run_worker(mesh: str, workdir: Path, devices: int = 8, steps: int = STEPS) -
             str(workdir),
             "--steps",
             str(steps),
+            *extra,
         ],
         cwd=REPO,
         env=env,
@@ -127,6 +130,32 @@ def test_checkpoint_from_fsdp_resumes_on_another_mesh(runs, tmp_path):
         np.testing.assert_allclose(
             continued["losses"][step], uninterrupted["losses"][step], rtol=1e-4
         )
+
+
+OBJECTIVES = ("meanflow", "diffusion", "live_reflow", "consistency_training")
+
+
+@pytest.fixture(scope="module")
+def objective_runs(tmp_path_factory) -> dict[str, dict]:
+    """Every newer objective trained on one device and on a data x fsdp x tensor mesh."""
+    root = tmp_path_factory.mktemp("objective_meshes")
+    extra = ("--objectives", ",".join(OBJECTIVES))
+    return {
+        name: run_worker(mesh, root / name, devices, extra=extra)["objective_losses"]
+        for name, (mesh, devices) in {
+            "single": ("data=1", 1),
+            "mixed": ("data=2,fsdp=2,tensor=2", 8),
+        }.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_trains_on_a_mesh_like_one_device(objective_runs, objective):
+    reference, result = objective_runs["single"][objective], objective_runs["mixed"][objective]
+    assert sorted(result) == sorted(reference) == [str(step) for step in range(1, STEPS + 1)]
+    for step, loss in reference.items():
+        np.testing.assert_allclose(result[step], loss, rtol=LOSS_RTOL)
 
 
 def test_mesh_shape_resolves_the_rest_of_the_devices():
