@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -222,13 +223,7 @@ def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable
     """The sub-configs of the objectives (read by objectives.ObjectiveConfig.from_config)."""
     from shortcut_jax.objectives import diffusion
 
-    if config.get("objective") in objectives.names():
-        check(
-            "objective",
-            lambda v: not objectives.get(v).needs_teacher_run,
-            "an objective this version can train (this one needs a frozen teacher run, which the "
-            "train loop does not provide yet)",
-        )
+    _check_teacher(config, check)
     check("meanflow.ratio_r_neq_t", lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]")
     check("meanflow.time_mean", lambda v: math.isfinite(v), "a finite float")
     check("meanflow.time_std", lambda v: v > 0.0, "a float > 0")
@@ -258,6 +253,65 @@ def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable
     )
     check("consistency.mu0", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check("live_reflow.steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+
+
+def _check_teacher(config: ml_collections.ConfigDict, check: Callable) -> None:
+    """config.teacher, config.init_from and config.data.pairs_dir (see shortcut_jax.teacher)."""
+    if not isinstance(config.get("teacher"), ml_collections.ConfigDict):
+        check("teacher", lambda v: False, "a section: start from shortcut_jax.configs")
+        return
+    objective = objectives.get(config.objective) if config.objective in objectives.names() else None
+    if objective is not None and objective.needs_teacher_run:
+        check(
+            "teacher.workdir",
+            lambda v: isinstance(v, str) and v and _dir_exists(os.path.join(v, "checkpoints")),
+            f"the --workdir of a finished run (with a checkpoints/ directory): objective "
+            f"{config.objective!r} distils that frozen teacher",
+        )
+        if latent_space.is_online(config):
+            check(
+                "data.latent_dir",
+                lambda v: bool(v),
+                "precomputed latents (python -m shortcut_jax.tools.encode_latents): objectives "
+                "with a teacher run do not encode images inside the step",
+            )
+    check("teacher.step", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = newest)")
+    check(
+        "teacher.steps_per_stage",
+        lambda v: _is_int(v) and v >= 0,
+        "an integer >= 0 (0 = total_steps split evenly over the stages)",
+    )
+    check(
+        "teacher.stage_steps",
+        lambda v: (
+            all(_is_int(n) and timesteps.is_power_of_two(n) for n in v)
+            and all(a == 2 * b for a, b in zip(tuple(v)[:-1], tuple(v)[1:], strict=True))
+            and all(n <= config.denoise_timesteps // 2 for n in v)
+        ),
+        "() or student step counts that halve stage by stage (e.g. (64, 32, 16, 8, 4, 2, 1)), "
+        "powers of two <= config.denoise_timesteps / 2",
+    )
+    check("teacher.consistency_scales", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
+    check("teacher.target_ema_rate", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check(
+        "init_from",
+        lambda v: isinstance(v, str) and (not v or _dir_exists(os.path.join(v, "checkpoints"))),
+        "'' or the --workdir of a finished run (with a checkpoints/ directory)",
+    )
+    pairs_dir = config.data.get("pairs_dir", "")
+    if objective is not None and objective.uses_pairs:
+        check(
+            "data.pairs_dir",
+            lambda v: isinstance(v, str) and v and _file_exists(os.path.join(v, "pairs.json")),
+            f"a directory written by python -m shortcut_jax.tools.reflow_pairs (objective "
+            f"{config.objective!r} trains on stored pairs)",
+        )
+    elif objective is not None and pairs_dir:
+        check(
+            "data.pairs_dir",
+            lambda v: not v,
+            f"'' for objective {config.objective!r} (stored pairs are for objective 'reflow')",
+        )
 
 
 def _check_mesh(

@@ -51,6 +51,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.consistency.mu0 = 0.9  # target-network EMA rate at N = s0
     config.live_reflow = ml_collections.ConfigDict()  # objective 'live_reflow' (Frans et al.)
     config.live_reflow.steps = 8  # Euler steps of the model's own flow behind each reflow target
+    # A frozen teacher from another finished run, for 'progressive_distillation' and
+    # 'consistency_distillation' (loaded with its own model config onto this run's mesh); 'reflow'
+    # reads pairs its teacher wrote (python -m shortcut_jax.tools.reflow_pairs, data.name
+    # 'reflow_pairs').
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.workdir = ""  # the teacher run's --workdir
+    config.teacher.step = 0  # its checkpoint step; 0 = the newest
+    # progressive_distillation: the student's step count per stage, each half the one before;
+    # () = denoise_timesteps / 2, ..., 2, 1. steps_per_stage 0 = total_steps split evenly.
+    config.teacher.stage_steps = ()
+    config.teacher.steps_per_stage = 0
+    config.teacher.consistency_scales = 18  # consistency_distillation: N (paper: 18 on CIFAR-10)
+    config.teacher.target_ema_rate = 0.95  # consistency_distillation: target network EMA rate mu
+    # Start params, EMA and target network of a fresh run from another run's model (e.g. shortcut
+    # from a pretrained flow_matching run; same config.model). '' = random initialisation.
+    config.init_from = ""
 
     # --- Data ------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
@@ -63,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Precomputed latents (python -m shortcut_jax.tools.encode_latents): when set, training reads
     # them instead of encoding the images above; requires config.vae.path.
     config.data.latent_dir = ""
+    # Noise/sample pairs (python -m shortcut_jax.tools.reflow_pairs) for objective 'reflow': when
+    # set, training reads them instead of the data above (which must describe the same shape).
+    config.data.pairs_dir = ""
     config.data.image_size = 28  # side of the (pixel) images; latents are image_size / f
     config.data.channels = 1
     config.data.num_classes = 10  # 0 = unconditional; label num_classes is the null class

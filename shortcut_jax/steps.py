@@ -65,11 +65,17 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
-) -> Callable[[TrainState, dict], tuple[TrainState, Metrics]]:
-    """Builds the pure train step (state, batch) -> (new_state, metrics) for `config.objective`.
+    teacher_run: objectives.TeacherRun | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """Builds the pure train step (state, batch, teacher_params=None) -> (new_state, metrics).
 
     batch: {'image': (B, ...) float32 in [-1, 1], 'label': (B,) int32}. The caller jits it.
+    For an objective with `needs_teacher_run`, `teacher_run` is the frozen run
+    (`shortcut_jax.teacher.prepare`), whose static fields are used here and whose parameters are
+    passed to each call as `teacher_params` (an argument, so they are not compiled in).
     """
+    if objectives.get(config.objective).needs_teacher_run and teacher_run is None:
+        raise ValueError(f"objective {config.objective!r} needs teacher_run (teacher.prepare)")
     objective = objectives.get(config.objective)
     objective_config = objectives.ObjectiveConfig.from_config(config)
     apply_fn = make_apply_fn(model)
@@ -82,9 +88,15 @@ def make_train_step(
             return jnp.asarray(config.teacher_ema_rate, jnp.float32)
         return objective.teacher_ema_rate(step, objective_config)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: dict, teacher_params: Any = None
+    ) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         teacher = state.teacher_params if ema_teacher else jax.lax.stop_gradient(state.params)
+        if objective.needs_teacher_run:
+            teacher = teacher_run.replace(
+                params=jax.lax.stop_gradient(teacher_params), student=teacher
+            )
         regression, objective_metrics = objective.build_targets(
             apply_fn, teacher, batch, rng, objective_config, state.step
         )

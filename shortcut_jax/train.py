@@ -27,6 +27,7 @@ from shortcut_jax import (
     sampling,
     sharding,
     steps,
+    teacher,
 )
 from shortcut_jax.evaluators import report, sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
@@ -79,6 +80,8 @@ def _train_and_evaluate(
     state, resumed = checkpoint.restore_or_init(
         manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
     )
+    # The frozen teacher run (reloaded on every start) and config.init_from (fresh runs only).
+    teacher_run, state = teacher.prepare(config, workdir, mesh, state, resumed)
     start_step = int(sharding.to_host(state.step))
     run_guard.record_start(config, workdir, start_step, state)  # starts.json and config.json
     num_params = models.count_params(state.params)
@@ -94,12 +97,14 @@ def _train_and_evaluate(
     if not resumed and is_chief:
         writer.write_hparams(_flat_hparams(config))
 
+    teacher_sharding = teacher.shardings(teacher_run)
     train_step = jax.jit(
-        steps.make_train_step(config, model, optimizer),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        steps.make_train_step(config, model, optimizer, teacher_run),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), teacher_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+    train_step = teacher.bind(train_step, teacher_run)
     if latent_space.is_online(config):  # images in, VAE encode inside the same jitted step
         vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
         encode_and_step = jax.jit(

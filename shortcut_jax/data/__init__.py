@@ -20,6 +20,10 @@ Latents: when `config.data.latent_dir` is set, `get_source` ignores `config.data
 `python -m shortcut_jax.tools.encode_latents` wrote for that dataset; its batches hold scaled
 latents, {'image': (B_local, h, w, latent_channels) float32, 'label'} (not bounded to [-1, 1]).
 
+Pairs: when `config.data.pairs_dir` is set (objective 'reflow'), `get_source` returns
+`pairs.PairSource`, the noise/sample pairs `python -m shortcut_jax.tools.reflow_pairs` wrote; its
+batches add {'noise': (B_local, ...) x0} to the teacher's samples in 'image'.
+
 Submodules are imported only when their source is requested, so MNIST and toy2d never pay the
 TensorFlow import.
 """
@@ -87,6 +91,10 @@ def get_source(
     Raises:
       ValueError: If `config.data.name` is unknown or the batch cannot be split across processes.
     """
+    if config.data.get("pairs_dir"):
+        from shortcut_jax.data import pairs
+
+        return pairs.PairSource(config, process_index, process_count)
     if config.data.get("latent_dir"):
         from shortcut_jax.data import latents
 

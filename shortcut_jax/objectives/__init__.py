@@ -59,7 +59,7 @@ class ObjectiveConfig:
 
     Frozen, so it is hashable and safe as a static argument of jit. Fields of one objective carry
     its prefix and come from its sub-config (`config.meanflow`, `config.diffusion`,
-    `config.consistency`, `config.live_reflow`).
+    `config.consistency`, `config.live_reflow`; `distill_*` from `config.teacher`).
     """
 
     name: str
@@ -88,12 +88,16 @@ class ObjectiveConfig:
     consistency_s1: int = 150
     consistency_mu0: float = 0.9
     live_reflow_steps: int = 8
+    distill_stage_steps: tuple[int, ...] = (1,)
+    distill_steps_per_stage: int = 1
+    distill_scales: int = 18
+    distill_target_ema_rate: float = 0.95
 
     @classmethod
     def from_config(cls, config: Any) -> ObjectiveConfig:
         """Builds it from a run config (ml_collections.ConfigDict)."""
         mean_flow, ddpm = config.meanflow, config.diffusion
-        consistency, reflow = config.consistency, config.live_reflow
+        consistency, live = config.consistency, config.live_reflow
         return cls(
             name=str(config.objective),
             denoise_timesteps=int(config.denoise_timesteps),
@@ -120,8 +124,62 @@ class ObjectiveConfig:
             consistency_s0=int(consistency.s0),
             consistency_s1=int(consistency.s1),
             consistency_mu0=float(consistency.mu0),
-            live_reflow_steps=int(reflow.steps),
+            live_reflow_steps=int(live.steps),
+            **_distillation_fields(config),
         )
+
+
+def _distillation_fields(config: Any) -> dict[str, Any]:
+    """The `config.teacher` fields (none for a config without that section)."""
+    if config.get("teacher") is None:
+        return {}
+    return {
+        "distill_stage_steps": stage_steps(config),
+        "distill_steps_per_stage": steps_per_stage(config),
+        "distill_scales": int(config.teacher.consistency_scales),
+        "distill_target_ema_rate": float(config.teacher.target_ema_rate),
+    }
+
+
+def stage_steps(config: Any) -> tuple[int, ...]:
+    """The student's step counts, one per progressive-distillation stage.
+
+    `config.teacher.stage_steps`, or () = denoise_timesteps / 2, denoise_timesteps / 4, ..., 1.
+    """
+    explicit = tuple(int(n) for n in config.teacher.stage_steps)
+    if explicit:
+        return explicit
+    steps, count = [], int(config.denoise_timesteps) // 2
+    while count >= 1:
+        steps.append(count)
+        count //= 2
+    return tuple(steps) or (1,)
+
+
+def steps_per_stage(config: Any) -> int:
+    """Training steps per progressive-distillation stage (0 in the config = an even split)."""
+    explicit = int(config.teacher.steps_per_stage)
+    if explicit > 0:
+        return explicit
+    return max(1, int(config.total_steps) // len(stage_steps(config)))
+
+
+@flax.struct.dataclass
+class TeacherRun:
+    """What the train step hands to an objective with `needs_teacher_run` as its teacher.
+
+    Attributes:
+      params: the frozen teacher run's parameters (its model config may differ from the student's).
+      student: the usual teacher of the student: its EMA target network when the objective has one
+        (`target_network`), else its stop-gradient parameters.
+      apply_fn: apply_fn(params, x, t, d, labels) of the teacher run's own model (static).
+      denoise_timesteps: the teacher run's finest step count; 1 / it is its flow level (static).
+    """
+
+    params: Any
+    student: Any
+    apply_fn: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)
+    denoise_timesteps: int = flax.struct.field(pytree_node=False, default=128)
 
 
 ApplyFn = Callable[..., jax.Array]
@@ -184,9 +242,13 @@ class Objective:
         stop-gradient (MeanFlow's adaptive weighting); None = 1.
       sampler: how the network is sampled.
       min_bootstrap_every: smallest valid `config.bootstrap_every` (0 = the field is unused).
-      needs_teacher_run: the objective distils a frozen teacher from another run (room for the
-        distillation methods; no registered objective sets it yet and the loop does not provide
-        one, so `config_lib.validate` refuses such an objective).
+      needs_teacher_run: the objective distils a frozen teacher from another run
+        (`config.teacher.workdir`, loaded by `shortcut_jax.teacher`); its build_targets gets a
+        `TeacherRun` as the teacher.
+      student_starts_as_teacher: the student starts from the teacher run's parameters unless
+        `config.init_from` names another run (progressive distillation).
+      uses_pairs: the objective trains on stored noise/sample pairs (`config.data.pairs_dir`,
+        batches with a 'noise' entry).
     """
 
     name: str
@@ -198,6 +260,8 @@ class Objective:
     loss_weighting: Callable[[jax.Array, ObjectiveConfig], jax.Array] | None = None
     sampler: Sampler = EULER
     needs_teacher_run: bool = False
+    student_starts_as_teacher: bool = False
+    uses_pairs: bool = False
 
 
 _REGISTRY: dict[str, Objective] = {}
@@ -244,10 +308,13 @@ def expand(values: jax.Array, ndim: int) -> jax.Array:
 
 # Importing the modules registers them.
 from shortcut_jax.objectives import (  # noqa: E402, F401
+    consistency_distillation,
     consistency_training,
     diffusion,
     flow_matching,
     live_reflow,
     meanflow,
+    progressive_distillation,
+    reflow,
     shortcut,
 )
