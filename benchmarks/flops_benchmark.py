@@ -713,7 +713,7 @@ def step_breakdown(live: dict[str, Any], reps: int, full_step_seconds: float) ->
     regression = jax.jit(targets)(state.params, batch)
 
     def forward(params, regression):
-        x = (regression.x_t, regression.t, regression.d_level, regression.labels)
+        x = (regression.x_t, regression.t, regression.d, regression.labels)
         return apply_fn(params, *x)
 
     def loss_fn(params, regression):
