@@ -242,3 +242,30 @@ def test_shortcut_targets_carry_no_gradient_to_the_teacher():
 def test_unknown_objective_names_the_field():
     with pytest.raises(ValueError, match="config.objective"):
         objectives.get("consistency_typo")
+
+
+# ----------------------------------------------------------------------------- old runs
+
+
+def test_a_run_saved_before_the_new_objectives_loads_with_their_defaults(tmp_path):
+    from shortcut_jax import checkpoint, config_lib, configs
+
+    old = configs.base_config()
+    for section in ("meanflow", "diffusion", "consistency", "live_reflow"):
+        del old[section]
+    (tmp_path / "config.json").write_text(config_lib.to_json(old))
+    restored = checkpoint.restore_config(str(tmp_path))
+    settings = ObjectiveConfig.from_config(restored)
+    assert settings.name == "shortcut" and settings.diffusion_schedule == "cosine"
+    config_lib.validate(restored, device_count=1)
+
+
+def test_registry_metadata_of_every_objective():
+    euler = {"shortcut", "flow_matching", "live_reflow", "meanflow"}
+    for name in euler:
+        assert objectives.get(name).sampler is objectives.EULER
+    assert objectives.get("diffusion").sampler is not objectives.EULER
+    assert objectives.get("consistency_training").target_network
+    assert not objectives.uses_ema_teacher(objectives.get("shortcut"), "params")
+    assert objectives.uses_ema_teacher(objectives.get("shortcut"), "ema")
+    assert not objectives.uses_ema_teacher(objectives.get("diffusion"), "ema")
