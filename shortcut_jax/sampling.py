@@ -171,14 +171,13 @@ def sample(
     Returns:
       x1: (B, ...) samples with noise's shape and dtype.
     """
-    t_start, step_size, d_level = step_schedule(num_steps, denoise_timesteps)
+    t_start, step_size, _ = step_schedule(num_steps, denoise_timesteps)
     if noise.ndim < 1:
         raise ValueError(f"noise must have a batch axis, got shape {noise.shape}")
     batch = noise.shape[0]
     labels = jnp.asarray(labels, dtype=jnp.int32)
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape (B,) = ({batch},), got {labels.shape}")
-    del d_level
     t_start = jnp.asarray(t_start)
     step_size = jnp.asarray(step_size)
     sampler = objectives.EULER if objective is None else objectives.get(objective.name).sampler
