@@ -177,8 +177,8 @@ def kills_stage(kills: int, sigterms: int, seed: int, scratch: Path) -> dict[str
 
     reference = scratch / "uninterrupted"
     config = tiny_mnist_config(TOTAL_STEPS)
-    config.checkpoint_every_steps = EVERY
-    config.max_checkpoints_to_keep = 1000
+    config.checkpoint_every_steps = 1  # every step, for the SIGTERM saves between the periodic ones
+    config.max_checkpoints_to_keep = TOTAL_STEPS
     train.train_and_evaluate(config, str(reference))
     comparison = compare_checkpoints(workdir, reference)
 
@@ -233,7 +233,7 @@ def compare_checkpoints(interrupted: Path, reference: Path) -> dict[str, Any]:
     _, template = checkpoint.load_run(str(reference))
     abstract = checkpoint.abstract_like(template)
     managers = [checkpoint.make_manager(str(path)) for path in (interrupted, reference)]
-    steps = saved_steps(interrupted)
+    steps = [step for step in saved_steps(interrupted) if step in set(saved_steps(reference))]
     identical = []
     for step in steps:
         state_a, state_b = (checkpoint.restore_state(m, abstract, step) for m in managers)
@@ -246,6 +246,7 @@ def compare_checkpoints(interrupted: Path, reference: Path) -> dict[str, Any]:
     for manager in managers:
         manager.close()
     return {
+        "checkpoints_of_the_interrupted_run": len(saved_steps(interrupted)),
         "checkpoints_compared": len(steps),
         "checkpoints_bitwise_equal_to_uninterrupted": int(sum(identical)),
         "final_step": steps[-1] if steps else None,
