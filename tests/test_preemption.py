@@ -54,6 +54,7 @@ def uninterrupted_state(workdir, total_steps: int, checkpoint_every: int):
     return checkpoint.load_run(str(workdir))[1]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_exits_0_and_the_rerun_ends_as_if_uninterrupted(tmp_path):
     total, every = 30, 100  # no periodic save: the only checkpoint is the preemption's
     workdir = tmp_path / "preempted"
