@@ -170,7 +170,7 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 
 def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """(workdir, field) the student starts from, or ('', '') for a fresh initialisation."""
-    if config.get("config.init_from"):
+    if config.get("init_from"):
         return str(config.init_from), "config.init_from"
     objective = objectives.get(config.objective)
     if objective.student_starts_as_teacher:
