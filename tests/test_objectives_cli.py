@@ -85,3 +85,39 @@ def test_objective_trains_from_the_cli_and_samples_at_one_and_four_steps(objecti
             num_steps,
             dark_cell_fraction(samples),
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "objective", ["meanflow", "diffusion", "live_reflow", "consistency_training"]
+)
+def test_objective_trains_on_mnist_from_the_cli_and_samples_images(objective, tmp_path):
+    workdir = tmp_path / objective
+    result = run_module(
+        "shortcut_jax.main",
+        "--config",
+        "tests/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.objective={objective}",
+        "--config.total_steps=4",
+        "--config.checkpoint_every_steps=4",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    config, state = checkpoint.load_run(str(workdir))
+    apply_fn = steps.make_apply_fn(models.get_model(config))
+    for num_steps in (1, 3):
+        images, labels = sampling.sample_batch(
+            apply_fn,
+            state.ema_params,
+            jax.random.PRNGKey(0),
+            num=4,
+            shape=(28, 28, 1),
+            num_steps=num_steps,
+            denoise_timesteps=config.denoise_timesteps,
+            cfg_scale=1.5,
+            num_classes=10,
+            objective=objectives.ObjectiveConfig.from_config(config),
+        )
+        assert images.shape == (4, 28, 28, 1) and np.all(np.isfinite(images))
+        np.testing.assert_array_equal(labels, [0, 1, 2, 3])
