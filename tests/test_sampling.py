@@ -441,3 +441,19 @@ def test_objective_must_be_the_runs_objective_config():
             denoise_timesteps=DENOISE_TIMESTEPS,
             objective="diffusion",
         )
+
+
+@pytest.mark.parametrize("name", ["diffusion", "consistency_training"])
+def test_objective_samplers_on_a_mesh_match_the_local_sampler(tiny_model, name):
+    from shortcut_jax import configs, sharding
+
+    model, params = tiny_model
+    mesh = sharding.make_mesh(configs.base_config())
+    params = jax.device_put(params, sharding.replicated(mesh))
+    kwargs = {"num": 5, "shape": (4, 4, 1), "num_steps": 3, "denoise_timesteps": 8}
+    kwargs |= {"num_classes": 3, "cfg_scale": 2.0, "objective": _objective_settings(name)}
+    local, _ = sampling.sample_batch(model.apply, params, jax.random.key(7), **kwargs)
+    on_mesh, _ = sampling.sample_batch(
+        model.apply, params, jax.random.key(7), mesh=mesh, batch_size=4, **kwargs
+    )
+    np.testing.assert_allclose(on_mesh, local, rtol=1e-5, atol=1e-5)
