@@ -28,7 +28,15 @@ class NonFiniteStateError(FloatingPointError):
 
 
 def workdir_path(workdir: str) -> epath.Path:
-    """The run directory: a local path (made absolute) or a bucket path such as gs://b/run."""
+    """The run directory: a local path (made absolute) or a bucket path such as gs://b/run.
+
+    Raises:
+      ValueError: for an empty `workdir` (which would otherwise mean the current directory).
+    """
+    if not str(workdir).strip():
+        raise ValueError(
+            f"the workdir is empty ({workdir!r}): pass the run's directory, e.g. runs/mnist"
+        )
     return epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
 
 

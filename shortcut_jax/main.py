@@ -49,6 +49,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if not _WORKDIR.value.strip():  # "" would train into the current directory
+        raise SystemExit(
+            f"error: --workdir={_WORKDIR.value!r} is empty: pass the run's directory, "
+            "e.g. --workdir runs/mnist (rerunning with the same one resumes it)"
+        )
     if _DISTRIBUTED.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
