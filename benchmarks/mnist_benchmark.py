@@ -76,7 +76,7 @@ def quality_scores(config, state, num: int = 1000) -> dict:
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
 
-    from shortcut_jax import models, sampling, steps
+    from shortcut_jax import models, objectives, sampling, steps
     from shortcut_jax.data.mnist import load_mnist
 
     images, labels = load_mnist(28)
@@ -100,6 +100,7 @@ def quality_scores(config, state, num: int = 1000) -> dict:
             cfg_scale=float(config.sample_cfg_scale),
             num_classes=config.data.num_classes,
             batch_size=250,
+            objective=objectives.ObjectiveConfig.from_config(config),
         )
         flat = np.clip(np.asarray(samples), -1, 1).reshape(num, -1)
         accuracy[num_steps] = float(np.mean(classifier.predict(flat) == sample_labels))

@@ -24,6 +24,7 @@ from shortcut_jax import (
     images,
     latent_space,
     models,
+    objectives,
     sampling,
     sharding,
     steps,
@@ -125,6 +126,7 @@ def _sample() -> None:
         num_classes=num_classes,
         batch_size=_BATCH.value,
         mesh=mesh,
+        objective=objectives.ObjectiveConfig.from_config(config),
     )
     # Latent runs decode to pixels here; images are clipped to [-1, 1] only after decoding.
     samples = latent_space.PixelDecoder.for_config(config, mesh, _BATCH.value)(samples)

@@ -21,6 +21,7 @@ from shortcut_jax import (
     images,
     latent_space,
     models,
+    objectives,
     optim,
     preemption,
     run_guard,
@@ -236,6 +237,7 @@ class SampleGridWriter:
         self.directory = os.path.join(workdir, "samples")
         self.writer = writer
         self.apply_fn = steps.make_apply_fn(model)
+        self.objective = objectives.ObjectiveConfig.from_config(config)  # its own sampler
         self.is_chief = jax.process_index() == 0
         self.mesh = mesh
 
@@ -260,6 +262,7 @@ class SampleGridWriter:
                 cfg_scale=latent_space.guidance_scale(config, int(num_steps)),
                 num_classes=config.data.num_classes,
                 mesh=self.mesh,
+                objective=self.objective,
             )
             name = f"{num_steps} step" + ("s" if num_steps > 1 else "")
             grids[name] = self.decoder(samples)

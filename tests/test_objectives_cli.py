@@ -121,3 +121,12 @@ def test_objective_trains_on_mnist_from_the_cli_and_samples_images(objective, tm
         )
         assert images.shape == (4, 28, 28, 1) and np.all(np.isfinite(images))
         np.testing.assert_array_equal(labels, [0, 1, 2, 3])
+    if objective in ("diffusion", "consistency_training"):  # samplers other than Euler steps
+        # The sample CLI samples through the run's own sampler: the same images (clipped) as above.
+        out = tmp_path / "samples.npz"
+        args = ["--steps=3", "--num=4", "--cfg=1.5", "--seed=0", "--batch_size=4", f"--out={out}"]
+        result = run_module("shortcut_jax.sample", f"--workdir={workdir}", *args, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        np.testing.assert_allclose(
+            np.load(out)["images"], np.clip(images, -1, 1), rtol=1e-5, atol=1e-5
+        )

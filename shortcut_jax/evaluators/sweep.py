@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from shortcut_jax import atomic_files, config_lib, latent_space, sampling
+from shortcut_jax import atomic_files, config_lib, latent_space, objectives, sampling
 from shortcut_jax.evaluators import features, fid
 
 # Reference features beyond this many examples only refine the mean/covariance; precision and
@@ -420,6 +420,7 @@ def sweep(
     if decoder is None:
         decoder = latent_space.PixelDecoder.for_config(config, mesh, batch_size)
     shape = latent_space.model_shape(config)
+    objective = objectives.ObjectiveConfig.from_config(config)  # its own sampler
     rows, kept = [], {}
     for num_steps in steps:
         scale = latent_space.guidance_scale(config, int(num_steps), cfg_scale)
@@ -438,6 +439,7 @@ def sweep(
             batch_size=batch_size,
             mesh=mesh,
             progress=progress,
+            objective=objective,
         )
         images = decoder(images)
         row: dict[str, float] = {
