@@ -266,8 +266,14 @@ def run_cli(args: list[str], timeout: float = 600) -> dict[str, Any]:
         text=True,
         timeout=timeout,
     )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return {"exit_code": result.returncode, "last_stderr_line": lines[-1] if lines else ""}
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.lower().startswith(("error", "fatal"))]
+    return {
+        "exit_code": result.returncode,
+        "last_stderr_line": lines[-1] if lines else "",
+        "first_error_line": errors[0] if errors else None,
+        "traceback": "Traceback (most recent call last)" in result.stderr,
+    }
 
 
 def bad_inputs_stage(scratch: Path) -> list[dict[str, Any]]:
@@ -319,6 +325,7 @@ def bad_inputs_stage(scratch: Path) -> list[dict[str, Any]]:
             ],
         ),
         ("main --workdir=''", [*main, "--workdir="]),
+        ("sample --workdir=''", ["-m", "shortcut_jax.sample", "--workdir="]),
         (
             "main --config of a missing file",
             [
@@ -420,10 +427,11 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     bad = results.get("bad_inputs")
     if bad:
-        lines += ["| bad input | exit | last line of stderr |", "|---|---|---|"]
+        lines += ["| bad input | exit | traceback | last line of stderr |", "|---|---|---|---|"]
         for record in bad:
             message = record["last_stderr_line"].replace("|", "\\|")
-            lines.append(f"| {record['input']} | {record['exit_code']} | {message} |")
+            traceback = "yes" if record.get("traceback") else "no"
+            lines.append(f"| {record['input']} | {record['exit_code']} | {traceback} | {message} |")
     return "\n".join(lines)
 
 
