@@ -30,7 +30,7 @@ from shortcut_jax import (
     steps,
     teacher,
 )
-from shortcut_jax.evaluators import report, sweep
+from shortcut_jax.evaluators import features, report, sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
 
@@ -323,20 +323,30 @@ class PeriodicEvaluator:
                 config, cache_dir=self.cache_dir, is_chief=self.is_chief
             )
         start = time.perf_counter()
-        rows, _ = sweep.sweep(
-            config,
-            state.ema_params if config.sample_use_ema else state.params,
-            self.metrics,
-            steps=config.eval_steps,
-            num=config.eval_num,
-            cfg_scale=None,  # the run's guidance policy (latent_space.guidance_scale)
-            seed=config.seed + 2,
-            batch_size=config.eval_batch_size,
-            mesh=self.mesh,
-            is_chief=self.is_chief,
-            apply_fn=self.apply_fn,
-            decoder=self.decoder,
-        )
+        try:
+            rows, _ = sweep.sweep(
+                config,
+                state.ema_params if config.sample_use_ema else state.params,
+                self.metrics,
+                steps=config.eval_steps,
+                num=config.eval_num,
+                cfg_scale=None,  # the run's guidance policy (latent_space.guidance_scale)
+                seed=config.seed + 2,
+                batch_size=config.eval_batch_size,
+                mesh=self.mesh,
+                is_chief=self.is_chief,
+                apply_fn=self.apply_fn,
+                decoder=self.decoder,
+            )
+        except features.NonFiniteImagesError as error:
+            # Every process holds the same gathered samples, so all of them get here together.
+            # A score of NaN images would be meaningless; a diverging model is the loss guard's
+            # business (and the save's finiteness check), so training goes on.
+            logging.error("Evaluation at step %d skipped: %s", step, error)
+            scalars = {"eval/non_finite_samples": 1.0}
+            if self.is_chief:
+                self.writer.write_scalars(step, scalars)
+            return scalars
         scalars: dict[str, float] = {}
         if self.is_chief:
             for metric in self.metrics:

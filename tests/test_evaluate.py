@@ -173,6 +173,25 @@ def test_periodic_evaluation_writes_scores_between_floor_and_ceiling(trained_run
     assert list((workdir / "eval").glob("reference_fd_mnist_*.npz"))
 
 
+def test_periodic_evaluation_of_nan_samples_is_skipped_and_recorded_not_fatal(trained_run):
+    from clu import metric_writers
+
+    from shortcut_jax import sharding
+
+    workdir, _ = trained_run
+    config, state = checkpoint.load_run(str(workdir))
+    mesh = sharding.make_mesh(config, jax.local_devices())
+
+    def nan_velocity(params, x, t, d, labels):
+        del params, t, d, labels
+        return x * jnp.nan
+
+    evaluator = train.PeriodicEvaluator(
+        config, nan_velocity, str(workdir), metric_writers.MultiWriter([]), mesh
+    )
+    assert evaluator.run(state, 7) == {"eval/non_finite_samples": 1.0}
+
+
 def test_sweep_uses_the_same_noise_at_every_budget_and_counts_guided_evaluations(trained_run):
     workdir, _ = trained_run
     config, state = checkpoint.load_run(str(workdir))
