@@ -291,6 +291,7 @@ def _check_teacher(config: ml_collections.ConfigDict, check: Callable) -> None:
         "() or student step counts that halve stage by stage (e.g. (64, 32, 16, 8, 4, 2, 1)), "
         "powers of two <= config.denoise_timesteps / 2",
     )
+    check("teacher.init_student", lambda v: isinstance(v, bool), "True or False")
     check("teacher.consistency_scales", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("teacher.target_ema_rate", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check(

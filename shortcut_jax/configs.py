@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     # () = denoise_timesteps / 2, ..., 2, 1. steps_per_stage 0 = total_steps split evenly.
     config.teacher.stage_steps = ()
     config.teacher.steps_per_stage = 0
+    # progressive_distillation: the student starts as a copy of the teacher run (Algorithm 2;
+    # needs the same config.model) unless config.init_from names a run; False = a fresh student.
+    config.teacher.init_student = True
     config.teacher.consistency_scales = 18  # consistency_distillation: N (paper: 18 on CIFAR-10)
     config.teacher.target_ema_rate = 0.95  # consistency_distillation: target network EMA rate mu
     # Start params, EMA and target network of a fresh run from another run's model (e.g. shortcut

@@ -173,7 +173,7 @@ def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
     if config.get("init_from"):
         return str(config.init_from), "config.init_from"
     objective = objectives.get(config.objective)
-    if objective.student_starts_as_teacher:
+    if objective.student_starts_as_teacher and config.teacher.init_student:
         return str(config.teacher.workdir), "config.teacher.workdir"
     return "", ""
 
@@ -199,7 +199,12 @@ def initialise_from(
         raise TeacherError(
             f"{field} = {workdir!r}: its parameters (model {dict(run.config.model)}) do not "
             f"have the shapes of this run's (model {dict(config.model)}); use the same "
-            "config.model."
+            "config.model"
+            + (
+                ", or config.teacher.init_student = False for a fresh student."
+                if field == "config.teacher.workdir"
+                else "."
+            )
         )
 
     def placed(tree: Any) -> Any:

@@ -246,7 +246,8 @@ class Objective:
         (`config.teacher.workdir`, loaded by `shortcut_jax.teacher`); its build_targets gets a
         `TeacherRun` as the teacher.
       student_starts_as_teacher: the student starts from the teacher run's parameters unless
-        `config.init_from` names another run (progressive distillation).
+        `config.init_from` names another run or `config.teacher.init_student` is False
+        (progressive distillation).
       uses_pairs: the objective trains on stored noise/sample pairs (`config.data.pairs_dir`,
         batches with a 'noise' entry).
     """

@@ -25,12 +25,13 @@ Stages (`config.teacher.stage_steps`, default denoise_timesteps / 2, ..., 2, 1, 
 before; `config.teacher.steps_per_stage` training steps each, 0 = an even split of total_steps):
 stage 0's teacher is the frozen teacher run (`config.teacher.workdir`, its own model, queried at
 step size d = 1 / (2 N_0)); the student starts from that run's parameters (Algorithm 2 initialises
-the student as a copy of the teacher) unless `config.init_from` names another run. At the end of
-each stage the student's current parameters (not their EMA, as in Algorithm 2) are copied into the
-train state's target slot and are the frozen teacher of the next stage: the slot is an "EMA" whose
-rate is 1 (kept) except at the last step of a stage, where it is 0 (a copy). The student keeps its
-step-size input, so it samples at any step count with the Euler sampler; it is trained at the
-stage's level d = 1 / N_k.
+the student as a copy of the teacher) unless `config.init_from` names another run or
+`config.teacher.init_student` is False (a fresh student, e.g. with another model config). At the
+end of each stage the student's current parameters (not their EMA, as in Algorithm 2) are copied
+into the train state's target slot and are the frozen teacher of the next stage: the slot is an
+"EMA" whose rate is 1 (kept) except at the last step of a stage, where it is 0 (a copy). The
+student keeps its step-size input, so it samples at any step count with the Euler sampler; it is
+trained at the stage's level d = 1 / N_k.
 """
 
 from __future__ import annotations
