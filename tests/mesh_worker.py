@@ -6,8 +6,10 @@
 Prints one JSON line: the logged losses, the mesh shape, and the bytes of the train state each
 device holds (summed from the arrays' addressable shards) and in all. With
 `--objectives meanflow,diffusion,...` it trains each of those objectives instead (in
-DIR/<objective>) and prints their losses; `--coordinator_address/--num_processes/--process_id`
-make it one process of a multi-process run (jax.distributed, gloo collectives).
+DIR/<objective>) and prints their losses; objectives that distil a teacher run (or train on its
+reflow pairs) use the flow-matching run and pairs in `--teacher_dir`, which the first worker that
+needs them trains and writes. `--coordinator_address/--num_processes/--process_id` make it one
+process of a multi-process run (jax.distributed, gloo collectives).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import tiny_mnist_config  # noqa: E402
 
-from shortcut_jax import distributed, models, optim, sharding, train  # noqa: E402
+from shortcut_jax import distributed, models, objectives, optim, sharding, train  # noqa: E402
 from shortcut_jax.state import init_state, sharded_abstract_state  # noqa: E402
 
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--bootstrap_teacher", default="params")
     parser.add_argument("--objectives", default="")
+    parser.add_argument("--teacher_dir", default="")
     parser.add_argument("--coordinator_address", default=None)
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
@@ -97,6 +100,28 @@ def main() -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def ensure_teacher(args: argparse.Namespace) -> tuple[str, str]:
+    """(run, pairs): a 30-step flow-matching run of the tiny config (no warm-up, sampled with its
+    raw parameters, so its outputs are far from the zero-initialised ones) and 32 of its 2-step
+    reflow pairs in --teacher_dir (default DIR/teacher), made here unless they exist."""
+    from shortcut_jax.tools import reflow_pairs
+
+    teacher_dir = args.teacher_dir or os.path.join(args.workdir, "teacher")
+    run_dir, pairs_dir = os.path.join(teacher_dir, "run"), os.path.join(teacher_dir, "pairs")
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        config = tiny_mnist_config(30)
+        config.mesh.update(parse_mesh(args.mesh))
+        config.objective = "flow_matching"
+        config.optim.warmup_steps = 0
+        config.optim.learning_rate = 1e-3
+        config.sample_use_ema = False
+        config.checkpoint_every_steps = 30
+        train.train_and_evaluate(config, run_dir)
+    if not os.path.isfile(os.path.join(pairs_dir, "pairs.json")):
+        reflow_pairs.write_pairs(run_dir, pairs_dir, 32, num_steps=2, shard_size=16)
+    return run_dir, pairs_dir
+
+
 def train_objectives(args: argparse.Namespace) -> None:
     """Trains the tiny config with each objective of --objectives on the mesh; prints the losses."""
     losses = {}
@@ -106,6 +131,15 @@ def train_objectives(args: argparse.Namespace) -> None:
         config.objective = objective
         config.bootstrap_teacher = args.bootstrap_teacher
         config.checkpoint_every_steps = args.steps
+        entry = objectives.get(objective)
+        if entry.needs_teacher_run or entry.uses_pairs:
+            run_dir, pairs_dir = ensure_teacher(args)
+            config.teacher.workdir = run_dir if entry.needs_teacher_run else ""
+            config.data.pairs_dir = pairs_dir if entry.uses_pairs else ""
+            # A fresh student distilling the run itself (stage 0) at every step: a student copied
+            # from the teacher, or a later stage's barely trained teacher, gives losses of ~1e-13.
+            config.teacher.init_student = False
+            config.teacher.steps_per_stage = args.steps
         history = train.train_and_evaluate(config, os.path.join(args.workdir, objective))
         losses[objective] = {str(step): summary["loss"] for step, summary in history.items()}
     result = {"mesh": dict(sharding.make_mesh(config).shape), "objective_losses": losses}

@@ -112,7 +112,15 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert int(state.step) == STEPS
 
 
-OBJECTIVES = ("meanflow", "diffusion", "live_reflow", "consistency_training")
+OBJECTIVES = (
+    "meanflow",
+    "diffusion",
+    "live_reflow",
+    "consistency_training",
+    "progressive_distillation",
+    "consistency_distillation",
+    "reflow",
+)
 
 
 def objectives_command(workdir: Path, *extra: str) -> list[str]:
@@ -134,11 +142,19 @@ def worker_losses(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_every_objective_trains_in_two_processes_like_in_one(tmp_path):
+    # The one-process run trains the distillation teacher and writes its pairs; the two
+    # processes then load that same teacher onto their mesh.
+    teacher = f"--teacher_dir={tmp_path / 'teacher'}"
+    single = run_processes(
+        [objectives_command(tmp_path / "one_process", teacher)], env=environment(8)
+    )
+    reference = worker_losses(single[0][0])
     port = free_port()
     outputs = run_processes(
         [
             objectives_command(
                 tmp_path / "two_processes",
+                teacher,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={index}",
@@ -147,8 +163,6 @@ def test_every_objective_trains_in_two_processes_like_in_one(tmp_path):
         ],
         env=environment(4),
     )
-    single = run_processes([objectives_command(tmp_path / "one_process")], env=environment(8))
-    reference = worker_losses(single[0][0])
     for stdout, _ in outputs:
         losses = worker_losses(stdout)
         assert sorted(losses) == sorted(OBJECTIVES)

@@ -132,14 +132,23 @@ def test_checkpoint_from_fsdp_resumes_on_another_mesh(runs, tmp_path):
         )
 
 
-OBJECTIVES = ("meanflow", "diffusion", "live_reflow", "consistency_training")
+OBJECTIVES = (
+    "meanflow",
+    "diffusion",
+    "live_reflow",
+    "consistency_training",
+    "progressive_distillation",
+    "consistency_distillation",
+    "reflow",
+)
 
 
 @pytest.fixture(scope="module")
 def objective_runs(tmp_path_factory) -> dict[str, dict]:
     """Every newer objective trained on one device and on a data x fsdp x tensor mesh."""
     root = tmp_path_factory.mktemp("objective_meshes")
-    extra = ("--objectives", ",".join(OBJECTIVES))
+    # The distillation objectives share one teacher run and its pairs, made by the first worker.
+    extra = ("--objectives", ",".join(OBJECTIVES), "--teacher_dir", str(root / "teacher"))
     return {
         name: run_worker(mesh, root / name, devices, extra=extra)["objective_losses"]
         for name, (mesh, devices) in {
