@@ -260,7 +260,8 @@ def _check_teacher(config: ml_collections.ConfigDict, check: Callable) -> None:
     if not isinstance(config.get("teacher"), ml_collections.ConfigDict):
         check("teacher", lambda v: False, "a section: start from shortcut_jax.configs")
         return
-    objective = objectives.get(config.objective) if config.objective in objectives.names() else None
+    name = config.get("objective")
+    objective = objectives.get(name) if name in objectives.names() else None
     if objective is not None and objective.needs_teacher_run:
         check(
             "teacher.workdir",
