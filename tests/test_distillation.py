@@ -413,3 +413,35 @@ def test_pairs_are_the_teachers_ode_and_resume_shard_by_shard(teacher_run, tmp_p
     np.testing.assert_array_equal(np.sort(seen[:, 0]), np.sort(arrays["noise"][:, 0]))
     halves = [pairs.PairSource(train_config, i, 2).batch(1)["noise"] for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves), first[1])
+
+
+def test_a_resumed_distillation_reloads_the_teacher_and_refuses_a_changed_one(
+    teacher_run, tmp_path
+):
+    config = toy_config("consistency_distillation", total_steps=4)
+    config.teacher.workdir = teacher_run
+    config.checkpoint_every_steps = 2
+    config.optim.warmup_steps = 0
+    workdir = str(tmp_path / "student")
+    train.train_and_evaluate(config, workdir)
+    record = json.loads((tmp_path / "student" / teacher.RECORD_NAME).read_text())
+    assert record["step"] == 30
+    config.total_steps = 6
+    config.resume_allow_changes = "total_steps"
+    history = train.train_and_evaluate(config, workdir)  # resumes at step 4 with the same teacher
+    assert sorted(history) == [6]
+    record["checksum"] = "0" * 16  # as if the teacher run's parameters had changed
+    (tmp_path / "student" / teacher.RECORD_NAME).write_text(json.dumps(record))
+    config.total_steps = 8
+    with pytest.raises(teacher.TeacherError, match=r"config\.teacher\.workdir = .*changed since"):
+        train.train_and_evaluate(config, workdir)
+
+
+def test_reflow_needs_pairs_and_only_reflow_reads_them(tmp_path):
+    config = toy_config("reflow")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.pairs_dir = ''.*reflow_pairs"):
+        config_lib.validate(config, device_count=1)
+    config = toy_config("flow_matching")
+    config.data.pairs_dir = str(tmp_path)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.pairs_dir = .*'reflow'"):
+        config_lib.validate(config, device_count=1)
