@@ -19,6 +19,7 @@ from shortcut_jax import (
     checkpoint,
     config_lib,
     configs,
+    data,
     models,
     objectives,
     optim,
@@ -445,3 +446,13 @@ def test_reflow_needs_pairs_and_only_reflow_reads_them(tmp_path):
     config.data.pairs_dir = str(tmp_path)
     with pytest.raises(config_lib.ConfigError, match=r"config\.data\.pairs_dir = .*'reflow'"):
         config_lib.validate(config, device_count=1)
+
+
+def test_pair_runs_are_scored_against_real_data_not_the_teachers_samples(teacher_run, tmp_path):
+    out = str(tmp_path / "pairs")
+    reflow_pairs.write_pairs(teacher_run, out, 8, num_steps=2, shard_size=8)
+    config = toy_config("reflow")
+    config.data.pairs_dir = out
+    real = pairs.PairSource(config).real_examples(5)["image"]
+    config.data.pairs_dir = ""
+    np.testing.assert_array_equal(real, data.get_source(config).real_examples(5)["image"])

@@ -5,7 +5,8 @@ The directory holds `pairs.json` (what wrote them: teacher run, step, checksum, 
 shapes) and shards `shard_00000.npz`, ... with 'noise' (x0), 'sample' (x1 = teacher ODE(x0)) and
 'label'. All shards are read into host memory at start. Batches are addressed by step: global batch
 position p = step * batch_size + i reads pair permutation_e[p mod num] of epoch e = p // num, a
-permutation seeded by (config.seed, e), so resuming at any step sees the same batches.
+permutation seeded by (config.seed, e), so resuming at any step sees the same batches. Reference
+examples (grids, scores) are real data of the dataset config.data describes, not teacher samples.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class PairSource:
         self.local_batch_size = local_batch_size(config, process_index, process_count)
         self.process_index = process_index
         self._permutations: dict[int, np.ndarray] = {}
+        self._data_config = config.copy_and_resolve_references()
+        self._data_config.data.pairs_dir = ""
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
@@ -137,6 +140,8 @@ class PairSource:
             step += 1
 
     def real_examples(self, n: int) -> dict[str, np.ndarray]:
-        """The first `n` teacher samples (the distribution reflow learns)."""
-        n = max(0, min(n, self.sample.shape[0]))
-        return {"image": self.sample[:n], "label": self.label[:n]}
+        """`n` real examples of the data config.data describes (what samples are scored against;
+        the teacher's samples would flatter the student)."""
+        from shortcut_jax import data
+
+        return data.get_source(self._data_config).real_examples(n)
