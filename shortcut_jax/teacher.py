@@ -9,7 +9,7 @@ The teacher is frozen: it is not part of the train state and is not checkpointed
 every start (and resume) reloads it from its workdir. Its step and a mesh-independent checksum are
 recorded in WORKDIR/teacher.json at the first start, and a resume whose teacher differs is
 refused. `init_from` only acts on a fresh run (step 0): params, EMA and target network start from
-the other run's model (the optimizer state starts afresh).
+the other run's params and EMA (the optimizer state starts afresh).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class LoadedRun:
     Attributes:
       config: the run's own config. params: its model (EMA or raw, per its sample_use_ema).
       step: the checkpoint step loaded. checksum: `checksum(params)`. workdir: where it came from.
+      raw_params, ema_params: its train state's parameters and their EMA.
     """
 
     config: ml_collections.ConfigDict
@@ -49,6 +50,8 @@ class LoadedRun:
     step: int
     checksum: str
     workdir: str
+    raw_params: Any = None
+    ema_params: Any = None
 
     def as_teacher(self) -> objectives.TeacherRun:
         """The `objectives.TeacherRun` of this run (student slot empty; the step fills it)."""
@@ -102,7 +105,9 @@ def load_model(
     finally:
         manager.close()
     params = state.ema_params if run_config.get("sample_use_ema", True) else state.params
-    return LoadedRun(run_config, params, chosen, checksum(params), str(workdir))
+    return LoadedRun(
+        run_config, params, chosen, checksum(params), str(workdir), state.params, state.ema_params
+    )
 
 
 def checksum(params: Any) -> str:
@@ -181,8 +186,11 @@ def init_source(config: ml_collections.ConfigDict) -> tuple[str, str]:
 def initialise_from(
     config: ml_collections.ConfigDict, state: TrainState, mesh: jax.sharding.Mesh
 ) -> TrainState:
-    """`state` with params, EMA and target network replaced by another run's model (see
-    `init_source`); unchanged when there is none.
+    """`state` started from another run (see `init_source`); unchanged when there is none.
+
+    From `config.init_from` the run continues as a fine-tune: params from its params, the EMA and
+    an EMA teacher / target network from its EMA. From the teacher run (progressive distillation)
+    the student is a copy of the teacher: all three from the teacher's model (what is distilled).
 
     Raises:
       TeacherError: naming the field when the run is missing or its parameters do not fit.
@@ -214,10 +222,13 @@ def initialise_from(
             state.params,
         )
 
+    copy_teacher = field == "config.teacher.workdir"
+    params = run.params if copy_teacher else run.raw_params
+    averaged = run.params if copy_teacher else run.ema_params
     return state.replace(
-        params=placed(run.params),
-        ema_params=placed(run.params),
-        teacher_params=None if state.teacher_params is None else placed(run.params),
+        params=placed(params),
+        ema_params=placed(averaged),
+        teacher_params=None if state.teacher_params is None else placed(averaged),
     )
 
 

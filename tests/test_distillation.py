@@ -352,7 +352,7 @@ def test_resume_refuses_a_changed_teacher(teacher_run, tmp_path):
         teacher.record_or_check(config, str(tmp_path), changed)
 
 
-def test_init_from_copies_the_runs_model_into_params_ema_and_target(teacher_run):
+def test_init_from_copies_params_and_ema_and_the_ema_into_the_target(teacher_run):
     config = toy_config("shortcut")
     config.bootstrap_teacher = "ema"
     config.init_from = teacher_run
@@ -361,10 +361,13 @@ def test_init_from_copies_the_runs_model_into_params_ema_and_target(teacher_run)
     state = init_state(config, model, optimizer)
     _, source = checkpoint.load_run(teacher_run)
     started = teacher.initialise_from(config, state, one_device_mesh(config))
-    for tree in (started.params, started.ema_params, started.teacher_params):
-        for ours, theirs in zip(
-            jax.tree.leaves(tree), jax.tree.leaves(source.ema_params), strict=True
-        ):
+    copies = (
+        (started.params, source.params),
+        (started.ema_params, source.ema_params),
+        (started.teacher_params, source.ema_params),
+    )
+    for tree, expected in copies:
+        for ours, theirs in zip(jax.tree.leaves(tree), jax.tree.leaves(expected), strict=True):
             np.testing.assert_array_equal(ours, theirs)
     assert int(started.step) == 0
     for moment in jax.tree.leaves(started.opt_state):  # the optimizer starts afresh
@@ -456,3 +459,20 @@ def test_pair_runs_are_scored_against_real_data_not_the_teachers_samples(teacher
     real = pairs.PairSource(config).real_examples(5)["image"]
     config.data.pairs_dir = ""
     np.testing.assert_array_equal(real, data.get_source(config).real_examples(5)["image"])
+
+
+def test_progressive_student_starts_as_a_copy_of_the_teacher_model(teacher_run):
+    config = toy_config("progressive_distillation")
+    config.teacher.workdir = teacher_run
+    model, optimizer = models.get_model(config), optim.make_optimizer(config)
+    state = init_state(config, model, optimizer)
+    _, source = checkpoint.load_run(teacher_run)  # the run samples with its EMA
+    started = teacher.initialise_from(config, state, one_device_mesh(config))
+    for tree in (started.params, started.ema_params, started.teacher_params):
+        for ours, theirs in zip(
+            jax.tree.leaves(tree), jax.tree.leaves(source.ema_params), strict=True
+        ):
+            np.testing.assert_array_equal(ours, theirs)
+    config.teacher.init_student = False
+    fresh = teacher.initialise_from(config, state, one_device_mesh(config))
+    assert fresh is state
