@@ -60,6 +60,8 @@ def main(argv: list[str]) -> None:
         config_lib.validate(_CONFIG.value)
     except config_lib.ConfigError as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # ml_collections could not load the --config file
+        raise SystemExit(f"error: --config: {' '.join(str(error).split())}") from None
     logging.info("JAX devices: %s", jax.devices())
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,5 +1,6 @@
-"""How `python -m shortcut_jax.main` ends: one `error:` line and exit 1 for an empty --workdir and
-for a checkpoint it must not train on, never a traceback or a run in the current directory.
+"""How `python -m shortcut_jax.main` ends: one `error:` line and exit 1 for an empty --workdir, a
+missing config file and a checkpoint it must not train on, never a traceback or a run in the
+current directory.
 """
 
 from __future__ import annotations
@@ -57,3 +58,24 @@ def test_resuming_from_a_nan_checkpoint_ends_with_one_error_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the checkpoint {workdir / 'checkpoints' / '4'} holds NaN")
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_config_file_ends_with_one_error_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shortcut_jax.main",
+            "--config",
+            "experiments/missing.py",
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --config:") and "experiments/missing.py" in last
