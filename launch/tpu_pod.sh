@@ -485,7 +485,12 @@ install_command() {
 }
 
 launch_command() {
-  local inner="$train_line; echo \$? > $EXIT_FILE"
+  # The wrapper whose pid is in train.pid forwards SIGTERM to Python and waits for it, so
+  # `kill $(cat train.pid)` stops training the way a preemption does (save, exit 0), the exit
+  # status is still recorded, and --delete-after waits for the save.
+  local inner="trap 'kill -TERM \$child 2>/dev/null' TERM; $train_line & child=\$!; "
+  inner+="wait \$child; status=\$?; while kill -0 \$child 2>/dev/null; do wait \$child; "
+  inner+="status=\$?; done; echo \$status > $EXIT_FILE"
   printf '%s' "mkdir -p $LOG_DIR && cd $CODE_DIR && $RUNNING_CHECK; " \
     "rm -f $EXIT_FILE; " \
     "echo \"=== \$(date -u) launch on \$(hostname)\" >> $LOG_FILE; " \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -387,6 +388,57 @@ def test_tpu_training_arguments_survive_the_remote_shell(failing_tools, tmp_path
     expected = "-m shortcut_jax.main --config experiments/imagenet256.py --workdir"
     assert args == [*expected.split(), "gs://my-bucket/runs/imagenet", "--distributed", *tricky]
     assert "MY_FLAG=x y" in log
+
+
+def test_tpu_stop_by_train_pid_forwards_sigterm_and_records_the_exit_status(
+    failing_tools, tmp_path
+):
+    """`kill $(cat train.pid)` reaches Python (which saves and exits 0), not only the wrapper."""
+    result = _dry_run(TPU, [*TPU_ARGS, "--copy"], failing_tools)
+    assert result.returncode == 0, result.stderr
+    train_line = _commands(result.stdout)[-1]
+    home = tmp_path / "home"
+    (home / "shortcut_jax").mkdir(parents=True)
+    (home / "shortcut_jax_venv" / "bin").mkdir(parents=True)
+    _write_tool(  # a stand-in for training: on SIGTERM it "saves" and exits 0
+        home / "shortcut_jax_venv" / "bin",
+        "python",
+        "#!/bin/sh\ntrap 'echo saved at SIGTERM; exit 0' TERM\necho training\n"
+        "while true; do sleep 0.05; done\n",
+    )
+    extract = (
+        f'last() {{ for a; do l=$a; done; printf %s "$l"; }}; last {train_line.split(" ", 1)[1]}'
+    )
+    remote = subprocess.run(["bash", "-c", extract], capture_output=True, text=True, check=True)
+    env = {"HOME": str(home), "PATH": os.environ["PATH"]}
+    assert subprocess.run(["bash", "-c", remote.stdout], env=env).returncode == 0
+    try:
+        _stop_by_train_pid(home / "shortcut_jax_logs")
+    finally:  # never leave the stand-in running (it would outlive a failed test)
+        subprocess.run(["pkill", "-f", str(home / "shortcut_jax_venv")], check=False)
+
+
+def _stop_by_train_pid(logs: Path) -> None:
+    for _ in range(100):
+        if "training" in (logs / "train.log").read_text():
+            break
+        time.sleep(0.05)
+    wrapper = int((logs / "train.pid").read_text())
+    os.kill(wrapper, signal.SIGTERM)
+    for _ in range(200):
+        if (logs / "exit_code").exists() and (logs / "exit_code").read_text().strip():
+            break
+        time.sleep(0.05)
+    assert (logs / "exit_code").read_text().strip() == "0"
+    assert "saved at SIGTERM" in (logs / "train.log").read_text()
+    for _ in range(100):  # the wrapper is gone too, so --delete-after's wait ends
+        try:
+            os.kill(wrapper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the wrapper outlived the training process")
 
 
 def _recording_gcloud(tmp_path: Path) -> tuple[Path, Path]:
