@@ -222,6 +222,8 @@ render_header() {
   echo "#SBATCH --gpus-per-node=$GPUS_PER_NODE"
   echo "#SBATCH --cpus-per-task=$CPUS_PER_TASK"
   echo "#SBATCH --time=$TIME_LIMIT"
+  # SIGTERM 180 s before the time limit: training saves and exits 0 before KillWait ends it.
+  echo "#SBATCH --signal=TERM@180"
   echo "#SBATCH --output=$LOG_DIR/%x-%j.out"
   if [[ -n $PARTITION ]]; then
     echo "#SBATCH --partition=$PARTITION"

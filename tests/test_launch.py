@@ -512,6 +512,7 @@ def test_slurm_dry_run_shows_the_sbatch_command_and_the_rendered_script(failing_
         "#SBATCH --gpus-per-node=8",
         "#SBATCH --partition=gpu",
         "#SBATCH --exclusive",
+        "#SBATCH --signal=TERM@180",  # the time limit reaches training as SIGTERM: it saves
         f"#SBATCH --output={workdir}/slurm/%x-%j.out",
         "CONFIG=experiments/imagenet256.py",
         f"WORKDIR={workdir}",
