@@ -40,16 +40,6 @@ from shortcut_jax import (
 from shortcut_jax import teacher as teacher_lib
 from shortcut_jax.data import pairs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The teacher run's workdir.")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the pairs to.")
-_NUM = flags.DEFINE_integer("num", None, "Number of pairs.")
-_STEPS = flags.DEFINE_integer("steps", 128, "Sampler steps (network evaluations) per sample.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Pairs per shard file.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the noise.")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale of the teacher (1 = none).")
-_STEP = flags.DEFINE_integer("step", 0, "The teacher's checkpoint step; 0 = the newest.")
-flags.mark_flags_as_required(["workdir", "out", "num"])
-
 
 def write_pairs(
     workdir: str,
@@ -153,23 +143,39 @@ def write_pairs(
     return metadata
 
 
+def _define_flags() -> None:
+    """The command-line flags; defined only when this module runs as a script, so importing it
+    (tests, notebooks) never clashes with another CLI's flags of the same name (--workdir)."""
+    flags.DEFINE_string("workdir", None, "The teacher run's workdir.")
+    flags.DEFINE_string("out", None, "Directory to write the pairs to.")
+    flags.DEFINE_integer("num", None, "Number of pairs.")
+    flags.DEFINE_integer("steps", 128, "Sampler steps (network evaluations) per sample.")
+    flags.DEFINE_integer("shard_size", 4096, "Pairs per shard file.")
+    flags.DEFINE_integer("seed", 0, "Seed of the noise.")
+    flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale of the teacher (1 = none).")
+    flags.DEFINE_integer("step", 0, "The teacher's checkpoint step; 0 = the newest.")
+    flags.mark_flags_as_required(["workdir", "out", "num"])
+
+
 def main(argv: list[str]) -> None:
     """Writes the pairs the flags describe."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
     with cli_inputs.errors_as_one_line(teacher_lib.TeacherError):
         metadata = write_pairs(
-            _WORKDIR.value,
-            _OUT.value,
-            _NUM.value,
-            num_steps=_STEPS.value,
-            shard_size=_SHARD_SIZE.value,
-            seed=_SEED.value,
-            cfg_scale=_CFG_SCALE.value,
-            step=_STEP.value,
+            values.workdir,
+            values.out,
+            values.num,
+            num_steps=values.steps,
+            shard_size=values.shard_size,
+            seed=values.seed,
+            cfg_scale=values.cfg_scale,
+            step=values.step,
         )
-    print(f"{_OUT.value}: {metadata['num']} pairs in {metadata['num_shards']} shards")
+    print(f"{values.out}: {metadata['num']} pairs in {metadata['num_shards']} shards")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
