@@ -94,3 +94,16 @@ def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
 
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(handle, **arrays)
+
+
+def probe_writable(directory: str | os.PathLike) -> None:
+    """Creates `directory` (local or bucket) and writes and deletes a uniquely named probe file.
+
+    Raises:
+      OSError: when the directory cannot be created or written (the caller names the flag).
+    """
+    path = epath.Path(directory)
+    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=True)
+    write_bytes(probe, b"probe")
+    probe.unlink()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 
 USAGE_EXIT_CODE = 2
@@ -60,16 +58,10 @@ def check_output_directory(flag: str, directory: str, needed_bytes: int) -> None
     Raises:
       InputError: naming `flag`, the directory and the OS error or the free space.
     """
-    from etils import epath
-
     from shortcut_jax import atomic_files
 
-    path = epath.Path(directory)
-    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_files.write_bytes(probe, b"probe")
-        probe.unlink()
+        atomic_files.probe_writable(directory)
     except OSError as error:
         raise InputError(
             f"{flag}: cannot write to {directory} ({type(error).__name__}: {error})"

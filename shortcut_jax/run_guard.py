@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import socket
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,11 +66,8 @@ def check_workdir_usable(workdir: str, min_free_bytes: int = MIN_FREE_BYTES) -> 
       WorkdirUnusableError: naming the workdir and the OS error or the free space.
     """
     path = checkpoint.workdir_path(workdir)
-    probe = path / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_files.write_bytes(probe, b"probe")
-        probe.unlink()
+        atomic_files.probe_writable(path)
     except OSError as error:
         raise WorkdirUnusableError(
             f"cannot write to the workdir {path} ({type(error).__name__}: {error}): pass a "
