@@ -194,14 +194,6 @@ def restore_or_init(
     return state, True
 
 
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays, as Orbax restore targets."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )
-
-
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """Loads a run's config and train state (newest checkpoint by default) onto this process.
 
