@@ -63,7 +63,7 @@ def sample_flow_times(rng: jax.Array, batch_size: int, denoise_timesteps: int) -
 
 
 def sample_bootstrap_levels_and_times(
-    rng: jax.Array, batch_size: int, denoise_timesteps: int
+    rng: jax.Array, batch_size: int, denoise_timesteps: int, finest_count: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Draws, per example, a shortcut level and a start time for the self-consistency part.
 
@@ -72,18 +72,40 @@ def sample_bootstrap_levels_and_times(
     time t uniform on the grid of multiples of 2d = 2**-d_level, i.e. the start of a step of size 2d
     that the two half steps of size d must reproduce.
 
+    With `finest_count` = k > 0 the first k examples are at the finest student level log2(T) - 1
+    (whose teacher step is the flow level, the one guidance inside the targets applies to) and the
+    other B - k draw their level uniformly over the coarser ones: a fixed number of guided examples,
+    so the teacher evaluates its null branch for those k only. `guided_count` gives the k that keeps
+    the finest level's share close to 1 / log2(T).
+
     Returns:
       d_level: (B,) int32, the level of the *student* step 2d; the teacher uses d_level + 1.
       t: (B,) float32 in [0, 1).
     """
     level_rng, time_rng = jax.random.split(rng)
     levels = num_levels(denoise_timesteps)
-    d_level = jax.random.randint(level_rng, (batch_size,), 0, levels)
+    if not 0 <= finest_count <= batch_size:
+        raise ValueError(f"finest_count must be in [0, {batch_size}], got {finest_count}")
+    if finest_count and levels > 1:
+        coarser = jax.random.randint(level_rng, (batch_size - finest_count,), 0, levels - 1)
+        d_level = jnp.concatenate([jnp.full((finest_count,), levels - 1, coarser.dtype), coarser])
+    else:
+        d_level = jax.random.randint(level_rng, (batch_size,), 0, levels)
     sections = jnp.left_shift(1, d_level)  # number of student steps of size 2**-d_level
     uniform = jax.random.uniform(time_rng, (batch_size,))
     index = jnp.minimum(jnp.floor(uniform * sections), sections - 1)
     t = index / sections.astype(jnp.float32)
     return d_level.astype(jnp.int32), t.astype(jnp.float32)
+
+
+def guided_count(num_bootstrap: int, denoise_timesteps: int) -> int:
+    """ceil(num_bootstrap / log2(T)): the bootstrap examples kept at the guided (finest) level.
+
+    The paper's code tiles the levels over the bootstrap part and evaluates the null branch for
+    the same number of examples; at its batch 256 (32 bootstrap examples, 7 levels) that is 5, so
+    each teacher call sees 32 + 5 examples instead of 2 x 32.
+    """
+    return -(-num_bootstrap // max(num_levels(denoise_timesteps), 1))
 
 
 def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:

@@ -185,6 +185,50 @@ def test_guidance_inside_targets_guides_only_the_level_next_to_the_flow_level():
     np.testing.assert_allclose(unguided[:, 0], [1.0, 1.0, 0.0])
 
 
+def test_a_fixed_count_of_bootstrap_examples_sits_at_the_guided_level():
+    assert timesteps.guided_count(32, 128) == 5  # the paper's batch 256: 32 + 5 teacher rows
+    assert timesteps.guided_count(4, 128) == 1
+    assert timesteps.guided_count(14, 128) == 2
+    d_level, t = timesteps.sample_bootstrap_levels_and_times(
+        jax.random.PRNGKey(3), 20_000, 128, finest_count=2_900
+    )
+    d_level, t = np.asarray(d_level), np.asarray(t)
+    np.testing.assert_array_equal(d_level[:2_900], 6)
+    rest = d_level[2_900:]
+    assert set(np.unique(rest)) == set(range(6))  # the coarser levels, each about 1/6 of the rest
+    np.testing.assert_allclose(np.bincount(rest) / len(rest), 1 / 6, atol=0.015)
+    sections = 2.0**d_level
+    np.testing.assert_allclose(t * sections, np.round(t * sections), atol=1e-5)
+    with pytest.raises(ValueError, match="finest_count"):
+        timesteps.sample_bootstrap_levels_and_times(jax.random.PRNGKey(0), 4, 128, finest_count=5)
+
+
+def test_the_null_branch_runs_only_for_the_guided_examples_and_gives_the_same_targets():
+    rows = []
+
+    def teacher(params, x, t, d, labels):
+        rows.append(x.shape[0])
+        return linear_teacher(params, x, t, d, labels) * jnp.where(labels == 10, 0.5, 1.0)[:, None]
+
+    settings = make_settings(bootstrap_cfg=True, cfg_scale=2.0)  # 8 timesteps: 3 levels
+    num_bootstrap = 7
+    guided = timesteps.guided_count(num_bootstrap, 8)  # 3
+    d_level, t = timesteps.sample_bootstrap_levels_and_times(
+        jax.random.PRNGKey(5), num_bootstrap, 8, finest_count=guided
+    )
+    x_t = jax.random.normal(jax.random.PRNGKey(6), (num_bootstrap, 2))
+    labels = jnp.array([1, 2, 10, 3, 4, 5, 6])
+    args = (teacher, {"a": 0.3}, x_t, t, d_level, labels, settings)
+    fast = bootstrap_targets(*args, guided)
+    assert rows == [num_bootstrap + guided] * 2
+    full = bootstrap_targets(*args)  # the null branch for every example, guidance by level
+    assert rows[2:] == [2 * num_bootstrap] * 2
+    np.testing.assert_allclose(fast, full, rtol=1e-6)
+    unguided = bootstrap_targets(teacher, {"a": 0.3}, x_t, t, d_level, labels, make_settings())
+    assert not np.allclose(fast[:guided], unguided[:guided])  # guidance did apply to them
+    np.testing.assert_allclose(fast[guided:], unguided[guided:], rtol=1e-6)
+
+
 @pytest.mark.parametrize("batch_size,bootstrap_every", [(32, 8), (8, 8), (24, 4), (6, 2)])
 def test_every_example_reaches_the_loss(batch_size, bootstrap_every):
     settings = make_settings(bootstrap_every=bootstrap_every, denoise_timesteps=128)

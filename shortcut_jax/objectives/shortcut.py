@@ -36,6 +36,7 @@ def teacher_velocity(
     d: jax.Array,
     labels: jax.Array,
     settings: ObjectiveConfig,
+    guided: int | None = None,
 ) -> jax.Array:
     """The teacher's velocity s(x, t, d), guided where CFG inside the targets applies.
 
@@ -46,20 +47,26 @@ def teacher_velocity(
 
     Args:
       x: (B, ...) inputs. t: (B,). d: (B,) float teacher step sizes. labels: (B,).
+      guided: None = any example may be at the flow level (the null branch runs for all B);
+        k = exactly the first k examples are (`timesteps.sample_bootstrap_levels_and_times` with
+        finest_count k), so the null branch runs for those k only: B + k network rows, not 2 B.
     """
     if not (settings.bootstrap_cfg and settings.num_classes > 0):
         return apply_fn(teacher_params, x, t, d, labels)
     batch_size = x.shape[0]
-    null = jnp.full_like(labels, settings.num_classes)
+    count = batch_size if guided is None else guided
+    null = jnp.full_like(labels[:count], settings.num_classes)
     both = apply_fn(
         teacher_params,
-        jnp.concatenate([x, x]),
-        jnp.concatenate([t, t]),
-        jnp.concatenate([d, d]),
+        jnp.concatenate([x, x[:count]]),
+        jnp.concatenate([t, t[:count]]),
+        jnp.concatenate([d, d[:count]]),
         jnp.concatenate([labels, null]),
     )
     v_cond, v_null = both[:batch_size], both[batch_size:]
-    v_guided = v_null + settings.cfg_scale * (v_cond - v_null)
+    v_guided = v_null + settings.cfg_scale * (v_cond[:count] - v_null)
+    if guided is not None:
+        return jnp.concatenate([v_guided, v_cond[count:]])
     at_flow_level = d <= 1.0 / settings.denoise_timesteps
     return jnp.where(expand(at_flow_level, x.ndim), v_guided, v_cond)
 
@@ -72,20 +79,22 @@ def bootstrap_targets(
     d_level: jax.Array,
     labels: jax.Array,
     settings: ObjectiveConfig,
+    guided: int | None = None,
 ) -> jax.Array:
     """Mean of two teacher half steps of size d = 2**-(d_level + 1), clipped to +-target_clip.
 
     Args:
       x_t: (B, ...) start points. t: (B,) start times. d_level: (B,) int student levels (step 2d).
       labels: (B,) labels.
+      guided: see `teacher_velocity` (the first `guided` examples are at the finest level).
 
     Returns:
       (B, ...) stop-gradient targets for the student s(x_t, t, 2d).
     """
     d = timesteps.step_size(d_level + 1)
-    v_first = teacher_velocity(apply_fn, teacher_params, x_t, t, d, labels, settings)
+    v_first = teacher_velocity(apply_fn, teacher_params, x_t, t, d, labels, settings, guided)
     x_mid = _clip(x_t + expand(d, x_t.ndim) * v_first, settings.target_clip)
-    v_second = teacher_velocity(apply_fn, teacher_params, x_mid, t + d, d, labels, settings)
+    v_second = teacher_velocity(apply_fn, teacher_params, x_mid, t + d, d, labels, settings, guided)
     target = _clip((v_first + v_second) / 2, settings.target_clip)
     return jax.lax.stop_gradient(target)
 
@@ -120,12 +129,17 @@ def shortcut_targets(
     x0 = jax.random.normal(noise_rng, x1.shape, x1.dtype)
     labels = drop_labels(drop_rng, batch["label"], settings)
 
+    guided = None
+    if settings.bootstrap_cfg and settings.num_classes > 0:
+        guided = timesteps.guided_count(num_bootstrap, settings.denoise_timesteps)
     d_level, t = timesteps.sample_bootstrap_levels_and_times(
-        boot_rng, num_bootstrap, settings.denoise_timesteps
+        boot_rng, num_bootstrap, settings.denoise_timesteps, finest_count=guided or 0
     )
     x_t = timesteps.interpolate(x0[:num_bootstrap], x1[:num_bootstrap], t)
     boot_labels = labels[:num_bootstrap]
-    target = bootstrap_targets(apply_fn, teacher_params, x_t, t, d_level, boot_labels, settings)
+    target = bootstrap_targets(
+        apply_fn, teacher_params, x_t, t, d_level, boot_labels, settings, guided
+    )
     bootstrap = Regression(
         x_t=x_t,
         t=t,
