@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.teacher.init_student = True
     config.teacher.consistency_scales = 18  # consistency_distillation: N (paper: 18 on CIFAR-10)
     config.teacher.target_ema_rate = 0.95  # consistency_distillation: target network EMA rate mu
+    # consistency_distillation: the ODE solver of the teacher step, 'heun' (the paper's CD runs,
+    # two teacher evaluations) or 'euler' (one).
+    config.teacher.ode_solver = "heun"
     # Start params, EMA and target network of a fresh run from another run's model (e.g. shortcut
     # from a pretrained flow_matching run; same config.model). '' = random initialisation.
     config.init_from = ""

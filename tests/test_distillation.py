@@ -160,8 +160,35 @@ def test_flow_teacher_ode_step_is_exact_for_a_point_mass():
     np.testing.assert_allclose(moved, target_point + 0.5 * z, rtol=1e-5, atol=1e-6)
 
 
+def test_heun_ode_step_is_second_order_on_a_linear_ode():
+    """With D(x, sigma) = k x the ODE is dx/dsigma = (1 - k) x / sigma, solved by
+    x(sigma) = x0 (sigma / sigma0)^(1 - k). Heun's error shrinks ~h^3 per step, Euler's ~h^2."""
+    k = 0.4
+
+    def velocity(x, s, d):  # a flow teacher whose denoiser D(x_sigma, sigma) is k x_sigma
+        del d
+        # D = x_f + (1 - s) v with x_f = s x_sigma  =>  v = (k x_sigma - s x_sigma) / (1 - s)
+        x_sigma = x / s[:, None]
+        return (k - s[:, None]) * x_sigma / (1.0 - s[:, None])
+
+    x = jnp.array([[1.0, -2.0]], jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    errors = {}
+    for name, step in consistency_distillation.ODE_SOLVERS.items():
+        errors[name] = []
+        for h in (0.4, 0.2):
+            sigma_from, sigma_to = jnp.array([2.0]), jnp.array([2.0 - h])
+            exact = x * ((2.0 - h) / 2.0) ** (1 - k)
+            moved = step(velocity, x, sigma_from, sigma_to, 1 / 128)
+            errors[name].append(float(jnp.max(jnp.abs(moved - exact))))
+    assert errors["heun"][0] < errors["euler"][0] / 5
+    assert errors["euler"][0] / errors["euler"][1] == pytest.approx(4, rel=0.25)
+    assert errors["heun"][0] / errors["heun"][1] == pytest.approx(8, rel=0.25)
+
+
 def test_consistency_distillation_target_uses_the_target_network():
-    settings = SETTINGS.__class__(**{**SETTINGS.__dict__, "name": "consistency_distillation"})
+    settings = SETTINGS.__class__(
+        **{**SETTINGS.__dict__, "name": "consistency_distillation", "distill_ode_solver": "euler"}
+    )
     run = objectives.TeacherRun(
         params={"a": -0.3, "b": 0.2, "c": 1.0},
         student={"w": 0.25},
@@ -203,6 +230,22 @@ def test_consistency_distillation_target_uses_the_target_network():
         other_velocity, run.replace(student={"w": 0.5}), batch, jax.random.PRNGKey(3), settings
     )
     assert not np.allclose(moved.target, regression.target)
+    # Heun (the default) takes its second slope at the Euler point: another, nearby target.
+    heun_settings = SETTINGS.__class__(**{**settings.__dict__, "distill_ode_solver": "heun"})
+    heun, _ = consistency_distillation.consistency_distillation_targets(
+        other_velocity, run, batch, jax.random.PRNGKey(3), heun_settings
+    )
+    np.testing.assert_array_equal(heun.t, regression.t)
+    assert not np.allclose(heun.target, regression.target)
+    velocity = -0.3 * x_hat / (1 + s_target[:, None]) + 0.2 / (1 + s_target[:, None]) + 1.0 / 8
+    flow_t = 1 / (1 + s_target[:, None])
+    slope_end = (x_hat - (x_hat * flow_t + (1 - flow_t) * velocity)) / s_target[:, None]
+    slope = (x_student - denoised) / s_student[:, None]
+    x_heun = x_student + (s_target - s_student)[:, None] * (slope + slope_end) / 2
+    f_heun = c_skip_t * x_heun + c_out_t * (0.25 * c_in_t * x_heun - t_target[:, None])
+    np.testing.assert_allclose(
+        c_skip_s * x_student + c_out_s * np.asarray(heun.target), f_heun, rtol=1e-4, atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------- reflow

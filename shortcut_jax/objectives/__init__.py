@@ -92,6 +92,7 @@ class ObjectiveConfig:
     distill_steps_per_stage: int = 1
     distill_scales: int = 18
     distill_target_ema_rate: float = 0.95
+    distill_ode_solver: str = "heun"
 
     @classmethod
     def from_config(cls, config: Any) -> ObjectiveConfig:
@@ -138,6 +139,7 @@ def _distillation_fields(config: Any) -> dict[str, Any]:
         "distill_steps_per_stage": steps_per_stage(config),
         "distill_scales": int(config.teacher.consistency_scales),
         "distill_target_ema_rate": float(config.teacher.target_ema_rate),
+        "distill_ode_solver": str(config.teacher.get("ode_solver", "heun")),
     }
 
 

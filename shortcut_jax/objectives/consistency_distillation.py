@@ -11,8 +11,14 @@ the paper's CIFAR-10 CD setting N = 18). Training step (Algorithm 2):
     x_hat_n = x_{n+1} + (sigma_n - sigma_{n+1}) (x_{n+1} - D(x_{n+1}, sigma_{n+1})) / sigma_{n+1},
     loss = || f_theta(x_{n+1}, sigma_{n+1}) - f_theta-(x_hat_n, sigma_n) ||^2,
 
-one Euler step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (the paper's
-solver Phi; it also reports Heun), and the target network theta- the EMA of theta at the fixed
+one step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma by the solver Phi:
+Heun's second-order step (the paper's CD experiments, after EDM; `config.teacher.ode_solver`
+'heun', two teacher evaluations) or the Euler step written above ('euler', one evaluation),
+
+    Heun: x_e = Euler step,  x_hat_n = x_{n+1} + (sigma_n - sigma_{n+1}) (g(x_{n+1}, sigma_{n+1})
+          + g(x_e, sigma_n)) / 2,  g(x, sigma) = (x - D(x, sigma)) / sigma,
+
+and the target network theta- the EMA of theta at the fixed
 rate mu = `config.teacher.target_ema_rate` (0.95, their CIFAR-10 CD value), kept in the train
 state's target slot. The teacher's denoiser D comes from its flow velocity: x + sigma z scaled by
 1 / (1 + sigma) is the flow point (1 - s) z + s x at flow time s = 1 / (1 + sigma), so
@@ -74,9 +80,29 @@ def euler_ode_step(
     teacher_d: float,
 ) -> jax.Array:
     """One Euler step of dx/dsigma = (x - D(x, sigma)) / sigma from sigma_from to sigma_to."""
-    denoised = flow_denoiser(velocity, x, sigma_from, teacher_d)
-    slope = (x - denoised) / expand(sigma_from, x.ndim)
+    slope = _ode_slope(velocity, x, sigma_from, teacher_d)
     return x + expand(sigma_to - sigma_from, x.ndim) * slope
+
+
+def heun_ode_step(
+    velocity: ApplyFn,
+    x: jax.Array,
+    sigma_from: jax.Array,
+    sigma_to: jax.Array,
+    teacher_d: float,
+) -> jax.Array:
+    """One Heun (second-order) step of the same ODE: the mean of the slopes at both ends."""
+    slope = _ode_slope(velocity, x, sigma_from, teacher_d)
+    x_euler = x + expand(sigma_to - sigma_from, x.ndim) * slope
+    slope_end = _ode_slope(velocity, x_euler, sigma_to, teacher_d)
+    return x + expand(sigma_to - sigma_from, x.ndim) * (slope + slope_end) / 2
+
+
+ODE_SOLVERS = {"euler": euler_ode_step, "heun": heun_ode_step}
+
+
+def _ode_slope(velocity: ApplyFn, x: jax.Array, sigma: jax.Array, teacher_d: float) -> jax.Array:
+    return (x - flow_denoiser(velocity, x, sigma, teacher_d)) / expand(sigma, x.ndim)
 
 
 def _start(noise: jax.Array, settings: ObjectiveConfig) -> jax.Array:
@@ -131,7 +157,7 @@ def consistency_distillation_targets(
     def teacher_velocity(x: jax.Array, t: jax.Array, d: jax.Array) -> jax.Array:
         return teacher.apply_fn(teacher.params, x, t, d, labels)
 
-    x_hat = euler_ode_step(
+    x_hat = ODE_SOLVERS[settings.distill_ode_solver](
         teacher_velocity, x_student, sigma_student, sigma_target, 1.0 / teacher.denoise_timesteps
     )
 
