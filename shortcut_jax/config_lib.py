@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from shortcut_jax import latent_space, objectives, resume_policy, timesteps
+from shortcut_jax.evaluators import registry as metric_registry
 
 DATA_NAMES = ("mnist_embedded", "toy2d", "tfds", "image_folder")
 MODEL_NAMES = ("dit", "mlp")
@@ -188,18 +189,12 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check(
         "eval_metrics",
         lambda v: v == "auto" or _metric_names_ok(v),
-        f"'auto' or a comma-separated list of {EVAL_METRICS}",
+        f"'auto' or a comma-separated list of {list(metric_registry.names())}",
     )
     check("eval_inception_path", lambda v: isinstance(v, str), "a path string ('' = default)")
     every = config.get("eval_every_steps")
-    if _is_int(every) and every > 0 and "fid" in _metric_list(config.get("eval_metrics")):
-        check(
-            "eval_inception_path",
-            _inception_weights_exist,
-            "config.eval_metrics names 'fid', which needs the converted Inception weights at this "
-            f"path ('' = {_default_inception_path()}): make them with python -m "
-            "shortcut_jax.tools.convert_inception, or drop 'fid' from config.eval_metrics",
-        )
+    if _is_int(every) and every > 0:  # what the periodic evaluation will need
+        _check_eval_metric_needs(config, check)
     check(
         "eval_ref_stats",
         lambda v: isinstance(v, str) and (not v or _file_exists(v)),
@@ -460,26 +455,45 @@ def _dir_exists(path: str) -> bool:
     return epath.Path(path).is_dir()
 
 
-EVAL_METRICS = ("fd_mnist", "fid")
-
-
 def _metric_names_ok(value: str) -> bool:
-    names = [name.strip() for name in value.split(",")]
-    return bool(names) and all(name in EVAL_METRICS for name in names)
+    names = metric_registry.split(value)
+    return bool(names) and not metric_registry.unknown(names)
 
 
-def _metric_list(value: Any) -> list[str]:
-    return [name.strip() for name in value.split(",")] if isinstance(value, str) else []
-
-
-def _default_inception_path() -> str:
-    from shortcut_jax.evaluators import inception
-
-    return inception.default_weights_path()
-
-
-def _inception_weights_exist(path: str) -> bool:
-    return _file_exists(path or _default_inception_path())
+def _check_eval_metric_needs(
+    config: ml_collections.ConfigDict, check: Callable[[str, Callable[[Any], bool], str], None]
+) -> None:
+    """Each metric of config.eval_metrics fits the data and finds its file; 'auto' finds one."""
+    value = config.get("eval_metrics")
+    if not isinstance(value, str):
+        return  # reported by the eval_metrics check
+    try:
+        if value == "auto":
+            if not metric_registry.auto_names(config):
+                check(
+                    "eval_metrics",
+                    lambda v: False,
+                    f"{metric_registry.why_none_available(config)}; make one available or set "
+                    "config.eval_every_steps = 0",
+                )
+            return
+        for name in metric_registry.split(value):
+            spec = metric_registry.METRICS.get(name)
+            if spec is None:
+                continue  # reported by the eval_metrics check
+            problem = spec.data_problem(config)
+            if problem:
+                check("eval_metrics", lambda v: False, f"{name!r} cannot score this run: {problem}")
+            if metric_registry.missing_weights(spec, config):
+                check(
+                    spec.weights_field,
+                    lambda v: False,
+                    f"config.eval_metrics names {name!r}, which needs this file ('' = "
+                    f"{spec.default_weights_path()}): make it with {spec.weights_command}, or "
+                    f"drop {name!r} from config.eval_metrics",
+                )
+    except (AttributeError, KeyError):
+        return  # a broken config.data section, which the data checks report
 
 
 def _file_exists(path: str) -> bool:

@@ -19,7 +19,7 @@ from etils import epath
 from tqdm import tqdm
 
 from shortcut_jax import checkpoint, cli_inputs, sharding
-from shortcut_jax.evaluators import fd_mnist, features, inception, report, sweep
+from shortcut_jax.evaluators import features, registry, report, sweep
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_list("steps", None, "Step budgets; default 1, 2, 4, ..., denoise_timesteps.")
@@ -36,7 +36,9 @@ _REF_STATS = flags.DEFINE_string(
 _REF_NUM = flags.DEFINE_integer(
     "ref_num", None, "Real examples behind a reference from the data (default eval_ref_num)."
 )
-_METRICS = flags.DEFINE_string("metrics", "auto", "'auto' or a comma list of fd_mnist, fid.")
+_METRICS = flags.DEFINE_string(
+    "metrics", "auto", f"'auto' or a comma list of {', '.join(registry.names())}."
+)
 _INCEPTION = flags.DEFINE_string(
     "inception", None, "Converted Inception weights .npz (default: the run's or the cache's)."
 )
@@ -64,8 +66,7 @@ def main(argv: list[str]) -> None:
     with cli_inputs.errors_as_one_line(
         checkpoint.CheckpointError,
         sweep.EvaluationError,
-        inception.InceptionWeightsError,
-        fd_mnist.CacheError,
+        features.WeightsError,
         features.NonFiniteImagesError,
     ):
         _evaluate()

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from shortcut_jax import configs
 from shortcut_jax.data.mnist import load_mnist
-from shortcut_jax.evaluators import fd_mnist, features, fid
+from shortcut_jax.evaluators import fd_mnist, features, fid, sweep
 
 # Measured: 0.985 for seed 0 with the default recipe (0.985-0.990 over seeds 0-3); threshold
 # leaves 1.5 points of margin for other CPUs / XLA builds.
@@ -41,8 +42,8 @@ def net(trained):
 
 @pytest.fixture(scope="session")
 def reference(net):
-    """(5000, 128) features of the real digits."""
-    return fd_mnist.reference_features(net)
+    """(5000, 128) features of the real digits, in the order of `load_mnist()`."""
+    return features.compute_features(net, load_mnist()[0])
 
 
 def _equal_trees(a, b) -> bool:
@@ -178,17 +179,18 @@ def test_feature_net_contract_resizes_and_averages_channels(net, reference):
 
 
 def test_floor_is_far_below_noise_ceiling_and_degraded_digits_between(net, reference):
-    readings = fd_mnist.floor_and_ceiling(net, num=1000)
-    assert readings["floor_samples"] == 2500 and readings["ceiling_samples"] == 1000
-    floor, ceiling = readings["floor"], readings["ceiling"]
-    assert 0 < floor < ceiling / 100, readings
+    # The floor and ceiling every evaluation reports (`sweep.build_metrics`), for FD-MNIST.
+    floor = sweep.floor_from_features(reference)
+    noise = features.compute_features(net, sweep.noise_images(1000, (28, 28, 1)))
+    ceiling = fid.frechet_distance_of_features(noise, reference)
+    assert 0 < floor < ceiling / 100, (floor, ceiling)
 
     images, _ = load_mnist()
     order = np.random.default_rng(0).permutation(5000)
     first, second = order[:2500], order[2500:]
     blurred = scipy.ndimage.gaussian_filter(images[first], sigma=(0, 0.7, 0.7, 0))
     degraded = np.roll(blurred, 2, axis=2)
-    degraded_fd = fd_mnist._frechet_distance(
+    degraded_fd = fid.frechet_distance_of_features(
         features.compute_features(net, degraded), reference[second]
     )
     assert 10 * floor < degraded_fd < ceiling, (floor, degraded_fd, ceiling)
@@ -208,15 +210,19 @@ def test_one_digit_class_scores_worse_than_a_class_balanced_set(reference):
         assert one_class_fd > 20 * balanced_fd, (digit, one_class_fd, balanced_fd)
 
 
-def test_reference_at_the_generator_size_removes_resize_bias(net, reference):
-    images_32, _ = load_mnist(32)
-    features_32 = fd_mnist.reference_features(net, image_size=32)
-    assert features_32.shape == reference.shape
-    np.testing.assert_allclose(
-        features_32[:4], features.compute_features(net, images_32[:4]), rtol=1e-5, atol=1e-4
-    )
+def test_reference_at_the_generator_size_removes_resize_bias(net):
+    # The evaluation's reference is the run's own data at the run's image size.
+    def reference_at(image_size: int) -> np.ndarray:
+        config = configs.base_config()
+        config.data.image_size = image_size
+        feats, description = sweep.reference_features(config, net, 5000)
+        assert description == "5000 real examples of mnist_embedded"
+        return feats
+
+    features_28, features_32 = reference_at(28), reference_at(32)
+    assert features_32.shape == features_28.shape == (5000, net.dim)
     halves = np.random.default_rng(2).permutation(5000)
     first, second = halves[:2500], halves[2500:]
-    same_size = fd_mnist._frechet_distance(features_32[first], features_32[second])
-    against_28 = fd_mnist._frechet_distance(features_32[first], reference[second])
+    same_size = fid.frechet_distance_of_features(features_32[first], features_32[second])
+    against_28 = fid.frechet_distance_of_features(features_32[first], features_28[second])
     assert same_size < 10 < against_28, (same_size, against_28)

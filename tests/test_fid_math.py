@@ -167,49 +167,14 @@ def test_feature_statistics_match_numpy_mean_and_unbiased_cov():
     np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
 
 
-def test_running_statistics_over_batches_and_merged_shards_equal_full_computation():
-    rng = np.random.default_rng(6)
-    x = rng.normal(size=(103, 9)) * rng.uniform(0.5, 2.0, 9) + 2.0
-    mu_full, sigma_full = fid.feature_statistics(x)
-
-    single = fid.RunningStatistics(9)
-    for start in range(0, 103, 16):
-        single.update(x[start : start + 16])
-    # Shards as different devices/processes would see them, one of them empty.
-    shards = [x[:30], x[30:31], x[31:31], x[31:77], x[77:]]
-    parts = [fid.RunningStatistics(9).update(shard) for shard in shards]
-    merged = fid.RunningStatistics(9)
-    for part in parts:
-        merged.merge(part)
-    # Sums reduced elsewhere (plain sums, shift 0), as a device psum would produce.
-    from_sums = fid.RunningStatistics.from_sums(x[:50].shape[0], x[:50].sum(0), x[:50].T @ x[:50])
-    from_sums.merge(fid.RunningStatistics(9).update(x[50:]))
-
-    for stats in (single, merged, from_sums):
-        assert stats.count == 103
-        mu, sigma = stats.result()
-        np.testing.assert_allclose(mu, mu_full, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(sigma, sigma_full, rtol=1e-10, atol=1e-12)
-
-
-def test_running_statistics_is_accurate_with_a_large_feature_offset():
-    # Offset 1e5, spread 1: the unshifted formula sum(x x^T) - N mu mu^T would lose ~10 digits.
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(200, 5)) + 1e5
-    _, sigma_full = fid.feature_statistics(x)
-    stats = fid.RunningStatistics(5).update(x[:100])
-    stats.merge(fid.RunningStatistics(5).update(x[100:] + 0.0))
-    np.testing.assert_allclose(stats.result()[1], sigma_full, rtol=1e-8, atol=1e-9)
-
-
-def test_running_statistics_rejects_wrong_dimension_and_too_few_samples():
-    stats = fid.RunningStatistics(3)
-    with pytest.raises(ValueError, match="dimension"):
-        stats.update(np.zeros((2, 4)))
-    with pytest.raises(ValueError, match="at least 2"):
-        stats.update(np.zeros((1, 3))).result()
-    with pytest.raises(ValueError, match="merge"):
-        stats.merge(fid.RunningStatistics(4))
+def test_frechet_distance_of_features_of_a_shifted_copy_is_the_squared_shift():
+    # Same covariance, means apart by `shift`: the distance is |shift|^2 and nothing else.
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(300, 6)) * rng.uniform(0.5, 2.0, 6) + 50.0
+    shift = rng.normal(size=6)
+    got = fid.frechet_distance_of_features(x, x + shift)
+    assert got == pytest.approx(float(shift @ shift), rel=1e-8)
+    assert fid.frechet_distance_of_features(x + shift, x) == pytest.approx(got, rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,11 +24,16 @@ The trained parameters are cached as an ``.npz`` in ``cache_dir`` (default ``$SH
 or ``~/.cache/shortcut_jax``) under a name that contains a hash of the training recipe, so a
 changed recipe trains into a new file and versions never collide. Nothing is ever downloaded.
 
-Typical use::
+Samples are scored against real digits loaded at the generator's size (`sweep.reference_features`
+reads them as the run's data serves them), which pass through the same resize to 28x28 as the
+samples: real 32x32 digits against 28x28 ones read about 130 from the resize blur alone, against
+32x32 ones about 2.
 
-    net = fd_mnist.feature_net(cache_dir=workdir)
-    reference = fd_mnist.reference_features(net)          # (5000, 128)
-    print(fd_mnist.floor_and_ceiling(net, num=5000))
+Typical use (the evaluation reaches it as the 'fd_mnist' entry of `evaluators.registry`; its
+reference, floor and ceiling are those of every metric, see `evaluators.sweep`)::
+
+    net = fd_mnist.feature_net()
+    feats = features.compute_features(net, images)        # (N, 128)
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from flax import traverse_util
 
 from shortcut_jax import atomic_files
 from shortcut_jax.data.mnist import NUM_CLASSES, load_mnist
-from shortcut_jax.evaluators import features, fid
+from shortcut_jax.evaluators import features
 
 FORMAT_VERSION = 1
 IMAGE_SIZE = 28
@@ -324,7 +329,7 @@ def train_classifier(
 # --------------------------------------------------------------------------------------------
 
 
-class CacheError(RuntimeError):
+class CacheError(features.WeightsError, RuntimeError):
     """A cached classifier file exists but cannot be read or does not match its name."""
 
 
@@ -433,7 +438,7 @@ def load_or_train(
 
 
 # --------------------------------------------------------------------------------------------
-# Feature network and FD-MNIST reference readings.
+# Feature network.
 # --------------------------------------------------------------------------------------------
 
 
@@ -457,62 +462,3 @@ def feature_net(cache_dir: str | None = None, batch_size: int = 256) -> features
         apply=_apply_features,
         batch_size=int(batch_size),
     )
-
-
-def _frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FD between two feature sets (N_a, D) and (N_b, D) via `fid.feature_statistics`."""
-    return fid.frechet_distance(
-        *fid.feature_statistics(features_a), *fid.feature_statistics(features_b)
-    )
-
-
-def reference_features(net: features.FeatureNet, image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """Features of all 5,000 embedded real digits, the FD-MNIST reference set.
-
-    Score samples against the reference at the size the generator was trained at: the real
-    digits are then loaded at that size (as `data.mnist` serves them) and go through the same
-    resize to 28x28 inside `apply` as the samples. (Real digits at 32x32 against the 28x28
-    reference read about 130 from the resize blur alone; at the same size they read about 2.)
-
-    Args:
-      net: a feature network (normally `feature_net()`).
-      image_size: side of the images being scored.
-
-    Returns:
-      (5000, net.dim) float32, in the order of `load_mnist()`.
-    """
-    images, _ = load_mnist(image_size)
-    return features.compute_features(net, images)
-
-
-def floor_and_ceiling(
-    net: features.FeatureNet, num: int, seed: int = 0, image_size: int = IMAGE_SIZE
-) -> dict[str, float | int]:
-    """The best reading of FD-MNIST and the reading of pure noise, to put scores in perspective.
-
-    Args:
-      net: a feature network (normally `feature_net()`).
-      num: number of noise images for the ceiling (use the number of samples you score).
-      seed: seed of the noise (the halves are the fixed split of `sweep.floor_from_features`).
-      image_size: side of the images being scored (see `reference_features`).
-
-    Returns:
-      dict with
-        'floor': FD between two disjoint random halves (2,500 vs 2,500) of the real digits, the
-          best achievable reading at that sample size (the FD of finite samples is biased
-          upwards, roughly like 1/N_a + 1/N_b);
-        'ceiling': FD of `num` N(0, 1) noise images clipped to [-1, 1] against all 5,000 real
-          digits (what an untrained generator scores; not an upper bound of the scale: a
-          generator that collapses onto one digit class can score as badly);
-        'floor_samples': 2500 (per half); 'ceiling_samples': num.
-    """
-    if int(num) < 2:
-        raise ValueError(f"num must be >= 2, got {num!r}")
-    from shortcut_jax.evaluators import sweep  # the same floor and ceiling as every score
-
-    reference = reference_features(net, image_size)
-    floor = sweep.floor_from_features(reference)
-    noise = sweep.noise_images(int(num), (image_size, image_size, 1), seed=seed)
-    ceiling = _frechet_distance(features.compute_features(net, noise), reference)
-    half = len(reference) // 2
-    return {"floor": floor, "ceiling": ceiling, "floor_samples": half, "ceiling_samples": int(num)}

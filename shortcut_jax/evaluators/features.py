@@ -2,15 +2,17 @@
 
 A `FeatureNet` is a frozen network plus a pure function ``apply(params, images) -> features``.
 Two are provided: the FID InceptionV3 (`evaluators.inception`, 2048-d) and the project's own
-MNIST classifier (`evaluators.fd_mnist`, for the offline "FD-MNIST" score). Every score goes
-through the same code path:
+MNIST classifier (`evaluators.fd_mnist`, for the offline "FD-MNIST" score); `evaluators.registry`
+names them. Every score goes through the same code path:
 
-    images in [-1, 1] --quantize to 8 bits--> feature_net.apply --> (sum f, sum f f^T, n) --> FD
+    images in [-1, 1] --quantize to 8 bits--> feature_net.apply --> features (N, D)
+        --> mean and covariance in float64 on the host (`fid.feature_statistics`) --> FD
 
 Images are quantized to the 256 levels a PNG would hold before the features are taken, so a
 score computed from arrays equals the one computed from the same samples saved as image files.
-On a mesh the batch is split over the batch axes ('data', 'fsdp') and the sums are reduced inside
-the jit, so every process receives the statistics of the global set.
+On a mesh each chunk of images is split over the batch axes ('data', 'fsdp') and its features are
+gathered back, so every process holds the features of the global set (precision and recall need
+the features themselves, not only their statistics).
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ class FeatureNet:
     params: Any
     apply: FeatureFn
     batch_size: int = 64
+
+
+class WeightsError(Exception):
+    """A feature network's weights are missing, unreadable or not the network's own.
+
+    Every loader raises a subclass with a message naming the file and what to do, so the CLIs
+    can report any feature network's problem in one line.
+    """
 
 
 _CHECK_CHUNK = 256

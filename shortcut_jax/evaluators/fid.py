@@ -3,21 +3,17 @@
 The feature extractor (Inception) lives elsewhere; everything here takes feature matrices
 ``(N, D)`` and works on the host:
 
-- `feature_statistics` / `RunningStatistics`: mean ``(D,)`` and unbiased covariance ``(D, D)`` of
-  the features, either at once or accumulated over batches (and merged across devices or
-  processes from partial sums).
+- `feature_statistics`: mean ``(D,)`` and unbiased covariance ``(D, D)`` of the features.
 - `frechet_distance`: ``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2))`` with the trace of
-  the square root computed by `sqrtm_psd_product`.
+  the square root computed by `sqrtm_psd_product`; `frechet_distance_of_features` takes two
+  feature matrices instead of their statistics.
 - `save_statistics` / `load_statistics`: the ``.npz`` format with keys ``'mu'`` and ``'sigma'``
   used by published FID reference statistics.
 - `precision_recall`: improved precision and recall (Kynkaanniemi et al., 2019).
 
 Typical use::
 
-    stats = RunningStatistics(dim=2048)
-    for batch in feature_batches:
-        stats.update(batch)
-    mu, sigma = stats.result()
+    mu, sigma = feature_statistics(sample_features)
     mu_ref, sigma_ref = load_statistics("cifar10_train_stats.npz")
     fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
 """
@@ -64,150 +60,6 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(axis=0)
     sigma = np.atleast_2d(np.cov(x, rowvar=False))
     return mu, sigma
-
-
-class RunningStatistics:
-    """Streaming mean/covariance from count, sum and sum of outer products (float64).
-
-    The sums are taken about a fixed ``shift`` vector K, i.e. ``sum = sum_i (x_i - K)`` and
-    ``sum_outer = sum_i (x_i - K)(x_i - K)^T``. The covariance does not depend on K, but choosing
-    it near the data mean avoids the cancellation of the textbook one-pass formula
-    ``(sum x x^T - N mu mu^T) / (N - 1)`` when the features have a large offset. If no shift is
-    given, the mean of the first batch is used. Accumulators with different shifts merge exactly.
-
-    Partial results from several devices or processes combine by `merge`; sums that were reduced
-    elsewhere (e.g. with a ``psum`` of ``x.sum(0)`` and ``x.T @ x`` on device) enter through
-    `from_sums`. ``result()`` equals `feature_statistics` of the concatenated batches up to
-    rounding.
-
-    Attributes:
-      dim: feature dimension D.
-      count: number of samples seen.
-      shift: (D,) float64 shift K, or None before the first update.
-      sum: (D,) float64 sum of (x - K).
-      sum_outer: (D, D) float64 sum of (x - K)(x - K)^T.
-    """
-
-    def __init__(self, dim: int, shift: np.ndarray | None = None):
-        """Creates an empty accumulator.
-
-        Args:
-          dim: feature dimension D.
-          shift: optional (D,) centring vector K; by default the first batch's mean.
-        """
-        if int(dim) < 1:
-            raise ValueError(f"dim must be >= 1, got {dim!r}")
-        self.dim = int(dim)
-        self.count = 0
-        self.shift = None if shift is None else self._check_vector(shift, "shift")
-        self.sum = np.zeros(self.dim, dtype=np.float64)
-        self.sum_outer = np.zeros((self.dim, self.dim), dtype=np.float64)
-
-    def _check_vector(self, vector: np.ndarray, name: str) -> np.ndarray:
-        array = np.asarray(vector, dtype=np.float64)
-        if array.shape != (self.dim,):
-            raise ValueError(f"{name} must have shape ({self.dim},), got {array.shape}")
-        return array.copy()
-
-    @classmethod
-    def from_sums(
-        cls,
-        count: int,
-        sum_: np.ndarray,
-        sum_outer: np.ndarray,
-        shift: np.ndarray | None = None,
-    ) -> RunningStatistics:
-        """An accumulator holding sums computed elsewhere (e.g. reduced across devices).
-
-        Args:
-          count: number of samples N the sums cover.
-          sum_: (D,) sum of (x - shift).
-          sum_outer: (D, D) sum of (x - shift)(x - shift)^T.
-          shift: (D,) shift the sums were taken about; zeros (plain sums) if None.
-
-        Returns:
-          A `RunningStatistics` with these sums (copied to float64).
-        """
-        sum_ = np.asarray(sum_, dtype=np.float64)
-        if sum_.ndim != 1:
-            raise ValueError(f"sum_ must have shape (D,), got {sum_.shape}")
-        dim = sum_.shape[0]
-        stats = cls(dim, shift=np.zeros(dim) if shift is None else shift)
-        sum_outer = np.asarray(sum_outer, dtype=np.float64)
-        if sum_outer.shape != (dim, dim):
-            raise ValueError(f"sum_outer must have shape ({dim}, {dim}), got {sum_outer.shape}")
-        if int(count) < 0:
-            raise ValueError(f"count must be >= 0, got {count!r}")
-        stats.count = int(count)
-        stats.sum = sum_.copy()
-        stats.sum_outer = sum_outer.copy()
-        return stats
-
-    def update(self, features: np.ndarray) -> RunningStatistics:
-        """Adds a batch of features in place.
-
-        Args:
-          features: (B, D) features (any float dtype; accumulated in float64). B may be 0.
-
-        Returns:
-          self, for chaining.
-        """
-        x = _as_feature_matrix(features)
-        if x.shape[1] != self.dim:
-            raise ValueError(f"features have dimension {x.shape[1]}, expected {self.dim}")
-        if x.shape[0] == 0:
-            return self
-        if self.shift is None:
-            self.shift = x.mean(axis=0)
-        centred = x - self.shift
-        self.count += x.shape[0]
-        self.sum += centred.sum(axis=0)
-        self.sum_outer += centred.T @ centred
-        return self
-
-    def merge(self, other: RunningStatistics) -> RunningStatistics:
-        """Adds another accumulator's samples in place (exact up to rounding).
-
-        Args:
-          other: accumulator over the same feature dimension; left unchanged.
-
-        Returns:
-          self, for chaining.
-        """
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge dimension {other.dim} into dimension {self.dim}")
-        if other.count == 0:
-            return self
-        if self.count == 0 or self.shift is None:
-            self.shift = other.shift.copy()
-            self.count = other.count
-            self.sum = other.sum.copy()
-            self.sum_outer = other.sum_outer.copy()
-            return self
-        # Re-express other's sums about our shift: x - K = (x - K') + c with c = K' - K.
-        c = other.shift - self.shift
-        n = other.count
-        self.sum_outer += (
-            other.sum_outer + np.outer(other.sum, c) + np.outer(c, other.sum) + n * np.outer(c, c)
-        )
-        self.sum += other.sum + n * c
-        self.count += n
-        return self
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance of everything seen.
-
-        Returns:
-          mu: (D,) float64 mean.
-          sigma: (D, D) float64 covariance with denominator N - 1.
-        """
-        if self.count < 2:
-            raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
-        n = self.count
-        mean_offset = self.sum / n
-        mu = self.shift + mean_offset
-        sigma = (self.sum_outer - n * np.outer(mean_offset, mean_offset)) / (n - 1)
-        return mu, (sigma + sigma.T) / 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +192,11 @@ def frechet_distance(
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
     return float(max(value, 0.0))
+
+
+def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """`frechet_distance` between the statistics of two feature matrices (N_a, D) and (N_b, D)."""
+    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
 
 
 # --------------------------------------------------------------------------------------------

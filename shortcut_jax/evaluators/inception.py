@@ -64,7 +64,7 @@ _HOW_TO_GET = (
 )
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(features.WeightsError, ValueError):
     """The Inception weights file is missing or does not hold the FID InceptionV3."""
 
 

@@ -16,8 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from shortcut_jax import atomic_files
-
-_LABELS = {"fd_mnist": "FD-MNIST", "fid": "FID (Inception)"}
+from shortcut_jax.evaluators import registry
 
 
 def make_report(
@@ -90,7 +89,7 @@ def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
                 continue
             described.add(name)
             notes.append(
-                f"- {_LABELS.get(name, name)}: floor {_format(info.get('floor'))} "
+                f"- {registry.label(name)}: floor {_format(info.get('floor'))} "
                 f"(two halves of the real set), ceiling {_format(info.get('ceiling'))} "
                 f"(clipped noise); reference: {info.get('reference')}; "
                 f"{info.get('feature_dim')}-d features of {info.get('network')}."
@@ -130,7 +129,7 @@ def plot(reports: Mapping[str, Mapping[str, Any]], path: str | epath.PathLike) -
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("function evaluations (NFE)")
-        ax.set_ylabel(_LABELS.get(name, name) + " (lower is better)")
+        ax.set_ylabel(registry.label(name) + " (lower is better)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()

@@ -27,8 +27,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from shortcut_jax import atomic_files, config_lib, latent_space, objectives, sampling
-from shortcut_jax.evaluators import features, fid
+from shortcut_jax import atomic_files, latent_space, objectives, sampling
+from shortcut_jax.evaluators import features, fid, registry
+from shortcut_jax.evaluators.registry import EvaluationError
 
 # Reference features beyond this many examples only refine the mean/covariance; precision and
 # recall use at most this many from each side (their cost grows with the square).
@@ -37,16 +38,12 @@ _SPLIT_SEED = 0
 _NOISE_SEED = 1
 
 
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run as configured (missing weights, wrong data, ...)."""
-
-
 @dataclasses.dataclass
 class Metric:
     """A feature network with the reference it is scored against.
 
     Attributes:
-      name: 'fd_mnist' or 'fid'.
+      name: a metric name of `registry.METRICS`, e.g. 'fd_mnist' or 'fid'.
       net: the feature network.
       mu: (D,) reference mean.
       sigma: (D, D) reference covariance.
@@ -80,71 +77,34 @@ class Metric:
 def metric_names(config: ml_collections.ConfigDict, requested: str | None = None) -> list[str]:
     """The metrics to compute for a run: `requested` (or config.eval_metrics) resolved.
 
-    'auto' means fd_mnist for the embedded MNIST data, plus fid when the Inception weights file
-    exists (or config.eval_ref_stats is set). An explicit list is returned as given, after
-    checking the names.
+    'auto' means every metric of `registry.METRICS` that 'auto' may pick and that can score this
+    run: FD-MNIST for the embedded MNIST data, FID for images when the Inception weights file
+    exists. An explicit list is returned as given, after checking the names.
     """
-    from shortcut_jax.evaluators import inception
-
     requested = config.eval_metrics if requested is None else requested
     if requested != "auto":
-        names = [name.strip() for name in requested.split(",") if name.strip()]
-        unknown = [name for name in names if name not in config_lib.EVAL_METRICS]
+        names = registry.split(requested)
+        unknown = registry.unknown(names)
         if not names or unknown:
             raise EvaluationError(
                 f"unknown metric(s) {unknown or requested!r}: use 'auto' or a comma-separated "
-                f"list of {config_lib.EVAL_METRICS}"
+                f"list of {list(registry.names())}"
             )
         return names
-    names = []
-    if config.data.name == "mnist_embedded":
-        names.append("fd_mnist")
-    weights = config.get("eval_inception_path") or str(inception.default_weights_path())
-    if epath.Path(weights).is_file():
-        names.append("fid")
+    names = registry.auto_names(config)
     if not names:
-        raise EvaluationError(
-            "no metric available for this run: FID needs the converted Inception weights at "
-            f"{weights} (see `python -m shortcut_jax.tools.convert_inception --help`); "
-            "FD-MNIST needs config.data.name='mnist_embedded'"
-        )
+        raise EvaluationError(registry.why_none_available(config))
     return names
 
 
-def _check_images(config: ml_collections.ConfigDict, name: str) -> None:
-    channels = config.data.get("channels", None)
-    if config.data.name == "toy2d":
-        raise EvaluationError(
-            f"metric {name!r} scores images; config.data.name='toy2d' gives 2-D points"
-        )
-    if channels not in (1, 3):
-        raise EvaluationError(
-            f"metric {name!r} needs 1- or 3-channel images; config.data.channels={channels}"
-        )
-    if name == "fd_mnist" and config.data.name != "mnist_embedded":
-        raise EvaluationError(
-            "fd_mnist compares against the embedded MNIST digits; "
-            f"config.data.name={config.data.name!r} needs 'fid' instead"
-        )
-
-
 def load_feature_net(config: ml_collections.ConfigDict, name: str) -> features.FeatureNet:
-    """The feature network of metric `name`.
+    """The feature network of metric `name` (its `registry.MetricSpec.load`).
 
     'fd_mnist' loads the project's classifier from the user cache ($SHORTCUT_JAX_CACHE or
     ~/.cache/shortcut_jax), training it there once; 'fid' loads the converted Inception weights
     from config.eval_inception_path or the default path.
     """
-    if name == "fd_mnist":
-        from shortcut_jax.evaluators import fd_mnist
-
-        return fd_mnist.feature_net()
-    if name == "fid":
-        from shortcut_jax.evaluators import inception
-
-        path = config.get("eval_inception_path") or str(inception.default_weights_path())
-        return inception.feature_net(path)
-    raise EvaluationError(f"unknown metric {name!r}; allowed: {config_lib.EVAL_METRICS}")
+    return registry.get(name).load(config)
 
 
 def _cache_file(cache_dir: str | None, prefix: str, *key: Any) -> epath.Path | None:
@@ -254,8 +214,9 @@ def floor_from_features(real_features: np.ndarray) -> float:
     """FD between two disjoint random halves of the real features: the best possible reading."""
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(real_features))
     half = len(order) // 2
-    first, second = real_features[order[:half]], real_features[order[half : 2 * half]]
-    return fid.frechet_distance(*fid.feature_statistics(first), *fid.feature_statistics(second))
+    return fid.frechet_distance_of_features(
+        real_features[order[:half]], real_features[order[half : 2 * half]]
+    )
 
 
 def noise_images(num: int, shape: Sequence[int], seed: int = _NOISE_SEED) -> np.ndarray:
@@ -279,8 +240,9 @@ def build_metrics(
       config: the run's config (reads data.*, eval_ref_num, eval_ref_stats, eval_inception_path).
       names: metric names; default `metric_names(config)`.
       cache_dir: where reference features are cached (e.g. WORKDIR/eval); None = no cache.
-      ref_stats: FID reference statistics file (.npz with mu and sigma); default
-        config.eval_ref_stats; '' = computed from config.eval_ref_num real examples.
+      ref_stats: reference statistics file (.npz with mu and sigma) for the metrics whose
+        registry entry takes one (FID); default config.eval_ref_stats; '' = computed from
+        config.eval_ref_num real examples.
       ceiling_num: noise images behind the ceiling; default config.eval_ceiling_num.
       is_chief: only the chief (process 0) computes references; other processes get metrics
         with the network only (they take part in sampling and feature extraction).
@@ -295,8 +257,11 @@ def build_metrics(
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     metrics = []
     for name in names:
-        _check_images(config, name)
-        net = load_feature_net(config, name)
+        spec = registry.get(name)
+        problem = spec.data_problem(config)
+        if problem:
+            raise EvaluationError(f"metric {name!r} cannot score this run: {problem}")
+        net = spec.load(config)
         if jax.process_count() > 1:  # every process must use the chief's exact weights
             from jax.experimental import multihost_utils
 
@@ -305,11 +270,11 @@ def build_metrics(
         if not is_chief:
             metrics.append(Metric(name, net, *empty, reference="(on process 0)"))
             continue
-        if name == "fid" and ref_stats:
+        if spec.uses_ref_stats and ref_stats:
             try:
                 mu, sigma = fid.load_statistics(ref_stats)
             except (FileNotFoundError, ValueError) as error:
-                raise EvaluationError(f"FID reference statistics: {error}") from error
+                raise EvaluationError(f"{spec.label} reference statistics: {error}") from error
             if mu.shape != (net.dim,):
                 raise EvaluationError(
                     f"{ref_stats}: mu has shape {mu.shape} but the {net.name} features have "

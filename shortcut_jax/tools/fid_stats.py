@@ -8,10 +8,10 @@
 
 The file has keys 'mu' (D,) and 'sigma' (D, D) like published FID statistics, so it can be
 passed to `python -m shortcut_jax.evaluate --ref_stats`. The default network is the FID
-Inception (converted weights, see `shortcut_jax.tools.convert_inception`); --network=fd_mnist
-uses the project's MNIST classifier. Features are computed on all local devices. --out may be a
-bucket path (gs://...); the file is written atomically. Bad flags or input files give one line
-on stderr and exit status 2.
+Inception (converted weights, see `shortcut_jax.tools.convert_inception`); --network takes any
+metric of `shortcut_jax.evaluators.registry` (fd_mnist: the project's MNIST classifier).
+Features are computed on all local devices. --out may be a bucket path (gs://...); the file is
+written atomically. Bad flags or input files give one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from shortcut_jax import atomic_files, cli_inputs, configs, sharding
-from shortcut_jax.evaluators import fd_mnist, features, fid, sweep
-from shortcut_jax.evaluators.inception import InceptionWeightsError
+from shortcut_jax.evaluators import features, fid, registry, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "An experiments/*.py config whose data to use.", lock_config=True
 )
 _IMAGES = flags.DEFINE_string("images", None, "An .npz with key 'images' instead of --config.")
 _NUM = flags.DEFINE_integer("num", 50_000, "Number of examples (at most what there is).")
-_NETWORK = flags.DEFINE_enum("network", "fid", ["fid", "fd_mnist"], "Feature network.")
+_NETWORK = flags.DEFINE_enum(
+    "network", "fid", list(registry.names()), "Feature network (a metric of the evaluation)."
+)
 _INCEPTION = flags.DEFINE_string("inception", None, "Converted Inception weights .npz.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
 _SAVE_FEATURES = flags.DEFINE_bool(
@@ -79,8 +80,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     with cli_inputs.errors_as_one_line(
         sweep.EvaluationError,
-        InceptionWeightsError,
-        fd_mnist.CacheError,
+        features.WeightsError,
         features.NonFiniteImagesError,
     ):
         _write_statistics()
@@ -96,6 +96,9 @@ def _write_statistics() -> None:
         from shortcut_jax import data
 
         config = _CONFIG.value
+        problem = registry.get(_NETWORK.value).data_problem(config)
+        if problem:
+            raise cli_inputs.InputError(f"--network={_NETWORK.value} and --config: {problem}")
         images = data.get_source(config).real_examples(num)["image"]
         what = f"{len(images)} real examples of config.data ({config.data.name})"
     else:
