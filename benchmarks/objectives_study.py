@@ -73,8 +73,10 @@ def run_command(args: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def train(suite: str, workdir: Path, steps: int, overrides: dict) -> float:
-    """Trains one run through the CLI (resuming a finished one is a no-op)."""
+def train(
+    suite: str, workdir: Path, steps: int, overrides: dict, warmup_steps: int | None = None
+) -> float:
+    """Trains one run through the CLI (the config's warm-up unless `warmup_steps` is given)."""
     args = ["-m", "shortcut_jax.main", "--config", CONFIGS[suite], f"--workdir={workdir}"]
     settings = {
         "total_steps": steps,
@@ -84,6 +86,8 @@ def train(suite: str, workdir: Path, steps: int, overrides: dict) -> float:
         "log_every_steps": max(steps // 20, 1),
         **overrides,
     }
+    if warmup_steps is not None:
+        settings["optim.warmup_steps"] = warmup_steps
     args += [f"--config.{key}={value}" for key, value in settings.items()]
     workdir.parent.mkdir(parents=True, exist_ok=True)
     return run_command(args, workdir.parent / f"{workdir.name}.log")
@@ -159,7 +163,7 @@ def score_mnist(workdir: Path, num: int, cache: Path) -> dict:
 
 def run_study(args: argparse.Namespace) -> None:
     """Trains and scores every method not yet in the results file."""
-    results_path = RESULTS / f"objectives_{args.suite}.json"
+    results_path = Path(args.results_dir) / f"objectives_{args.suite}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     work = Path(args.workdir) / args.suite
     budget = args.budget
@@ -176,7 +180,9 @@ def run_study(args: argparse.Namespace) -> None:
             teacher = work / "teacher_flow_matching"
             if "_teacher" not in results:
                 print(f"teacher: training {half} flow-matching steps", flush=True)
-                seconds = train(args.suite, teacher, half, {"objective": "flow_matching"})
+                seconds = train(
+                    args.suite, teacher, half, {"objective": "flow_matching"}, args.warmup_steps
+                )
                 results["_teacher"] = {"train_seconds": seconds, "steps": half}
                 _write(results_path, results)
             entry["teacher_steps"] = half
@@ -207,7 +213,7 @@ def run_study(args: argparse.Namespace) -> None:
         else:
             entry["student_steps"] = steps = budget
         print(f"{name}: training {steps} steps", flush=True)
-        entry["train_seconds"] = train(args.suite, work / name, steps, overrides)
+        entry["train_seconds"] = train(args.suite, work / name, steps, overrides, args.warmup_steps)
         print(f"{name}: scoring", flush=True)
         if args.suite == "toy2d":
             entry.update(score_toy2d(work / name))
@@ -217,7 +223,7 @@ def run_study(args: argparse.Namespace) -> None:
         results[name] = entry
         _write(results_path, results)
         print(f"{name}: {json.dumps({k: entry.get(k) for k in ('sw2', 'fd_mnist', 'fid')})}")
-    plot(args.suite, results)
+    plot(args.suite, results, Path(args.figures_dir))
 
 
 def _write(path: Path, results: dict) -> None:
@@ -233,7 +239,7 @@ def _metrics(suite: str) -> list[tuple[str, str]]:
     return [("fd_mnist", "FD-MNIST"), ("fid", "FID (Inception)")]
 
 
-def plot(suite: str, results: dict) -> Path:
+def plot(suite: str, results: dict, figures: Path = FIGURES) -> Path:
     """Score versus network evaluations per guidance branch, one line per method."""
     import matplotlib
 
@@ -270,15 +276,15 @@ def plot(suite: str, results: dict) -> Path:
     budget = next((r["budget"] for r in results.values() if "budget" in r), "?")
     fig.suptitle(f"{suite}: every objective at {budget} gradient steps (dashed: distillation)")
     fig.tight_layout()
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / f"objectives_{suite}.png"
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / f"objectives_{suite}.png"
     fig.savefig(path, dpi=110)
     return path
 
 
-def report(suite: str) -> str:
+def report(suite: str, results_dir: Path = RESULTS) -> str:
     """Markdown tables of one suite's results."""
-    results = json.loads((RESULTS / f"objectives_{suite}.json").read_text())
+    results = json.loads((results_dir / f"objectives_{suite}.json").read_text())
     header = " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in STEP_COUNTS)
     lines = []
     for metric, title in _metrics(suite):
@@ -321,13 +327,18 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=500, help="mnist: samples per budget")
     parser.add_argument("--pairs", type=int, default=None, help="reflow pairs (default per suite)")
     parser.add_argument("--pair_steps", type=int, default=None, help="teacher steps per pair")
+    parser.add_argument(
+        "--warmup_steps", type=int, default=None, help="default: the config's (200)"
+    )
     parser.add_argument("--only", default="", help="comma list of methods (default: all)")
     parser.add_argument("--rerun", action="store_true", help="rerun methods already scored")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "objectives_study"))
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--figures_dir", default=str(FIGURES))
     parser.add_argument("--report", action="store_true", help="print the Markdown tables")
     args = parser.parse_args()
     if args.report:
-        print(report(args.suite))
+        print(report(args.suite, Path(args.results_dir)))
         return
     defaults = {"toy2d": (3000, 20_000, 128), "mnist": (2000, 4096, 32)}[args.suite]
     args.budget = args.budget or defaults[0]
