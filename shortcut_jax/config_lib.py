@@ -290,6 +290,7 @@ def _check_teacher(config: ml_collections.ConfigDict, check: Callable) -> None:
     check("teacher.init_student", lambda v: isinstance(v, bool), "True or False")
     check("teacher.consistency_scales", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("teacher.target_ema_rate", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("teacher.ode_solver", lambda v: v in ("heun", "euler"), "'heun' or 'euler'")
     check(
         "init_from",
         lambda v: isinstance(v, str) and (not v or _dir_exists(os.path.join(v, "checkpoints"))),
