@@ -246,6 +246,14 @@ RULES = [
         "a power of two",
     ),
     (
+        "unknown_ode_solver",
+        {"teacher.ode_solver": "rk4"},
+        1,
+        "teacher.ode_solver",
+        "rk4",
+        "'heun' or 'euler'",
+    ),
+    (
         "batch_not_divisible_by_bootstrap_every",
         {"batch_size": 36, "bootstrap_every": 8},
         1,
