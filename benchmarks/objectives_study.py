@@ -16,7 +16,8 @@ objective's own sampler):
 - toy2d: the sliced Wasserstein-2 distance of 2,000 samples to 2,000 fresh data points (256 random
   directions), with its floor (two data samples) and ceiling (every point at the origin);
 - mnist: FD-MNIST and FID of `--num` class-conditional samples per budget (python -m
-  shortcut_jax.evaluate, guidance per the config's sample_guidance), against the 5,000 digits.
+  shortcut_jax.evaluate), unguided by default (`--cfg 1`: the distilled and consistency students
+  learn unguided teachers), against the 5,000 digits.
 
 Results go to benchmarks/results/objectives_{suite}.json (one entry per method, updated as each
 finishes, so an interrupted study is resumed by rerunning it: finished methods are skipped) and
@@ -136,10 +137,11 @@ def sliced_wasserstein(a, b, num_projections: int = 256) -> float:
     return float(np.sqrt(np.mean((projected_a - projected_b) ** 2)))
 
 
-def score_mnist(workdir: Path, num: int, cache: Path) -> dict:
+def score_mnist(workdir: Path, num: int, cache: Path, cfg: float | None = None) -> dict:
     """FD-MNIST and FID at each budget through python -m shortcut_jax.evaluate."""
     out = workdir / "eval_study"
     steps = ",".join(str(n) for n in STEP_COUNTS)
+    guidance = [] if cfg is None else [f"--cfg={cfg}"]
     seconds = run_command(
         [
             "-m",
@@ -150,11 +152,16 @@ def score_mnist(workdir: Path, num: int, cache: Path) -> dict:
             "--metrics=fd_mnist,fid",
             f"--out={out}",
             f"--cache_dir={cache}",
+            *guidance,
         ],
         workdir.parent / f"{workdir.name}_eval.log",
     )
     result = json.loads((out / "results.json").read_text())
-    scores: dict = {"eval_seconds": seconds, "metrics": result["metrics"]}
+    scores: dict = {
+        "eval_seconds": seconds,
+        "metrics": result["metrics"],
+        "eval_settings": result["settings"],
+    }
     for metric in ("fd_mnist", "fid"):
         scores[metric] = {str(row["steps"]): row[metric] for row in result["rows"]}
         scores[f"{metric}_nfe"] = {str(row["steps"]): row["nfe"] for row in result["rows"]}
@@ -218,7 +225,7 @@ def run_study(args: argparse.Namespace) -> None:
         if args.suite == "toy2d":
             entry.update(score_toy2d(work / name))
         else:
-            entry.update(score_mnist(work / name, args.num, work / "feature_cache"))
+            entry.update(score_mnist(work / name, args.num, work / "feature_cache", args.cfg))
         entry["date"] = time.strftime("%Y-%m-%d %H:%M")
         results[name] = entry
         _write(results_path, results)
@@ -325,6 +332,9 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--budget", type=int, default=None, help="gradient steps per method")
     parser.add_argument("--num", type=int, default=500, help="mnist: samples per budget")
+    parser.add_argument(
+        "--cfg", type=float, default=1.0, help="mnist: guidance scale (1 = none, as every method)"
+    )
     parser.add_argument("--pairs", type=int, default=None, help="reflow pairs (default per suite)")
     parser.add_argument("--pair_steps", type=int, default=None, help="teacher steps per pair")
     parser.add_argument(
