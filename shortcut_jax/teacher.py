@@ -98,16 +98,16 @@ def load_model(
         layout.sharding_rules = config.get("sharding_rules", layout.sharding_rules)
         model = models.get_model(layout)
         abstract, _ = sharded_abstract_state(layout, model, optim.make_optimizer(layout), mesh)
+        wanted = {"params": abstract.params, "ema_params": abstract.ema_params}
         try:
-            state = checkpoint.restore_state(manager, abstract, chosen)
+            state = checkpoint.restore_fields(manager, chosen, wanted)
         except checkpoint.CheckpointError as error:
             raise TeacherError(f"{field} = {workdir!r}: {error}") from error
     finally:
         manager.close()
-    params = state.ema_params if run_config.get("sample_use_ema", True) else state.params
-    return LoadedRun(
-        run_config, params, chosen, checksum(params), str(workdir), state.params, state.ema_params
-    )
+    raw, ema = state["params"], state["ema_params"]
+    params = ema if run_config.get("sample_use_ema", True) else raw
+    return LoadedRun(run_config, params, chosen, checksum(params), str(workdir), raw, ema)
 
 
 def checksum(params: Any) -> str:

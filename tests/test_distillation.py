@@ -308,6 +308,25 @@ def test_teacher_is_the_runs_sampling_model_and_its_checksum_is_stable(teacher_r
     assert run.checksum == teacher.checksum(state.ema_params) != teacher.checksum(state.params)
 
 
+def test_a_teacher_load_reads_only_the_model_fields_of_the_checkpoint(teacher_run):
+    config, state = checkpoint.load_run(teacher_run)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state.params
+    )
+    manager = checkpoint.make_manager(teacher_run)
+    try:
+        only = checkpoint.restore_fields(manager, 30, {"params": abstract})
+        assert list(only) == ["params"]
+        for ours, theirs in zip(
+            jax.tree.leaves(only["params"]), jax.tree.leaves(state.params), strict=True
+        ):
+            np.testing.assert_array_equal(ours, theirs)
+        with pytest.raises(checkpoint.CheckpointError, match="checkpoints/30/state"):
+            checkpoint.restore_fields(manager, 30, {"no_such_field": abstract})
+    finally:
+        manager.close()
+
+
 def test_teacher_on_an_eight_device_mesh_gives_the_same_outputs(teacher_run, tmp_path):
     """The teacher restored onto a data=2, fsdp=4 mesh (parameters sharded over fsdp) in another
     process gives the outputs and checksum of the 1-device load."""
