@@ -61,6 +61,65 @@ def regression_metrics(
     return metrics
 
 
+def make_loss_fn(
+    config: ml_collections.ConfigDict, model: nn.Module
+) -> Callable[[Any, objectives.Regression], tuple[jax.Array, jax.Array]]:
+    """Builds loss_fn(params, regression) -> (loss, logged per-example loss) of the train step.
+
+    loss: () the weighted mean squared error the gradient is taken of (the objective's adaptive
+    weighting included). The per-example loss (B,) is `regression.weight` times the squared
+    error, without the adaptive weighting, so the logged numbers of every objective compare.
+    """
+    objective = objectives.get(config.objective)
+    objective_config = objectives.ObjectiveConfig.from_config(config)
+    apply_fn = make_apply_fn(model)
+
+    def loss_fn(params: Any, regression: objectives.Regression) -> tuple[jax.Array, jax.Array]:
+        prediction = apply_fn(params, regression.x_t, regression.t, regression.d, regression.labels)
+        error = jnp.square(prediction - regression.target)
+        per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+        weight = regression.weight
+        if objective.loss_weighting is not None:
+            adaptive = objective.loss_weighting(per_example, objective_config)
+            weight = weight * jax.lax.stop_gradient(adaptive)
+        return jnp.mean(weight * per_example), regression.weight * per_example
+
+    return loss_fn
+
+
+def make_update_fn(
+    config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, Any], TrainState]:
+    """Builds update(state, grads) -> state one step on: optimizer, EMA and EMA teacher."""
+    objective = objectives.get(config.objective)
+    objective_config = objectives.ObjectiveConfig.from_config(config)
+    ema_rate = float(config.ema_rate)
+    ema_teacher = objectives.uses_ema_teacher(objective, config.bootstrap_teacher)
+
+    def teacher_rate(step: jax.Array) -> jax.Array:
+        if objective.teacher_ema_rate is None:
+            return jnp.asarray(config.teacher_ema_rate, jnp.float32)
+        return objective.teacher_ema_rate(step, objective_config)
+
+    def update(state: TrainState, grads: Any) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rate = teacher_rate(state.step)
+        return state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=optax.incremental_update(params, state.ema_params, 1.0 - ema_rate),
+            teacher_params=(
+                optax.incremental_update(params, state.teacher_params, 1.0 - rate)
+                if ema_teacher
+                else state.teacher_params
+            ),
+        )
+
+    return update
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -69,7 +128,8 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Builds the pure train step (state, batch, teacher_params=None) -> (new_state, metrics).
 
-    batch: {'image': (B, ...) float32 in [-1, 1], 'label': (B,) int32}. The caller jits it.
+    batch: {'image': (B, ...) float32 in [-1, 1], 'label': (B,) int32}. It is jitted, sharded and
+    given its frozen inputs in one place, `shortcut_jax.compiled_step.build`.
     For an objective with `needs_teacher_run`, `teacher_run` is the frozen run
     (`shortcut_jax.teacher.prepare`), whose static fields are used here and whose parameters are
     passed to each call as `teacher_params` (an argument, so they are not compiled in).
@@ -80,13 +140,9 @@ def make_train_step(
     objective_config = objectives.ObjectiveConfig.from_config(config)
     apply_fn = make_apply_fn(model)
     schedule = optim.learning_rate_schedule(config)
-    ema_rate = float(config.ema_rate)
     ema_teacher = objectives.uses_ema_teacher(objective, config.bootstrap_teacher)
-
-    def teacher_rate(step: jax.Array) -> jax.Array:
-        if objective.teacher_ema_rate is None:
-            return jnp.asarray(config.teacher_ema_rate, jnp.float32)
-        return objective.teacher_ema_rate(step, objective_config)
+    loss_fn = make_loss_fn(config, model)
+    update = make_update_fn(config, optimizer)
 
     def train_step(
         state: TrainState, batch: dict, teacher_params: Any = None
@@ -100,39 +156,14 @@ def make_train_step(
         regression, objective_metrics = objective.build_targets(
             apply_fn, teacher, batch, rng, objective_config, state.step
         )
-
-        def loss_fn(params: Any) -> tuple[jax.Array, jax.Array]:
-            prediction = apply_fn(
-                params, regression.x_t, regression.t, regression.d, regression.labels
-            )
-            error = jnp.square(prediction - regression.target)
-            per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
-            weight = regression.weight
-            if objective.loss_weighting is not None:
-                adaptive = objective.loss_weighting(per_example, objective_config)
-                weight = weight * jax.lax.stop_gradient(adaptive)
-            # Logged without the adaptive weighting, so it stays the squared error.
-            return jnp.mean(weight * per_example), regression.weight * per_example
-
-        (_, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        rate = teacher_rate(state.step)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_params=optax.incremental_update(params, state.ema_params, 1.0 - ema_rate),
-            teacher_params=(
-                optax.incremental_update(params, state.teacher_params, 1.0 - rate)
-                if ema_teacher
-                else state.teacher_params
-            ),
+        (_, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, regression
         )
+        new_state = update(state, grads)
         one = jnp.ones((), jnp.float32)
         metrics = regression_metrics(per_example, regression, config.denoise_timesteps)
         metrics["grad_norm"] = (optax.global_norm(grads), one)
-        metrics["param_norm"] = (optax.global_norm(params), one)
+        metrics["param_norm"] = (optax.global_norm(new_state.params), one)
         metrics["learning_rate"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
         for name, value in objective_metrics.items():
             metrics[name] = (value, one)

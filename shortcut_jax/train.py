@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -16,6 +15,7 @@ from clu import metric_writers, periodic_actions
 
 from shortcut_jax import (
     checkpoint,
+    compiled_step,
     config_lib,
     data,
     images,
@@ -24,6 +24,7 @@ from shortcut_jax import (
     objectives,
     optim,
     preemption,
+    prefetch,
     run_guard,
     sampling,
     sharding,
@@ -98,27 +99,15 @@ def _train_and_evaluate(
     if not resumed and is_chief:
         writer.write_hparams(_flat_hparams(config))
 
-    teacher_sharding = teacher.shardings(teacher_run)
-    train_step = jax.jit(
-        steps.make_train_step(config, model, optimizer, teacher_run),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh), teacher_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
+    train_step = compiled_step.build(
+        config,
+        mesh,
+        model,
+        optimizer,
+        state_sharding,
+        teacher_run,
+        vae if latent_space.is_online(config) else None,  # images in, VAE encode in the step
     )
-    train_step = teacher.bind(train_step, teacher_run)
-    if latent_space.is_online(config):  # images in, VAE encode inside the same jitted step
-        vae_params = jax.device_put(vae.params, sharding.replicated(mesh))
-        encode_and_step = jax.jit(
-            latent_space.online_encode_step(
-                config, steps.make_train_step(config, model, optimizer), vae
-            ),
-            in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-            out_shardings=(state_sharding, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-
-        def train_step(state: TrainState, batch: dict[str, jax.Array]) -> Any:
-            return encode_and_step(state, batch, vae_params)
 
     decoder = latent_space.PixelDecoder(vae, mesh, config.eval_batch_size)
     grid_writer = SampleGridWriter(config, model, workdir, writer, mesh, decoder)
@@ -128,8 +117,8 @@ def _train_and_evaluate(
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
     )
-    batches = source.iterate(start_step)
-    accumulated = None
+    batches = prefetch.to_devices(source.iterate(start_step), mesh, depth=2)
+    sums = None  # metric (total, count) sums since the last log, on the device
     history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
     timer = _Throughput(config.batch_size)
@@ -137,30 +126,28 @@ def _train_and_evaluate(
     watcher.install()
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = sharding.global_batch(mesh, next(batches))
-            state, metrics = train_step(state, batch)
+            batch = next(batches)
+            if sums is None:
+                sums = train_step.zero_sums(state, batch)
+            state, sums, loss = train_step(state, sums, batch)
             if step == start_step + 1:
-                jax.block_until_ready(metrics)
+                jax.block_until_ready(loss)
                 timer.start(step)
                 logging.info("First step (compile + run): %.1f s", timer.first_step_seconds)
-            accumulated = (
-                metrics if accumulated is None else jax.tree.map(jnp.add, accumulated, metrics)
-            )
             report_progress(step)
             is_last = step == config.total_steps
 
             if step % config.log_every_steps == 0 or is_last:
-                summary = steps.summarize(jax.tree.map(sharding.to_host, accumulated))
-                accumulated = None
+                summary = steps.summarize(jax.tree.map(sharding.to_host, sums))
+                sums = train_step.zero_sums(state, batch)
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
                 summary.update(timer.measure(step))
                 writer.write_scalars(step, summary)
                 history[step] = summary
             preempted = watcher.reached(step)  # every step, on every process
             if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-                total, count = (sharding.to_host(value) for value in metrics["loss"])
-                loss = float(total) / max(float(count), 1.0)
-                _raise_if_not_finite(loss, step, manager, workdir)
+                total, count = (float(sharding.to_host(value)) for value in loss)
+                _raise_if_not_finite(total / max(count, 1.0), step, manager, workdir)
                 checkpoint.save(manager, state, config, step)  # refuses a non-finite state
                 last_saved = step
             if preempted:
