@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import timing  # noqa: E402
+
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 MALLOC_TUNING_ENV = "SHORTCUT_JAX_MALLOC_TUNING"  # shortcut_jax/allocator.py (not imported here)
 
@@ -52,22 +55,20 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
     """
     import jax
     import numpy as np
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import flops_benchmark as fb
+    import workloads
 
     from shortcut_jax import allocator, models, sharding
 
     if not quick:  # compile times are results: never read them from a persistent cache
         jax.config.update("jax_enable_compilation_cache", False)
-    config = fb.mnist_config(quick)
+    config = workloads.mnist_config(quick)
     config.mesh = dict(mesh_sizes)
     num_devices = math.prod(mesh_sizes.values())
     mesh = sharding.make_mesh(config, jax.devices()[:num_devices])
-    state, step, *_ = fb.build_state_and_step(config, mesh)
-    batch = sharding.global_batch(mesh, fb.random_batch(config, config.batch_size))
+    state, step, *_ = workloads.build_state_and_step(config, mesh)
+    batch = sharding.global_batch(mesh, workloads.random_batch(config, config.batch_size))
 
-    lowered, compiled, lower_seconds, compile_seconds = fb.lower_and_compile(step, state, batch)
+    lowered, compiled, lower_seconds, compile_seconds = timing.lower_and_compile(step, state, batch)
 
     state_per_device: dict[int, int] = {}
     params_per_device: dict[int, int] = {}
@@ -76,10 +77,10 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
             for shard in leaf.addressable_shards:
                 totals[shard.device.id] = totals.get(shard.device.id, 0) + shard.data.nbytes
 
-    state, times, metrics, usage = fb.run_steps_with_usage(
-        compiled, state, batch, num_steps, warmup=3
+    state, times, loss, usage = timing.run_steps_with_usage(
+        step.with_program(compiled), state, batch, num_steps, warmup=3
     )
-    total, count = (float(np.asarray(value)) for value in metrics["loss"])
+    total, count = (float(np.asarray(value)) for value in loss)
     return {
         "process_devices": jax.device_count(),
         "mesh": dict(mesh.shape),
@@ -87,10 +88,10 @@ def worker(mesh_sizes: dict[str, int], num_steps: int, quick: bool) -> dict[str,
         "num_params": models.count_params(state.params),
         "trace_and_lower_seconds": lower_seconds,
         "compile_seconds": compile_seconds,
-        "step_seconds": fb.summarize_times(times),
+        "step_seconds": timing.summarize_times(times),
         "images_per_second": config.batch_size / statistics.median(times),
-        "flops_per_device_program": fb.cost(compiled)["flops"],
-        "memory_per_device": fb.memory(compiled),
+        "flops_per_device_program": timing.cost(compiled)["flops"],
+        "memory_per_device": timing.memory(compiled),
         "state_bytes_per_device_max": max(state_per_device.values()),
         "state_bytes_total": sum(state_per_device.values()),
         "params_bytes_per_device_max": max(params_per_device.values()),
@@ -121,18 +122,10 @@ def run_worker(
     if devices > 1:
         flags.append(f"{DEVICE_FLAG}={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     mesh_text = ",".join(f"{axis}={size}" for axis, size in sizes.items())
-    command = [sys.executable, __file__, "--worker", "--mesh", mesh_text, "--steps", str(steps)]
-    if quick:
-        command.append("--quick")
+    args = ["--worker", "--mesh", mesh_text, "--steps", str(steps)] + (["--quick"] if quick else [])
     start = time.perf_counter()
-    process = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if process.returncode != 0:
-        raise RuntimeError(f"mesh {name} failed:\n{process.stderr[-3000:]}")
-    result = json.loads(process.stdout.strip().splitlines()[-1])
+    result = timing.run_fresh(__file__, args, env, timeout, what=f"mesh {name}")
     result["process_seconds"] = time.perf_counter() - start
     return result
 
@@ -224,21 +217,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "load_average_1_5_15_min_at_end": list(os.getloadavg()),
             "workload": "experiments/mnist.py train step (tiny DiT with --quick), random data",
             "notes": (
-                "The multi-device meshes run on 8 fake CPU devices "
-                f"({DEVICE_FLAG}=8) that share the machine's {os.cpu_count()} cores: step-time "
-                "ratios measure the overhead of partitioning and collectives, not a speedup. "
-                "'1 device' is a process with one device (the baseline of every ratio); "
-                "'1 device of 8' is a one-device mesh in an 8-device process, i.e. the cost of "
-                "the flag alone. Memory is per device from compiled.memory_analysis() (one "
-                "device's program) and from the state's addressable shards; the XLA CPU client "
-                "reports generated_code_bytes as 0. flops_per_device_program is the cost "
-                "analysis of one device's partitioned program: with data parallelism each device "
-                "still runs the whole (replicated) optimizer and EMA update. Each mesh runs in "
-                "its own process; the machine drifts by +-20% over minutes. per_step_os: minor "
-                "page faults and CPU seconds per step; with glibc's default malloc a program "
-                "whose temporaries exceed 32 MB per device re-faults them every step (see "
-                "flops.json), which penalises the meshes with large per-device temporaries; "
-                "shortcut_jax's malloc tuning (on unless --glibc_malloc_defaults) removes it."
+                f"The multi-device meshes run on fake CPU devices ({DEVICE_FLAG}) that share the "
+                "machine's cores: step-time ratios measure the overhead of partitioning and "
+                "collectives, not a speedup. The baseline of every ratio is '1 device'. "
+                "Interpretation: BENCHMARKS.md."
             ),
         },
         "meshes": results,

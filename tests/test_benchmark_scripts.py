@@ -1,7 +1,8 @@
-"""Smoke tests of the benchmark scripts (--quick): FLOPs, meshes, the VAE and the latent data.
+"""Smoke tests of the benchmark scripts (--quick): FLOPs, matmul rates, the step's profile, the
+allocator and loop A/Bs, meshes, the VAE and the latent data.
 
-The scripts run at once, each in its own process (tiny DiT, 2 steps, 256^3 matmul, two meshes, a
-small VAE), and must write JSON with the documented keys and positive numbers.
+The scripts run a few at a time, each in its own process (tiny DiT, 2 steps, 256^3 matmul, two
+meshes, a small VAE), and must write JSON with the documented keys and positive numbers.
 """
 
 from __future__ import annotations
@@ -18,56 +19,63 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
 
+def _script(name: str, out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", *args, "--out", str(out)]
+
+
+# At most this many benchmark processes at once (the machine has two cores).
+CONCURRENT = 3
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, dict]:
-    """Runs both --quick benchmarks concurrently; returns {'flops': json, 'mesh': json}."""
+    """Runs every --quick benchmark, a few at a time; returns {name: its JSON}."""
     directory = tmp_path_factory.mktemp("benchmarks")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("XLA_FLAGS", None)
     commands = {
-        "flops": [
-            sys.executable,
-            str(BENCHMARKS / "flops_benchmark.py"),
-            "--quick",
-            "--out",
-            str(directory / "flops.json"),
-        ],
-        "mesh": [
-            sys.executable,
-            str(BENCHMARKS / "mesh_benchmark.py"),
-            "--quick",
-            "--meshes",
-            "1 device,data=2 x fsdp=4",
-            "--out",
-            str(directory / "mesh.json"),
-        ],
-        "vae": [
-            sys.executable,
-            str(BENCHMARKS / "vae_benchmark.py"),
-            "--quick",
-            "--out",
-            str(directory / "vae.json"),
-        ],
-        "latents": [
-            sys.executable,
-            str(BENCHMARKS / "latents_benchmark.py"),
-            "--quick",
-            "--out",
-            str(directory / "latents.json"),
-        ],
+        "flops": ("flops_benchmark",),
+        "matmul": ("matmul_benchmark",),
+        "step_profile": ("step_profile",),
+        "imagenet_flops": ("imagenet_flops",),
+        "allocator": (
+            "allocator_benchmark",
+            "--rounds",
+            "1",
+            "--workloads",
+            "train_step",
+            "--settings",
+            "glibc defaults,shortcut_jax tuning",
+        ),
+        "step_loop": ("step_loop_benchmark", "--scan", "2"),
+        "mesh": ("mesh_benchmark", "--meshes", "1 device,data=2 x fsdp=4"),
+        "vae": ("vae_benchmark",),
+        "latents": ("latents_benchmark",),
     }
-    processes = {
-        name: subprocess.Popen(
-            command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name, command in commands.items()
-    }
+    pending = list(commands.items())
+    running: dict[str, subprocess.Popen] = {}
     results = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
-        with open(directory / f"{name}.json", encoding="utf-8") as file:
-            results[name] = json.load(file)
+    try:
+        while pending or running:
+            while pending and len(running) < CONCURRENT:
+                name, (script, *args) = pending.pop(0)
+                running[name] = subprocess.Popen(
+                    _script(script, directory / f"{name}.json", *args),
+                    env=env,
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            name = next(iter(running))
+            process = running.pop(name)
+            stdout, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, f"{name} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+            with open(directory / f"{name}.json", encoding="utf-8") as file:
+                results[name] = json.load(file)
+    finally:
+        for process in running.values():
+            process.kill()
     return results
 
 
@@ -84,12 +92,21 @@ def test_flops_benchmark_reports_positive_rates_flops_and_times(outputs):
         assert step["achieved_gflops"] > 0
         assert step["fraction_of_matmul_rate"] > 0
         assert 0 < step["matmul_share_of_flops"] <= 1
-    assert all(rate["gflops_median"] > 0 for rate in result["matmul_shapes"]["mnist"])
-    assert isinstance(result["limits"], list) and result["limits"]
+        assert step["meets_target"] == (step["fraction_of_matmul_rate"] >= step["target_fraction"])
 
 
-def test_flops_benchmark_profiles_the_mnist_step(outputs):
-    profile = outputs["flops"]["mnist_profile"]
+def test_matmul_benchmark_reports_the_rate_and_the_steps_shapes(outputs):
+    result = outputs["matmul"]
+    assert result["matmul"]["flops_per_call"] == 2 * result["matmul"]["n"] ** 3
+    assert result["matmul"]["gflops_median"] > 0
+    for name in ("mnist", "dit_b2_small_batch"):
+        rates = result["matmul_shapes"][name]
+        assert len(rates) == 3 and all(rate["gflops_median"] > 0 for rate in rates)
+
+
+def test_step_profile_times_the_parts_and_traces_the_mnist_step(outputs):
+    profile = outputs["step_profile"]
+    assert profile["full_step"]["median_seconds"] > 0
     parts = profile["breakdown"]["parts"]
     assert len(parts) == 4
     assert all(part["median_seconds"] > 0 and part["flops"] > 0 for part in parts.values())
@@ -99,8 +116,8 @@ def test_flops_benchmark_profiles_the_mnist_step(outputs):
     assert abs(sum(trace["op_time_share_by_category"].values()) - 1) < 1e-6
 
 
-def test_flops_benchmark_counts_imagenet_params_and_flops_without_running(outputs):
-    entries = outputs["flops"]["imagenet_batch256"]
+def test_imagenet_flops_counts_params_and_flops_without_running(outputs):
+    entries = outputs["imagenet_flops"]["imagenet_batch256"]
     assert set(entries) == {"DiT-B/2", "DiT-XL/2"}
     for entry in entries.values():
         assert entry["num_params"] > 0
@@ -111,14 +128,29 @@ def test_flops_benchmark_counts_imagenet_params_and_flops_without_running(output
         assert entry["flops_source"] in ("compiled", "lowered")
 
 
-def test_flops_benchmark_compares_allocator_settings_in_fresh_processes(outputs):
-    variants = outputs["flops"]["allocator_ab"]["mnist"]
-    assert len(variants) == 2
-    for variant in variants.values():
+def test_allocator_benchmark_compares_settings_in_fresh_processes(outputs):
+    result = outputs["allocator"]["workloads"]["train_step"]
+    for setting in ("glibc defaults", "shortcut_jax tuning"):
+        variant = result[setting]
         assert variant["median_seconds"] > 0
-        assert variant["speedup_vs_default"] > 0
-        assert variant["minor_page_faults_per_step"] >= 0
-    assert next(iter(variants.values()))["speedup_vs_default"] == pytest.approx(1.0)
+        assert variant["speedup_vs_glibc_defaults"] > 0
+        assert variant["minor_page_faults_per_call"] >= 0
+        assert [run["malloc_tuned"] for run in variant["runs"]] == [setting != "glibc defaults"]
+    assert result["glibc defaults"]["speedup_vs_glibc_defaults"] == pytest.approx(1.0)
+    assert (
+        result["speedup_per_round"]
+        == result["shortcut_jax tuning"]["speedup_vs_glibc_defaults_per_round"]
+    )
+
+
+def test_step_loop_benchmark_runs_every_variant_for_the_same_steps(outputs):
+    result = outputs["step_loop"]
+    (row,) = result["rounds"]
+    assert set(row) == {"host_sums", "device_sums", "device_sums_prefetch", "scan_2"}
+    assert row["host_sums"]["time_over_first_variant"] == pytest.approx(1.0)
+    # Warm-up and timed steps alike, whatever the steps per call: the same number of updates.
+    assert len({run["final_step"] for run in row.values()}) == 1
+    assert all(run["seconds_per_step"] > 0 for run in row.values())
 
 
 def test_mesh_benchmark_reports_each_mesh_relative_to_one_device(outputs):
