@@ -290,39 +290,37 @@ def plot(suite: str, results: dict, figures: Path = FIGURES) -> Path:
 
 
 def report(suite: str, results_dir: Path = RESULTS) -> str:
-    """Markdown tables of one suite's results."""
+    """Markdown tables of one suite's results, the best method per step count in bold."""
     results = json.loads((results_dir / f"objectives_{suite}.json").read_text())
     header = " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in STEP_COUNTS)
+    digits = 3 if suite == "toy2d" else 1
     lines = []
     for metric, title in _metrics(suite):
+        rows = [name for name in METHODS if metric in results.get(name, {})]
+        best = {n: min(results[name][metric][str(n)] for name in rows) for n in STEP_COUNTS}
         lines += [
-            f"{title} (lower is better):",
+            f"{title} (lower is better; bold: the best method at that step count):",
             "",
             f"| method | gradient steps | train wall | {header} |",
             "|---" * (3 + len(STEP_COUNTS)) + "|",
         ]
-        for name in METHODS:
-            r = results.get(name)
-            if r is None or metric not in r:
-                continue
-            if "teacher_steps" in r:
-                steps = f"{r['teacher_steps']} teacher + {r['student_steps']}"
-            else:
-                steps = str(r["student_steps"])
-            wall = r["train_seconds"] + (
-                results["_teacher"]["train_seconds"] if "teacher_steps" in r else 0.0
+        for name in rows:
+            r = results[name]
+            two_stage = "teacher_steps" in r
+            steps = f"{r['teacher_steps']} teacher + {r['student_steps']}" if two_stage else ""
+            wall = r["train_seconds"]
+            if two_stage:
+                wall += results["_teacher"]["train_seconds"] + r.get("pairs", {}).get("seconds", 0)
+            cells = []
+            for n in STEP_COUNTS:
+                value = r[metric][str(n)]
+                text = f"{value:.{digits}f}"
+                cells.append(f"**{text}**" if value == best[n] else text)
+            lines.append(
+                f"| {name} | {steps or r['student_steps']} | {wall / 60:.1f} min | "
+                + " | ".join(cells)
+                + " |"
             )
-            if "pairs" in r:
-                wall += r["pairs"]["seconds"]
-            values = [r[metric][str(n)] for n in STEP_COUNTS]
-            best = min(values)
-            cells = " | ".join(
-                f"**{v:.3f}**"
-                if v == best and suite == "toy2d"
-                else (f"{v:.3f}" if suite == "toy2d" else f"{v:.1f}")
-                for v in values
-            )
-            lines.append(f"| {name} | {steps} | {wall / 60:.1f} min | {cells} |")
         lines.append("")
     return "\n".join(lines)
 
