@@ -13,10 +13,10 @@ Variants:
   device_sums_prefetch: that step with batches placed two ahead (`prefetch.to_devices`), what
     the train loop runs;
   scan_K (with --scan K): K steps per call in one `lax.scan` over K stacked batches, device sums.
-Every variant runs in its own process, in the order A B C ... repeated `--rounds` times, and
-reports wall and CPU (user + system, getrusage) seconds per step; the summary gives each
-variant's over the first variant's, per round (the machine's load changes over minutes: compare
-within a round).
+A first process times each piece of that host work alone (`host_costs`). Every variant runs in
+its own process, in the order A B C ... repeated `--rounds` times, and reports wall and CPU
+(user + system, getrusage) seconds per step; the summary gives each variant's over the first
+variant's, per round (the machine's load changes over minutes: compare within a round).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import timing  # noqa: E402
+
 VARIANTS = ("host_sums", "device_sums", "device_sums_prefetch")
 
 
@@ -181,26 +184,59 @@ def _scan_runner(config: Any, step: Any, mesh: Any, host: Any, k: int, log_every
     return run_one
 
 
+def _host_costs(config: Any, reps: int) -> dict[str, Any]:
+    """Median host seconds of each piece of per-step loop work, timed alone (blocking).
+
+    The pieces: the next host batch from the MNIST source, placing it on the device
+    (`sharding.global_batch`), the eager metric adds of the old loop (one `jnp.add` per leaf of
+    the step's metrics), and a fresh zero metric-sum tree (`CompiledStep.zero_sums`, per log).
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from shortcut_jax import compiled_step, data, models, optim, sharding
+    from shortcut_jax.state import sharded_abstract_state
+
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    model, optimizer = models.get_model(config), optim.make_optimizer(config)
+    abstract, state_sharding = sharded_abstract_state(config, model, optimizer, mesh)
+    step = compiled_step.build(config, mesh, model, optimizer, state_sharding)
+    host = data.get_source(config).iterate(0)
+    batch = next(host)
+    device_batch = sharding.global_batch(mesh, batch)
+    sums = step.zero_sums(abstract, device_batch)
+    metrics = step.zero_sums(abstract, device_batch)
+    add = functools.partial(jax.tree.map, jnp.add)
+    pieces = {
+        "next_host_batch": lambda: next(host),
+        "global_batch": lambda: sharding.global_batch(mesh, batch),
+        "eager_metric_adds": lambda: add(sums, metrics),
+        "zero_sums": lambda: step.zero_sums(abstract, device_batch),
+    }
+    costs = {
+        name: timing.summarize_times(timing.time_calls(fn, reps, warmup=5))["median_seconds"]
+        for name, fn in pieces.items()
+    }
+    return {"median_seconds": costs, "metric_leaves": len(jax.tree.leaves(metrics))}
+
+
 def worker(variant: str, quick: bool, num_steps: int, scan: int) -> dict[str, Any]:
     """One variant in this process, on the MNIST default (a tiny DiT with `quick`)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import workloads
 
     config = workloads.mnist_config(quick)
     config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    if variant == "host_costs":
+        return _host_costs(config, reps=20 if quick else 500)
     return _loop(variant, config, num_steps, warmup=4 if quick else 20, scan=scan)
 
 
 def run_worker(variant: str, quick: bool, num_steps: int, scan: int) -> dict[str, Any]:
     """`worker` in a fresh process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    command = [sys.executable, __file__, "--worker", variant, "--steps", str(num_steps)]
-    command += ["--scan", str(scan)] + (["--quick"] if quick else [])
-    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    if process.returncode:
-        raise RuntimeError(f"{variant} failed:\n{process.stderr[-3000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    args = ["--worker", variant, "--steps", str(num_steps), "--scan", str(scan)]
+    return timing.run_fresh(__file__, args + (["--quick"] if quick else []), what=variant)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -210,16 +246,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="timed steps per process")
     parser.add_argument("--scan", type=int, default=0, help="also run K steps per lax.scan call")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="'' to time the host work only"
+    )
     parser.add_argument("--out", default=str(RESULTS / "step_loop.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.quick, args.steps, args.scan)), flush=True)
         return {}
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import timing
 
     from shortcut_jax import atomic_files
 
@@ -228,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants.append(f"scan_{args.scan}")
     num_steps = 8 if args.quick else args.steps
     results: dict[str, Any] = {"meta": timing.run_meta(args.quick), "rounds": []}
-    for round_index in range(1 if args.quick else args.rounds):
+    results["host_costs"] = run_worker("host_costs", args.quick, num_steps, args.scan)
+    print(f"host costs per call: {results['host_costs']['median_seconds']}", flush=True)
+    rounds = (1 if args.quick else args.rounds) if variants else 0  # --variants '': costs only
+    for round_index in range(rounds):
         row = {name: run_worker(name, args.quick, num_steps, args.scan) for name in variants}
         base = row[variants[0]]
         for run in row.values():
@@ -239,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["rounds"].append(row)
         ratios = ", ".join(f"{name} x{r['time_over_first_variant']:.3f}" for name, r in row.items())
         print(f"round {round_index + 1}: {ratios}", flush=True)
-    for key in ("time_over_first_variant", "cpu_over_first_variant"):
+    keys = ("time_over_first_variant", "cpu_over_first_variant") if rounds else ()
+    for key in keys:
         results[f"{key}_median"] = {
             name: statistics.median(row[name][key] for row in results["rounds"])
             for name in variants

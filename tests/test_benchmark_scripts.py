@@ -151,6 +151,15 @@ def test_step_loop_benchmark_runs_every_variant_for_the_same_steps(outputs):
     # Warm-up and timed steps alike, whatever the steps per call: the same number of updates.
     assert len({run["final_step"] for run in row.values()}) == 1
     assert all(run["seconds_per_step"] > 0 for run in row.values())
+    costs = result["host_costs"]
+    assert set(costs["median_seconds"]) == {
+        "next_host_batch",
+        "global_batch",
+        "eager_metric_adds",
+        "zero_sums",
+    }
+    assert all(seconds > 0 for seconds in costs["median_seconds"].values())
+    assert costs["metric_leaves"] > 10  # (total, count) of every metric
 
 
 def test_mesh_benchmark_reports_each_mesh_relative_to_one_device(outputs):
