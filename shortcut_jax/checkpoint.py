@@ -6,6 +6,7 @@ The data position needs no entry of its own: every data source is addressed by s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -117,6 +118,14 @@ def restore_state(
 ) -> Any:
     """Restores the state at `step` (default: newest) into the shardings of `abstract_state`.
 
+    The EMA teacher's layout may differ between the checkpoint and `abstract_state`
+    (`objectives.shares_ema_buffer`): a saved `teacher_params` is not read when the state shares
+    `ema_params` as its teacher (a checkpoint of the two-buffer layout: the shared update
+    continues the saved `ema_params`, which was the teacher too when the rates were equal). A
+    state that needs `teacher_params` restored from a checkpoint without one (a shared-buffer run
+    resumed with another `teacher_ema_rate` or `ema_rate`) gets a copy of the saved `ema_params`:
+    that buffer was the teacher EMA up to the saved step.
+
     Raises:
       CheckpointError: naming the checkpoint directory when it is unreadable or does not match.
     """
@@ -124,9 +133,9 @@ def restore_state(
     if step is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}")
     try:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+        return _restore_with_teacher_layout(manager, step, abstract_state)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
         path = os.path.join(str(manager.directory), str(step))
         steps = sorted(manager.all_steps())
@@ -135,7 +144,47 @@ def restore_state(
             f"Saved steps: {steps}. If this one is corrupt or from another config, move it out "
             f"of {manager.directory} to resume from the previous one (nothing was deleted)."
         ) from error
-    return restored.state
+
+
+_TEACHER = "teacher_params"
+
+
+def _restore_with_teacher_layout(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> Any:
+    """`restore_state`'s restore, adapting a saved EMA teacher layout to the wanted one."""
+    layout = _teacher_layout(manager, step, abstract_state)
+    if layout == "drop":
+        names = [f.name for f in dataclasses.fields(abstract_state) if f.name != _TEACHER]
+        fields = {name: getattr(abstract_state, name) for name in names}
+        return abstract_state.replace(**restore_fields(manager, step, fields))
+    target = abstract_state.replace(teacher_params=None) if layout == "fill" else abstract_state
+    state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    ).state
+    if layout == "fill":
+        teacher = jax.tree.map(
+            lambda saved, wanted: jax.device_put(jnp.copy(saved), wanted.sharding),
+            state.ema_params,
+            abstract_state.teacher_params,
+        )
+        state = state.replace(teacher_params=teacher)
+    return state
+
+
+def _teacher_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> str:
+    """'same', 'drop' (teacher_params saved, none wanted) or 'fill' (wanted, none saved)."""
+    if not dataclasses.is_dataclass(abstract_state) or not hasattr(abstract_state, _TEACHER):
+        return "same"
+    metadata = manager.item_metadata(step)
+    saved = None if metadata is None else metadata.state
+    if saved is None or _TEACHER not in saved:
+        return "same"
+    has_saved = saved[_TEACHER] is not None
+    wants = getattr(abstract_state, _TEACHER) is not None
+    if has_saved == wants:
+        return "same"
+    return "drop" if has_saved else "fill"
 
 
 def restore_fields(

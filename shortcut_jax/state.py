@@ -26,7 +26,9 @@ class TrainState:
       ema_params: EMA of params at `config.ema_rate`, used for sampling and evaluation.
       teacher_params: EMA used as the teacher when `config.bootstrap_teacher == 'ema'`, or as the
         target network of an objective that always has one (its rate is
-        `config.teacher_ema_rate` or the objective's schedule); None otherwise.
+        `config.teacher_ema_rate` or the objective's schedule); None otherwise. It is also None
+        when the teacher rate is the constant `config.ema_rate` (`objectives.shares_ema_buffer`,
+        the paper configs): `ema_params` is then the teacher, one parameter copy less.
       rng: base key; the key of step s is fold_in(rng, s), so resuming is exact.
     """
 
@@ -56,16 +58,14 @@ def init_state(
     params = model.init(init_rng, x, t, d, labels)["params"]
     if not boxed:
         params = nn.unbox(params)
-    uses_ema_teacher = objectives.uses_ema_teacher(
-        objectives.get(config.objective), config.bootstrap_teacher
-    )
+    keeps_teacher = objectives.keeps_teacher_buffer(objectives.get(config.objective), config)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
         # Separate buffers: donating a state whose EMA aliases params fails.
         ema_params=jax.tree.map(jnp.copy, params),
-        teacher_params=jax.tree.map(jnp.copy, params) if uses_ema_teacher else None,
+        teacher_params=jax.tree.map(jnp.copy, params) if keeps_teacher else None,
         rng=train_rng,
     )
 

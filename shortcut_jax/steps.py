@@ -90,11 +90,15 @@ def make_loss_fn(
 def make_update_fn(
     config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
 ) -> Callable[[TrainState, Any], TrainState]:
-    """Builds update(state, grads) -> state one step on: optimizer, EMA and EMA teacher."""
+    """Builds update(state, grads) -> state one step on: optimizer, EMA and EMA teacher.
+
+    A teacher that shares the EMA buffer (`objectives.shares_ema_buffer`) is updated once, as
+    `ema_params`.
+    """
     objective = objectives.get(config.objective)
     objective_config = objectives.ObjectiveConfig.from_config(config)
     ema_rate = float(config.ema_rate)
-    ema_teacher = objectives.uses_ema_teacher(objective, config.bootstrap_teacher)
+    ema_teacher = objectives.keeps_teacher_buffer(objective, config)
 
     def teacher_rate(step: jax.Array) -> jax.Array:
         if objective.teacher_ema_rate is None:
@@ -140,7 +144,8 @@ def make_train_step(
     objective_config = objectives.ObjectiveConfig.from_config(config)
     apply_fn = make_apply_fn(model)
     schedule = optim.learning_rate_schedule(config)
-    ema_teacher = objectives.uses_ema_teacher(objective, config.bootstrap_teacher)
+    ema_teacher = objectives.keeps_teacher_buffer(objective, config)
+    shared_teacher = objectives.shares_ema_buffer(objective, config)
     loss_fn = make_loss_fn(config, model)
     update = make_update_fn(config, optimizer)
 
@@ -148,7 +153,12 @@ def make_train_step(
         state: TrainState, batch: dict, teacher_params: Any = None
     ) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
-        teacher = state.teacher_params if ema_teacher else jax.lax.stop_gradient(state.params)
+        if shared_teacher:
+            teacher = state.ema_params
+        elif ema_teacher:
+            teacher = state.teacher_params
+        else:
+            teacher = jax.lax.stop_gradient(state.params)
         if objective.needs_teacher_run:
             teacher = teacher_run.replace(
                 params=jax.lax.stop_gradient(teacher_params), student=teacher

@@ -299,6 +299,27 @@ def uses_ema_teacher(objective: Objective, bootstrap_teacher: str) -> bool:
     return objective.target_network or (objective.uses_teacher and bootstrap_teacher == "ema")
 
 
+def shares_ema_buffer(objective: Objective, config: Any) -> bool:
+    """Whether the EMA teacher is `ema_params` itself, so the state keeps no `teacher_params`.
+
+    True when the state keeps an EMA teacher (`uses_ema_teacher`) whose rate is the constant
+    `config.teacher_ema_rate` (the objective has no rate schedule) and that rate equals
+    `config.ema_rate`: the two EMAs would then start from the same copy and take the same update.
+    """
+    return (
+        uses_ema_teacher(objective, str(config.bootstrap_teacher))
+        and objective.teacher_ema_rate is None
+        and float(config.teacher_ema_rate) == float(config.ema_rate)
+    )
+
+
+def keeps_teacher_buffer(objective: Objective, config: Any) -> bool:
+    """Whether the train state holds `teacher_params`: an EMA teacher that is not `ema_params`."""
+    return uses_ema_teacher(objective, str(config.bootstrap_teacher)) and not shares_ema_buffer(
+        objective, config
+    )
+
+
 def unit_weights(batch_size: int) -> jax.Array:
     """(B,) float32 ones: the weights of an unweighted regression."""
     return jnp.ones((batch_size,), jnp.float32)
