@@ -176,8 +176,9 @@ def _teacher_layout(manager: ocp.CheckpointManager, step: int, abstract_state: A
     """'same', 'drop' (teacher_params saved, none wanted) or 'fill' (wanted, none saved)."""
     if not dataclasses.is_dataclass(abstract_state) or not hasattr(abstract_state, _TEACHER):
         return "same"
-    metadata = manager.item_metadata(step)
-    saved = None if metadata is None else metadata.state
+    # The manager's item_metadata knows no handler before its first save: read the tree directly.
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(_state_path(manager, step)).item_metadata
     if saved is None or _TEACHER not in saved:
         return "same"
     has_saved = saved[_TEACHER] is not None
@@ -185,6 +186,10 @@ def _teacher_layout(manager: ocp.CheckpointManager, step: int, abstract_state: A
     if has_saved == wants:
         return "same"
     return "drop" if has_saved else "fill"
+
+
+def _state_path(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory) / str(step) / "state"
 
 
 def restore_fields(
@@ -203,7 +208,7 @@ def restore_fields(
     Raises:
       CheckpointError: naming the checkpoint when it is unreadable or does not hold the fields.
     """
-    path = epath.Path(manager.directory) / str(step) / "state"
+    path = _state_path(manager, step)
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
         abstract,

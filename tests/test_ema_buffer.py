@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from tiny import tiny_mnist_config
 
-from shortcut_jax import checkpoint, models, objectives, optim, sharding, steps
+from shortcut_jax import checkpoint, compiled_step, models, objectives, optim, sharding, steps
 from shortcut_jax.run_guard import state_bytes
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
@@ -36,8 +36,10 @@ def batches(config, count: int) -> list[dict]:
     keys = jax.random.split(jax.random.PRNGKey(7), count)
     return [
         {
-            "image": jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0),
-            "label": jax.random.randint(key, (config.batch_size,), 0, config.data.num_classes),
+            "image": np.asarray(jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0)),
+            "label": np.asarray(
+                jax.random.randint(key, (config.batch_size,), 0, config.data.num_classes)
+            ),
         }
         for key in keys
     ]
@@ -109,13 +111,21 @@ def two_buffer_reference_step(config, model, optimizer):
 def test_shared_buffer_trains_exactly_like_two_buffers():
     config = ema_teacher_config(0.9, 0.9)
     model, optimizer = parts(config)
-    state = jax.jit(functools.partial(init_state, config, model, optimizer))()
+    mesh = sharding.make_mesh(config)
+    _, state_sharding = sharded_abstract_state(config, model, optimizer, mesh)
+    state = jax.jit(
+        functools.partial(init_state, config, model, optimizer), out_shardings=state_sharding
+    )()
     assert state.teacher_params is None
     reference = state.replace(teacher_params=jax.tree.map(jnp.copy, state.ema_params))
-    train_step = jax.jit(steps.make_train_step(config, model, optimizer))
+    reference = jax.tree.map(jnp.copy, reference)  # the train step donates the state's buffers
+    train_step = compiled_step.build(config, mesh, model, optimizer, state_sharding)
     reference_step = two_buffer_reference_step(config, model, optimizer)
+    sums = None
     for batch in batches(config, 3):
-        state, _ = train_step(state, batch)
+        if sums is None:
+            sums = train_step.zero_sums(state, batch)
+        state, sums, _ = train_step(state, sums, sharding.global_batch(mesh, batch))
         reference = reference_step(reference, batch)
     assert state.teacher_params is None and int(state.step) == 3
     assert_trees_equal(reference.teacher_params, reference.ema_params)
@@ -133,7 +143,8 @@ def saved_and_restored(tmp_path, saved_config, restore_config, tweak):
     state = tweak(jax.jit(functools.partial(init_state, saved_config, model, optimizer))())
     manager = checkpoint.make_manager(str(tmp_path))
     checkpoint.save(manager, state, saved_config, 5)
-    manager.wait_until_finished()
+    manager.close()
+    manager = checkpoint.make_manager(str(tmp_path))  # a fresh one, as a resumed run has
     mesh = sharding.make_mesh(restore_config, jax.local_devices())
     model, optimizer = parts(restore_config)
     abstract, _ = sharded_abstract_state(restore_config, model, optimizer, mesh)
