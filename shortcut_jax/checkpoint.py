@@ -198,8 +198,8 @@ def restore_fields(
     """Restores only some fields of the saved state (e.g. params and ema_params of a teacher).
 
     The other fields (optimizer moments, a teacher EMA) are not read at all, so loading a frozen
-    model costs its own memory, not the whole train state's (at DiT-B/2 scale 2 instead of 5
-    copies of the parameters).
+    model costs its own memory, not the whole train state's (at DiT-B/2 scale 2 instead of 4 or
+    5 copies of the parameters).
 
     Args:
       manager: the run's manager. step: a saved step.
