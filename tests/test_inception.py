@@ -26,7 +26,7 @@ from shortcut_jax.tools import convert_inception
 # conftest.py: the latent-space tests score FID with the same converted file.
 
 _BATCH = 32  # one compiled shape for the MNIST sets
-_SETS = 80  # digits per FID set
+_SETS = 48  # digits per FID set (3 batches of _BATCH for both sets)
 
 
 @pytest.fixture(scope="session")
@@ -347,7 +347,7 @@ def test_fid_between_digit_sets_matches_the_reference_pipeline(mnist_features):
         *fid.feature_statistics(ours[:_SETS]), *fid.feature_statistics(ours[_SETS:])
     )
     reference = _reference_fid(torch_features[:_SETS], torch_features[_SETS:])
-    # Measured: 74.193818 (ours) vs 74.193809 (reference), 1.1e-7 relative, from the feature
+    # Measured: 89.076478 (ours) vs 89.076427 (reference), 5.7e-7 relative, from the feature
     # differences; the same features through both formulas agree to 1e-14. The bound is 1e-3.
     assert reference > 1.0  # two different sets of digits
     assert value == pytest.approx(reference, rel=1e-3)

@@ -4,7 +4,7 @@ Distances are sliced Wasserstein-2 distances between 2,000 samples and 2,000 fre
 Two references make the thresholds readable: the floor (two independent data samples, ~0.02 on the
 checkerboard) and the ceiling (every sample at the origin, ~0.57), which is where 1-step flow
 matching must end up, since its one Euler step from noise lands on the mean E[x1]. Measured at
-800 steps: shortcut 1-step ~0.05, flow matching 1-step ~0.54, both ~0.04 at 128 steps.
+800 steps (width 128): shortcut 1-step 0.064, flow matching 1-step 0.53, both ~0.035 at 128 steps.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def toy_config(objective: str):
     spec.loader.exec_module(module)
     config = module.get_config()
     config.objective = objective
+    config.model.hidden_size = 128  # a quarter of the default's FLOPs, the same verdicts
     config.total_steps = 800
     config.log_every_steps = 200
     config.checkpoint_every_steps = 800

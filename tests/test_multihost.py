@@ -112,15 +112,11 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert int(state.step) == STEPS
 
 
-OBJECTIVES = (
-    "meanflow",
-    "diffusion",
-    "live_reflow",
-    "consistency_training",
-    "progressive_distillation",
-    "consistency_distillation",
-    "reflow",
-)
+# One objective per input that reaches the step in its own way across processes: a target network
+# in the state (consistency_training), a frozen teacher run put on the mesh
+# (consistency_distillation) and a pairs source read by each process (reflow). The math of every
+# objective on a mesh is checked in one process by test_sharding (all of them).
+OBJECTIVES = ("consistency_training", "consistency_distillation", "reflow")
 
 
 def objectives_command(workdir: Path, *extra: str) -> list[str]:
