@@ -16,6 +16,7 @@ is a per-step-count decision shared by grids, the sample CLI and every evaluatio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -162,12 +163,35 @@ def online_encode_step(
     return step
 
 
+PixelFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def clip_pixels(params: Any, samples: jax.Array) -> jax.Array:
+    """Pixel-space samples as images: clipped to [-1, 1] (toy points pass through). Pure."""
+    del params
+    if samples.ndim < 4:
+        return samples
+    return jnp.clip(samples, -1.0, 1.0).astype(jnp.float32)
+
+
+def _vae_pixels(
+    arch: Any, scaling_factor: float, dtype: str, params: Any, latents: jax.Array
+) -> jax.Array:
+    """Scaled latents decoded by the VAE, then clipped to [-1, 1]. Pure."""
+    from shortcut_jax.models import vae as vae_lib
+
+    images = vae_lib.decode(arch, params, latents, scaling_factor=scaling_factor, dtype=dtype)
+    return jnp.clip(images, -1.0, 1.0).astype(jnp.float32)
+
+
 class PixelDecoder:
     """Turns samples into pixel images in [-1, 1]: VAE decode (on the mesh) when the run has one.
 
     In pixel space it only clips. In latent space the latents are decoded in chunks of
     `batch_size`, split over the mesh's batch axes when a mesh is given (every process must call
-    it together then), and clipped after decoding.
+    it together then), and clipped after decoding. `device_fn` gives the same decode and clip as
+    a pure function for programs that decode on the device (the fused evaluation); both use one
+    copy of the VAE weights on the devices.
     """
 
     def __init__(
@@ -179,11 +203,33 @@ class PixelDecoder:
         self.vae = vae
         self.mesh = mesh
         self.batch_size = max(int(batch_size), 1)
+        self._pixels: PixelFn = clip_pixels
+        self._pixel_params: Any = None
         self._decode = None
         if vae is not None:
-            from shortcut_jax.models import vae as vae_lib
+            from shortcut_jax import sharding
 
-            self._decode = vae_lib.make_decoder(vae, mesh)
+            self._pixels = functools.partial(
+                _vae_pixels, vae.arch, float(vae.scaling_factor), vae.dtype
+            )
+            if mesh is None:
+                self._pixel_params = jax.device_put(vae.params)
+                self._decode = jax.jit(self._pixels)
+            else:
+                replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+                self._pixel_params = jax.device_put(vae.params, replicated)
+                self._decode = jax.jit(
+                    self._pixels, in_shardings=(replicated, batch), out_shardings=batch
+                )
+
+    def device_fn(self) -> tuple[PixelFn, Any]:
+        """(pixels, params): this decoder as a pure ``pixels(params, samples) -> images``.
+
+        `pixels` keeps its identity for the decoder's life, so programs built from it compile
+        once; `params` are the VAE's weights on the devices (replicated over the mesh), None in
+        pixel space. Images are (B, H, W, C) float32 clipped to [-1, 1].
+        """
+        return self._pixels, self._pixel_params
 
     @classmethod
     def for_config(
@@ -204,25 +250,24 @@ class PixelDecoder:
             return samples
         if self._decode is None:
             return np.clip(samples, -1.0, 1.0).astype(np.float32)
+        from shortcut_jax import sharding
+
         chunk = self.batch_size
         if self.mesh is not None:
-            from shortcut_jax import sharding
-
             shards = sharding.batch_shards(self.mesh)
             chunk = -(-chunk // shards) * shards
         outputs = []
         for start in range(0, len(samples), chunk):
-            part = samples[start : start + chunk]
+            part = samples[start : start + chunk].astype(np.float32)
             valid = len(part)
             if valid < chunk:  # pad so every chunk reuses one compiled program
-                padding = np.zeros((chunk - valid, *part.shape[1:]), part.dtype)
-                part = np.concatenate([part, padding])
-            part = part.astype(np.float32)
+                part = np.concatenate(
+                    [part, np.zeros((chunk - valid, *part.shape[1:]), part.dtype)]
+                )
             if self.mesh is None:
-                images = np.asarray(self._decode(jnp.asarray(part)))
+                images = np.asarray(self._decode(self._pixel_params, part))
             else:
-                from shortcut_jax import sharding
-
-                images = sharding.gather(self._decode(sharding.shard_batch(self.mesh, part)))
-            outputs.append(np.clip(images[:valid], -1.0, 1.0))
-        return np.concatenate(outputs, axis=0).astype(np.float32)
+                part = sharding.shard_batch(self.mesh, part)
+                images = sharding.gather(self._decode(self._pixel_params, part))
+            outputs.append(images[:valid])
+        return np.concatenate(outputs, axis=0)

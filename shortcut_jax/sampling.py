@@ -308,7 +308,25 @@ def example_noise(rng: jax.Array, num: int, shape: tuple[int, ...]) -> jax.Array
     Returns:
       (num, *shape) float32 standard normal.
     """
-    indices = jnp.arange(num, dtype=jnp.uint32)
+    return noise_at(rng, jnp.arange(num, dtype=jnp.uint32), shape)
+
+
+def noise_at(rng: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The `example_noise` of the examples numbered `indices`, e.g. one chunk of a batch.
+
+    Pure and jit-compatible (`shape` static), so a jitted program can draw its own chunk on the
+    device: ``noise_at(rng, start + arange(chunk), shape)`` equals
+    ``example_noise(rng, num, shape)[start : start + chunk]``.
+
+    Args:
+      rng: a PRNG key.
+      indices: (B,) uint32 example numbers.
+      shape: per-example shape.
+
+    Returns:
+      (B, *shape) float32 standard normal.
+    """
+    indices = jnp.asarray(indices, jnp.uint32)
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(rng, i), shape))(indices)
 
 

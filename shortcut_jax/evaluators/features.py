@@ -80,11 +80,19 @@ def check_finite_images(images: np.ndarray, what: str = "the images") -> None:
         if not finite.all():
             bad_values += int(finite.size - np.count_nonzero(finite))
             bad_images += int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
-    if not bad_values:
-        return
-    raise NonFiniteImagesError(
-        f"{what}: {bad_values:,} of {images.size:,} values are NaN or inf (in {bad_images} of "
-        f"{len(images)} images); the sampler or the VAE decoder diverged: check the training "
+    if bad_values:
+        raise NonFiniteImagesError(
+            non_finite_message(what, bad_values, images.size, bad_images, len(images))
+        )
+
+
+def non_finite_message(
+    what: str, bad_values: int, num_values: int, bad_images: int, num_images: int
+) -> str:
+    """The `NonFiniteImagesError` message: the counts, the likely cause and what to do."""
+    return (
+        f"{what}: {bad_values:,} of {num_values:,} values are NaN or inf (in {bad_images} of "
+        f"{num_images} images); the sampler or the VAE decoder diverged: check the training "
         "losses, or evaluate an earlier --checkpoint_step"
     )
 

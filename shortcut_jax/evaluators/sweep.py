@@ -3,8 +3,9 @@
 `build_metrics` sets up the feature networks and their reference statistics for a run's data;
 `sweep` samples `num` images at each step budget and scores them against every metric. Both
 are used by the evaluation CLI (`python -m shortcut_jax.evaluate`), by the train loop's periodic
-evaluation and by the notebooks. Sampling and feature extraction run on a mesh (every process
-takes part); the scores are computed on the host of process 0, which holds the reference.
+evaluation and by the notebooks. Sampling, decoding and feature extraction run fused on the
+devices of a mesh (`on_device`: every process takes part, only the features reach the host); the
+scores are computed on the host of process 0, which holds the reference.
 
 Every score is printed next to its *floor* (two disjoint halves of the real reference set: what
 real data scores) and *ceiling* (N(0, I) noise clipped to the image range), so a reading can be
@@ -28,7 +29,7 @@ from absl import logging
 from etils import epath
 
 from shortcut_jax import atomic_files, latent_space, objectives, sampling
-from shortcut_jax.evaluators import features, fid, registry
+from shortcut_jax.evaluators import features, fid, on_device, registry
 from shortcut_jax.evaluators.registry import EvaluationError
 
 # Reference features beyond this many examples only refine the mean/covariance; precision and
@@ -337,7 +338,7 @@ def sweep(
     progress: Callable[[int], None] | None = None,
     keep_samples: int = 0,
     apply_fn: sampling.ApplyFn | None = None,
-    decoder: Callable[[np.ndarray], np.ndarray] | None = None,
+    decoder: latent_space.PixelDecoder | None = None,
 ) -> tuple[list[dict[str, float]], dict[int, np.ndarray]]:
     """Samples `num` images at each step budget and scores them with every metric.
 
@@ -354,19 +355,23 @@ def sweep(
         (`latent_space.guidance_scale`: config.sample_cfg_scale where config.sample_guidance
         applies it, 1 elsewhere).
       seed: sampling seed.
-      batch_size: samples per sampling call.
+      batch_size: samples per device program (sampling, decoding and the features of every
+        metric in one call, `on_device.sample_features`).
       mesh: the mesh to sample and extract features on (every process must call this).
       pr_num: features per side for precision/recall (0 = skip).
       is_chief: whether this process computes the scores (only the chief holds references).
-      progress: called with the number of images sampled or featurized after each chunk.
+      progress: called after each chunk with its images counted once for the sampling and once
+        per metric (num * (1 + len(metrics)) per budget in all).
       keep_samples: return the first this many samples of each budget (for grids).
-      apply_fn: the model's ``apply_fn`` (`steps.make_apply_fn`); pass the same one on every
-        call so the compiled samplers are reused; default: built from `config`.
-      decoder: turns samples into pixel images in [-1, 1] (`latent_space.PixelDecoder`: VAE decode
-        for latent runs); default: built from `config` (loads its VAE, if any).
+      apply_fn: the model's ``apply_fn`` (`steps.make_apply_fn`); pass the same one (and the
+        same decoder) on every call so the compiled programs are reused; default: built from
+        `config`.
+      decoder: the `latent_space.PixelDecoder` turning samples into pixel images in [-1, 1] (VAE
+        decode for latent runs); default: built from `config` (loads its VAE, if any).
 
     Returns:
-      rows: one dict per budget: steps, nfe, seconds (sampling), then the scores (chief only).
+      rows: one dict per budget: steps, nfe, cfg, seconds (sampling, decoding and features),
+        then the scores (chief only).
       samples: {steps: (keep_samples, H, W, C)} when keep_samples > 0.
     """
     from shortcut_jax import models
@@ -384,6 +389,11 @@ def sweep(
         apply_fn = train_steps.make_apply_fn(models.get_model(config))
     if decoder is None:
         decoder = latent_space.PixelDecoder.for_config(config, mesh, batch_size)
+    if not isinstance(decoder, latent_space.PixelDecoder):
+        raise TypeError(
+            f"decoder must be a latent_space.PixelDecoder (its device_fn runs inside the fused "
+            f"evaluation), got {type(decoder).__name__}; build one with PixelDecoder.for_config"
+        )
     shape = latent_space.model_shape(config)
     objective = objectives.ObjectiveConfig.from_config(config)  # its own sampler
     rows, kept = [], {}
@@ -391,22 +401,24 @@ def sweep(
         scale = latent_space.guidance_scale(config, int(num_steps), cfg_scale)
         guided = uses_guidance(scale, num_classes)
         start = time.perf_counter()
-        images, _ = sampling.sample_batch(
+        sample_features, kept_images = on_device.sample_features(
             apply_fn,
             params,
-            jax.random.PRNGKey(seed),
+            [metric.net for metric in metrics],
+            seed=seed,
             num=num,
             shape=shape,
             num_steps=int(num_steps),
             denoise_timesteps=config.denoise_timesteps,
             cfg_scale=scale,
             num_classes=num_classes,
+            objective=objective,
+            decoder=decoder,
             batch_size=batch_size,
             mesh=mesh,
+            keep_samples=keep_samples,
             progress=progress,
-            objective=objective,
         )
-        images = decoder(images)
         row: dict[str, float] = {
             "steps": int(num_steps),
             "nfe": int(num_steps) * (2 if guided else 1),
@@ -414,10 +426,9 @@ def sweep(
             "seconds": time.perf_counter() - start,
         }
         if keep_samples:
-            kept[int(num_steps)] = images[:keep_samples]
-        for metric in metrics:
-            feats = features.compute_features(metric.net, images, mesh=mesh, progress=progress)
-            if is_chief:
+            kept[int(num_steps)] = kept_images
+        if is_chief:
+            for metric, feats in zip(metrics, sample_features, strict=True):
                 row.update(score(metric, feats, pr_num))
         rows.append(row)
         logging.info("Scored %d samples at %d step(s): %s", num, num_steps, row)

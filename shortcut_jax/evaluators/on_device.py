@@ -1,0 +1,260 @@
+"""Sampling, pixels and features of an evaluation fused into one device program per chunk.
+
+For each chunk of `batch_size` examples one jitted program (sharded over the mesh's batch axes
+when a mesh is given) draws the chunk's noise on the device (`sampling.noise_at`: the numbers of
+`sampling.example_noise`), runs the sampler, decodes to pixels (`latent_space.PixelDecoder`),
+counts the non-finite pixel values, quantizes to 8 bits (`features.quantize`) and applies every
+feature network. Only the (chunk, D) features and two counts come back to the host, instead of
+every image crossing the host boundary after sampling, after decoding and before the features.
+
+The result equals the composition ``sampling.sample_batch`` -> decoder ->
+``features.compute_features`` for the same seed (up to float32 round-off of the fused program).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shortcut_jax import latent_space, objectives, sampling, sharding
+from shortcut_jax.evaluators import features
+
+
+def _evaluate_chunk(
+    params: Any,
+    pixel_params: Any,
+    net_params: tuple[Any, ...],
+    rng: jax.Array,
+    start: jax.Array,
+    num: jax.Array,
+    *,
+    apply_fn: sampling.ApplyFn,
+    sample_settings: tuple[tuple[str, Any], ...],
+    shape: tuple[int, ...],
+    chunk: int,
+    num_classes: int,
+    pixels: latent_space.PixelFn,
+    feature_fns: tuple[features.FeatureFn, ...],
+    keep: bool,
+    batch: jax.sharding.Sharding | None,
+) -> tuple[Any, ...]:
+    """Examples start .. start + chunk - 1 of `num`: features of every net and non-finite counts.
+
+    Returns:
+      (features, counts) or, with `keep`, (features, counts, images): a tuple of (chunk, D_k)
+      float32 features, (2,) int32 [non-finite values, images holding one] over the examples
+      below `num`, and the (chunk, H, W, C) pixel images. Rows from `num` on are padding.
+    """
+    indices = start.astype(jnp.uint32) + jnp.arange(chunk, dtype=jnp.uint32)
+    if batch is not None:
+        indices = jax.lax.with_sharding_constraint(indices, batch)
+    noise = sampling.noise_at(rng, indices, shape)
+    if num_classes > 0:  # `sampling.default_labels`
+        labels = (indices % num_classes).astype(jnp.int32)
+    else:
+        labels = jnp.zeros((chunk,), jnp.int32)
+    samples = sampling.sample(apply_fn, params, noise, labels, **dict(sample_settings))
+    images = pixels(pixel_params, samples)
+    valid = indices < num.astype(jnp.uint32)
+    not_finite = ~jnp.isfinite(images).reshape(chunk, -1) & valid[:, None]
+    counts = jnp.stack(
+        [jnp.sum(not_finite, dtype=jnp.int32), jnp.sum(not_finite.any(axis=1), dtype=jnp.int32)]
+    )
+    quantized = features.quantize(images)
+    feats = tuple(
+        fn(p, quantized).astype(jnp.float32) for fn, p in zip(feature_fns, net_params, strict=True)
+    )
+    return (feats, counts, images) if keep else (feats, counts)
+
+
+@functools.lru_cache(maxsize=32)
+def _program(
+    static: tuple[tuple[str, Any], ...],
+    mesh: jax.sharding.Mesh | None,
+    param_treedef: Any,
+    param_shardings: tuple[jax.sharding.Sharding, ...] | None,
+) -> Callable[..., tuple[Any, ...]]:
+    """`_evaluate_chunk` jitted once per (settings, mesh, parameter layout)."""
+    settings = dict(static)
+    if mesh is None:
+        return jax.jit(functools.partial(_evaluate_chunk, batch=None, **settings))
+    batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    outputs = (tuple(batch for _ in settings["feature_fns"]), replicated)
+    return jax.jit(
+        functools.partial(_evaluate_chunk, batch=batch, **settings),
+        in_shardings=(
+            jax.tree.unflatten(param_treedef, param_shardings),
+            replicated,
+            replicated,
+            replicated,
+            replicated,
+            replicated,
+        ),
+        out_shardings=(*outputs, batch) if settings["keep"] else outputs,
+    )
+
+
+def _global(mesh: jax.sharding.Mesh | None, value: np.ndarray) -> Any:
+    """A small host value every process holds, replicated over the mesh (as given without one)."""
+    if mesh is None:
+        return value
+    return jax.make_array_from_callback(
+        value.shape, sharding.replicated(mesh), lambda index: value[index]
+    )
+
+
+def _pixel_shape(pixels: latent_space.PixelFn, pixel_params: Any, shape: Any) -> tuple[int, ...]:
+    """Per-example shape of the decoder's output for samples of per-example `shape`."""
+    samples = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    return tuple(jax.eval_shape(pixels, pixel_params, samples).shape[1:])
+
+
+def sample_features(
+    apply_fn: sampling.ApplyFn,
+    params: Any,
+    nets: Sequence[features.FeatureNet],
+    *,
+    seed: int,
+    num: int,
+    shape: tuple[int, ...],
+    num_steps: int,
+    denoise_timesteps: int,
+    cfg_scale: float = 1.0,
+    num_classes: int = 0,
+    objective: objectives.ObjectiveConfig | None = None,
+    decoder: latent_space.PixelDecoder | None = None,
+    batch_size: int = 256,
+    mesh: jax.sharding.Mesh | None = None,
+    keep_samples: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Features of `num` samples under every net, sampled, decoded and featurized on the device.
+
+    Example i starts from the noise of fold_in(PRNGKey(seed), i) with label i % num_classes (0
+    when unconditional), as `sampling.sample_batch` with default labels draws it.
+
+    Args:
+      apply_fn: ``apply_fn(params, x, t, d, labels) -> output``; pass the same one on every call
+        so the compiled programs are reused.
+      params: model parameters, placed for `mesh` if given.
+      nets: the feature networks (may be empty: then only the samples are checked and kept).
+      seed: sampling seed.
+      num: number of samples (>= 1).
+      shape: per-example shape as the model sees it (`latent_space.model_shape`).
+      num_steps: number of steps, in [1, denoise_timesteps].
+      denoise_timesteps: power of two.
+      cfg_scale: guidance scale (1.0 = none).
+      num_classes: 0 = unconditional.
+      objective: the run's `objectives.ObjectiveConfig` (its sampler); None = Euler steps.
+      decoder: samples -> pixels in [-1, 1] (`latent_space.PixelDecoder`); None = clip only.
+      batch_size: examples per program call (rounded up to a multiple of the batch shards).
+      mesh: when given, each chunk is split over the mesh's batch axes and the features are
+        gathered to every process; every process must call this together.
+      keep_samples: also return the pixel images of the first this many examples.
+      progress: called after each chunk with the chunk's examples times (1 + len(nets)), one
+        count for the sampling and one per network, as the separate passes reported them.
+
+    Returns:
+      features: one (num, D) float32 host array per net.
+      kept: (min(keep_samples, num), H, W, C) float32 pixel images (empty without keep_samples).
+
+    Raises:
+      NonFiniteImagesError: a decoded image holds NaN or inf (the counts cover all `num`).
+      FloatingPointError: a network's features hold NaN or inf.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    sampler_settings = {
+        "num_steps": int(num_steps),
+        "denoise_timesteps": int(denoise_timesteps),
+        "cfg_scale": float(cfg_scale),
+        "num_classes": int(num_classes),
+        "objective": objective,
+    }
+    sampling.make_sampler(apply_fn, **sampler_settings)  # validates the settings eagerly
+    shape = tuple(int(s) for s in shape)
+    nets = tuple(nets)
+    decoder = decoder if decoder is not None else latent_space.PixelDecoder(None)
+    pixels, pixel_params = decoder.device_fn()
+    pixel_shape = _pixel_shape(pixels, pixel_params, shape)
+    if nets and (len(pixel_shape) != 3 or pixel_shape[-1] not in (1, 3)):
+        raise ValueError(
+            f"the feature networks need (H, W, C) images with C in (1, 3); samples of shape "
+            f"{shape} decode to {pixel_shape}: score an image run, or check config.vae"
+        )
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
+    chunk = -(-min(int(batch_size), num) // shards) * shards
+    keep_samples = min(max(int(keep_samples), 0), num)
+    static = dict(
+        apply_fn=apply_fn,
+        sample_settings=tuple(sorted(sampler_settings.items())),
+        shape=shape,
+        chunk=chunk,
+        num_classes=int(num_classes),
+        pixels=pixels,
+        feature_fns=tuple(net.apply for net in nets),
+    )
+    treedef, param_shardings = None, None
+    if mesh is not None:
+        param_shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
+        param_shardings = tuple(param_shardings)
+    programs = {
+        keep: _program(
+            tuple(sorted({**static, "keep": keep}.items())), mesh, treedef, param_shardings
+        )
+        for keep in (False, True)
+    }
+    placement = None if mesh is None else sharding.replicated(mesh)
+    net_params = tuple(jax.device_put(net.params, placement) for net in nets)
+    rng = _global(mesh, np.asarray(jax.random.PRNGKey(seed)))
+    total = _global(mesh, np.asarray(num, np.int32))
+
+    outputs: list[list[np.ndarray]] = [[] for _ in nets]
+    kept: list[np.ndarray] = []
+    bad_values = bad_images = 0
+
+    def collect(start: int, result: tuple[Any, ...]) -> None:
+        nonlocal bad_values, bad_images
+        valid = min(chunk, num - start)
+        for output, feats in zip(outputs, result[0], strict=True):
+            output.append(sharding.gather(feats)[:valid])
+        values, images = sharding.to_host(result[1])
+        bad_values, bad_images = bad_values + int(values), bad_images + int(images)
+        if len(result) > 2:
+            kept.append(sharding.gather(result[2])[: min(valid, keep_samples - start)])
+        if progress is not None:
+            progress(valid * (1 + len(nets)))
+
+    pending = None  # the previous chunk's result, fetched after the next chunk is dispatched
+    for start in range(0, num, chunk):
+        program = programs[start < keep_samples]
+        result = program(
+            params, pixel_params, net_params, rng, _global(mesh, np.asarray(start, np.int32)), total
+        )
+        if pending is not None:
+            collect(*pending)
+        pending = (start, result)
+    collect(*pending)
+
+    if bad_values:
+        raise features.NonFiniteImagesError(
+            features.non_finite_message(
+                "the sampled images", bad_values, num * math.prod(pixel_shape), bad_images, num
+            )
+        )
+    result_features = [np.concatenate(output, axis=0) for output in outputs]
+    for net, feats in zip(nets, result_features, strict=True):
+        if not np.all(np.isfinite(feats)):
+            raise FloatingPointError(
+                f"the {net.name} features contain NaN or inf; the images or the weights are broken"
+            )
+    images = np.concatenate(kept) if kept else np.zeros((0, *pixel_shape), np.float32)
+    return result_features, images
