@@ -154,6 +154,24 @@ def test_bad_inputs_get_one_clear_error():
         on_device.sample_features(velocity, model_params(), [], num=4, **{**common, "num_steps": 9})
 
 
+def test_sweep_refuses_a_decoder_that_cannot_run_on_the_device():
+    from tiny import tiny_mnist_config
+
+    from shortcut_jax.evaluators import sweep
+
+    with pytest.raises(TypeError, match="PixelDecoder"):
+        sweep.sweep(
+            tiny_mnist_config(),
+            model_params(),
+            [],
+            steps=[1],
+            num=4,
+            cfg_scale=1.0,
+            apply_fn=velocity,
+            decoder=lambda samples: samples,
+        )
+
+
 def test_fused_features_on_an_eight_device_mesh_equal_the_one_device_composition():
     script = textwrap.dedent(
         """
