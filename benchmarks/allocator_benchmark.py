@@ -97,15 +97,7 @@ def worker(workload: str, quick: bool) -> dict[str, Any]:
         result = timing.timed_with_usage(lambda: sampler(state.ema_params, noise, labels), reps, 2)
     else:
         rng = np.random.default_rng(0)
-        params = jax.tree.map(
-            jnp.asarray,
-            _unflatten(
-                {
-                    name: _random_inception_param(rng, name, shape)
-                    for name, shape in inception.param_shapes().items()
-                }
-            ),
-        )
+        params = workloads.random_inception_params()
         net = features.FeatureNet("inception_random", 2048, params, inception.inception_features)
         images = rng.uniform(-1, 1, (8 if quick else 32, 28, 28, 1)).astype(np.float32)
         result = timing.timed_with_usage(
@@ -114,22 +106,6 @@ def worker(workload: str, quick: bool) -> dict[str, Any]:
         result["images_per_call"] = len(images)
     result["malloc_tuned"] = allocator.is_tuned()
     return result
-
-
-def _random_inception_param(rng: Any, name: str, shape: tuple[int, ...]) -> Any:
-    """He-scaled kernels, unit batch-norm variances, zero means and offsets: finite features."""
-    import numpy as np
-
-    if name.endswith("/kernel"):
-        fan_in = int(np.prod(shape[:-1]))
-        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-    return np.full(shape, 1.0 if name.endswith("/var") else 0.0, np.float32)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    from flax import traverse_util
-
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def run_worker(workload: str, setting: str, quick: bool) -> dict[str, Any]:

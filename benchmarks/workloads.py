@@ -122,3 +122,20 @@ def build_state_and_step(
         )()
     step = compiled_step.build(config, mesh, model, optimizer, state_sharding)
     return state, step, model, optimizer, state_sharding
+
+
+def random_inception_params(seed: int = 0) -> Any:
+    """He-scaled kernels, unit batch-norm variances, zero means and offsets: finite features."""
+    from flax import traverse_util
+
+    from shortcut_jax.evaluators import inception
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for name, shape in inception.param_shapes().items():
+        if name.endswith("/kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            flat[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        else:
+            flat[name] = np.full(shape, 1.0 if name.endswith("/var") else 0.0, np.float32)
+    return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep="/"))

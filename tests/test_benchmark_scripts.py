@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark scripts (--quick): FLOPs, matmul rates, the step's profile, the
-allocator and loop A/Bs, meshes, the VAE and the latent data.
+allocator and loop A/Bs, meshes, the VAE, the latent data and the evaluation's throughput.
 
 The scripts run a few at a time, each in its own process (tiny DiT, 2 steps, 256^3 matmul, two
 meshes, a small VAE), and must write JSON with the documented keys and positive numbers.
@@ -51,6 +51,7 @@ def outputs(tmp_path_factory) -> dict[str, dict]:
         "mesh": ("mesh_benchmark", "--meshes", "1 device,data=2 x fsdp=4"),
         "vae": ("vae_benchmark",),
         "latents": ("latents_benchmark",),
+        "eval_throughput": ("eval_throughput",),
     }
     pending = list(commands.items())
     running: dict[str, subprocess.Popen] = {}
@@ -203,3 +204,18 @@ def test_latents_benchmark_reports_encoder_source_and_pod_needs(outputs):
     rows = result["pod_consumption"]["rows"]
     assert set(rows) >= {"DiT-B/2 on v4-32", "DiT-XL/2 on v4-32"}
     assert all(row["images_per_second_per_host"] > 0 for row in rows.values())
+
+
+def test_eval_throughput_rates_inception_fd_mnist_and_sampling(outputs):
+    result = outputs["eval_throughput"]
+    inception = result["inception"]
+    # The FID graph is about 5.7 G multiply-adds per 299x299 image: about 11 GFLOP.
+    assert 10.0e9 < inception["flops_per_image"] < 12.5e9
+    assert inception["images_per_second"] > 0 and inception["fraction_of_matmul_rate"] > 0
+    assert inception["meets_target"] == (
+        inception["fraction_of_matmul_rate"] >= inception["target_fraction"]
+    )
+    assert result["fd_mnist"]["images_per_second"] > 0
+    assert sorted(result["sampling"]) == ["1", "2"]
+    shares = result["periodic_eval"]
+    assert 0 < shares["fd_mnist_share"] < 1 and shares["eval_steps"] == [1, 2]
