@@ -56,11 +56,15 @@ def pooled_net() -> features.FeatureNet:
     return features.FeatureNet("pooled", 6, params, _pooled_features, batch_size=5)
 
 
-def mnist_net() -> features.FeatureNet:
+def mnist_net(batch_size: int = 8) -> features.FeatureNet:
     """The FD-MNIST classifier's architecture with random weights (no training, no cache)."""
     variables = fd_mnist.MnistClassifier().init(jax.random.PRNGKey(1), jnp.zeros((1, 28, 28, 1)))
     return features.FeatureNet(
-        "mnist_random", fd_mnist.FEATURE_DIM, variables["params"], fd_mnist._apply_features, 8
+        "mnist_random",
+        fd_mnist.FEATURE_DIM,
+        variables["params"],
+        fd_mnist._apply_features,
+        batch_size,
     )
 
 
@@ -91,8 +95,15 @@ def test_noise_of_a_chunk_is_the_example_noise_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(jitted), whole[6:])
 
 
+def test_feature_passes_bound_the_images_per_device_and_divide_the_chunk():
+    assert on_device.feature_passes(chunk=256, shards=1, per_device_batch=32) == 8
+    assert on_device.feature_passes(chunk=256, shards=8, per_device_batch=32) == 1
+    assert on_device.feature_passes(chunk=24, shards=2, per_device_batch=5) == 3  # 12 = 3 x 4
+    assert on_device.feature_passes(chunk=5, shards=1, per_device_batch=2) == 5  # 5 is prime
+
+
 def test_fused_features_equal_the_host_composition_in_pixel_space():
-    nets = [pooled_net(), mnist_net()]
+    nets = [pooled_net(), mnist_net(batch_size=2)]  # the second runs a chunk of 5 in 5 passes
     decoder = latent_space.PixelDecoder(None)
     common = {"seed": 3, "num": 13, "shape": (28, 28, 1), "batch_size": 5, **SETTINGS}
     expected, images = old_composition(nets, decoder, **common)
@@ -175,7 +186,7 @@ def test_sweep_refuses_a_decoder_that_cannot_run_on_the_device():
 def test_fused_features_on_an_eight_device_mesh_equal_the_one_device_composition():
     script = textwrap.dedent(
         """
-        import sys, numpy as np, jax
+        import dataclasses, sys, numpy as np, jax
         sys.path.insert(0, "tests")
         from test_fused_eval import SETTINGS, model_params, old_composition, pooled_net, velocity
         from shortcut_jax import latent_space, sharding
@@ -185,9 +196,10 @@ def test_fused_features_on_an_eight_device_mesh_equal_the_one_device_composition
         params = jax.device_put(model_params(), sharding.replicated(mesh))
         common = {"seed": 4, "num": 21, "shape": (8, 8, 3), "batch_size": 12, **SETTINGS}
         decoder = latent_space.PixelDecoder(None)
-        (expected,), images = old_composition([pooled_net()], decoder, **common)
+        net = dataclasses.replace(pooled_net(), batch_size=1)  # 2 per device: 2 passes
+        (expected,), images = old_composition([net], decoder, **common)
         (got,), kept = on_device.sample_features(
-            velocity, params, [pooled_net()], mesh=mesh, keep_samples=18, **common
+            velocity, params, [net], mesh=mesh, keep_samples=18, **common
         )
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(kept, images[:18], rtol=1e-6, atol=1e-6)

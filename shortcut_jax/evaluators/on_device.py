@@ -41,6 +41,7 @@ def _evaluate_chunk(
     num_classes: int,
     pixels: latent_space.PixelFn,
     feature_fns: tuple[features.FeatureFn, ...],
+    feature_passes: tuple[int, ...],
     keep: bool,
     batch: jax.sharding.Sharding | None,
 ) -> tuple[Any, ...]:
@@ -68,9 +69,32 @@ def _evaluate_chunk(
     )
     quantized = features.quantize(images)
     feats = tuple(
-        fn(p, quantized).astype(jnp.float32) for fn, p in zip(feature_fns, net_params, strict=True)
+        _in_passes(fn, p, quantized, passes).astype(jnp.float32)
+        for fn, p, passes in zip(feature_fns, net_params, feature_passes, strict=True)
     )
     return (feats, counts, images) if keep else (feats, counts)
+
+
+def _in_passes(fn: features.FeatureFn, params: Any, images: jax.Array, passes: int) -> jax.Array:
+    """fn(params, images) computed over `passes` sequential slices (`lax.map`) to bound memory.
+
+    Slice k holds rows k, k + passes, k + 2 * passes, ...: viewed as (chunk / passes, passes),
+    the batch axis keeps its sharding over the leading axis, so no rows move between devices.
+    """
+    if passes <= 1:
+        return fn(params, images)
+    rows = images.shape[0]
+    grouped = images.reshape((rows // passes, passes) + images.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda block: fn(params, block), grouped)
+    return out.swapaxes(0, 1).reshape((rows,) + out.shape[2:])
+
+
+def feature_passes(chunk: int, shards: int, per_device_batch: int) -> int:
+    """Passes of a feature net over a chunk: the fewest that keep each at most
+    `per_device_batch` images per device (`FeatureNet.batch_size`), dividing chunk / shards."""
+    per_device = chunk // shards
+    least = -(-per_device // max(int(per_device_batch), 1))
+    return next(n for n in range(least, per_device + 1) if per_device % n == 0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,7 +177,8 @@ def sample_features(
       num_classes: 0 = unconditional.
       objective: the run's `objectives.ObjectiveConfig` (its sampler); None = Euler steps.
       decoder: samples -> pixels in [-1, 1] (`latent_space.PixelDecoder`); None = clip only.
-      batch_size: examples per program call (rounded up to a multiple of the batch shards).
+      batch_size: examples per program call (rounded up to a multiple of the batch shards);
+        each net runs over a chunk in passes of at most its own `batch_size` per device.
       mesh: when given, each chunk is split over the mesh's batch axes and the features are
         gathered to every process; every process must call this together.
       keep_samples: also return the pixel images of the first this many examples.
@@ -201,6 +226,7 @@ def sample_features(
         num_classes=int(num_classes),
         pixels=pixels,
         feature_fns=tuple(net.apply for net in nets),
+        feature_passes=tuple(feature_passes(chunk, shards, net.batch_size) for net in nets),
     )
     treedef, param_shardings = None, None
     if mesh is not None:
