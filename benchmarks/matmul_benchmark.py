@@ -2,6 +2,7 @@
 
     python benchmarks/matmul_benchmark.py            # -> benchmarks/results/matmul.json
     python benchmarks/matmul_benchmark.py --quick    # 256^3, tiny shapes (smoke test)
+    python benchmarks/matmul_benchmark.py --rate_only  # only (a), printed (about 10 s)
 
 (a) A jitted n x n @ n x n `jnp.dot` (2 n^3 FLOPs a call, default n = 2048), best and median over
 many calls: the reference every utilisation figure is a fraction of (`matmul_rate`, imported by
@@ -138,8 +139,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--matmul_n", type=int, default=2048)
     parser.add_argument("--matmul_reps", type=int, default=30)
     parser.add_argument("--dit_batch", type=int, default=8)
+    parser.add_argument(
+        "--rate_only", action="store_true", help="print the rate (a) and stop; writes nothing"
+    )
     args = parser.parse_args(argv)
     n, reps = (min(args.matmul_n, 256), 3) if args.quick else (args.matmul_n, args.matmul_reps)
+    if args.rate_only:
+        rate = matmul_rate(n, reps)
+        print(
+            f"float32 {n}^3 matmul: median {rate['gflops_median']:.1f} GFLOP/s "
+            f"(best {rate['gflops_best']:.1f}) on {jax.devices()[0].device_kind}"
+        )
+        return {"matmul": rate}
 
     from shortcut_jax import atomic_files
 

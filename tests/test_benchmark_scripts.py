@@ -219,3 +219,13 @@ def test_eval_throughput_rates_inception_fd_mnist_and_sampling(outputs):
     assert sorted(result["sampling"]) == ["1", "2"]
     shares = result["periodic_eval"]
     assert 0 < shares["fd_mnist_share"] < 1 and shares["eval_steps"] == [1, 2]
+
+
+def test_matmul_rate_only_prints_the_rate_and_writes_nothing(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    import matmul_benchmark
+
+    out = tmp_path / "matmul.json"
+    result = matmul_benchmark.main(["--quick", "--rate_only", "--out", str(out)])
+    assert result["matmul"]["gflops_median"] > 0 and not out.exists()
+    assert "GFLOP/s" in capsys.readouterr().out
