@@ -72,7 +72,12 @@ def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
                 if key not in ROW_KEYS and key not in columns:
                     columns.append(key)
     labelled = any(label for label in reports)
-    header = (["run"] if labelled else []) + ["steps", "NFE", "CFG"] + columns + ["sampling s"]
+    header = (
+        (["run"] if labelled else [])
+        + ["steps", "NFE", "CFG"]
+        + columns
+        + ["seconds (sampling + features)"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, report in reports.items():
         for row in report["rows"]:
