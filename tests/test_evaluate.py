@@ -4,7 +4,6 @@ periodic evaluation in the train loop (with the project's FD-MNIST classifier)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import run_module, tiny_mnist_config
+from tiny import run_module, run_on_cpu_devices, tiny_mnist_config
 
 from shortcut_jax import checkpoint, config_lib, train
 from shortcut_jax.evaluators import fd_mnist, features, fid, report, sweep
@@ -100,16 +99,8 @@ def test_features_on_an_eight_device_mesh_equal_one_device():
         print("OK", sharded.shape)
         """
     )
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK (21, 6)" in result.stdout
+    stdout = run_on_cpu_devices(script)
+    assert "OK (21, 6)" in stdout
 
 
 def test_floor_is_small_for_real_halves_and_noise_is_far():

@@ -5,22 +5,18 @@ on an eight-device mesh."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import run_on_cpu_devices
 
 from shortcut_jax import latent_space, sampling
 from shortcut_jax.evaluators import fd_mnist, features, on_device
 from shortcut_jax.models import vae as vae_lib
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_VAE = vae_lib.VaeArch(
     in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4
 )
@@ -206,13 +202,5 @@ def test_fused_features_on_an_eight_device_mesh_equal_the_one_device_composition
         print("OK", got.shape, kept.shape)
         """
     )
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK (21, 6) (18, 8, 8, 3)" in result.stdout
+    stdout = run_on_cpu_devices(script)
+    assert "OK (21, 6) (18, 8, 8, 3)" in stdout

@@ -28,6 +28,28 @@ def run_module(module: str, *args: str, timeout: float = 900) -> subprocess.Comp
     )
 
 
+def run_on_cpu_devices(script: str, devices: int = 8, timeout: float = 600) -> str:
+    """Runs ``python -c script`` from the repository root with `devices` CPU devices.
+
+    Asserts it exits 0 (showing the end of its stderr otherwise) and returns its stdout.
+    """
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def free_port() -> int:
     """A free TCP port on localhost (for a jax.distributed coordinator)."""
     with socket.socket() as sock:
