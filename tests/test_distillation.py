@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import REPO
+from tiny import REPO, run_on_cpu_devices
 
 from shortcut_jax import (
     checkpoint,
@@ -356,21 +354,8 @@ out = jax.jit(run.apply_fn)(run.params, x, t, d, np.zeros(8, np.int32))
 print("RESULT " + json.dumps({{"out": np.asarray(out).tolist(), "checksum": loaded.checksum,
       "specs": specs, "devices": jax.device_count()}}))
 """
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    stdout = run_on_cpu_devices(script, timeout=120)
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
     other = json.loads(line[len("RESULT ") :])
     assert other["devices"] == 8
     assert any("fsdp" in spec for spec in other["specs"]), other["specs"]
