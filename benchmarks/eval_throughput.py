@@ -67,13 +67,13 @@ def time_feature_net(
     jitted = jax.jit(lambda p, x: apply(p, features.quantize(x)))
     compiled = jitted.lower(params, images).compile()
     flops = cost(compiled)["flops"]
-    times = time_calls(lambda: compiled(params, images), reps, warmup=1)
-    median = summarize_times(times)["median_seconds"]
+    seconds = summarize_times(time_calls(lambda: compiled(params, images), reps, warmup=1))
+    median = seconds["median_seconds"]
     achieved = flops / median / 1e9
     return {
         "batch": batch,
         "flops_per_image": flops / batch,
-        "seconds_per_call": summarize_times(times),
+        "seconds_per_call": seconds,
         "images_per_second": batch / median,
         "achieved_gflops": achieved,
         "fraction_of_matmul_rate": achieved / matmul_gflops,

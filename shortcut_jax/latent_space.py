@@ -252,10 +252,7 @@ class PixelDecoder:
             return np.clip(samples, -1.0, 1.0).astype(np.float32)
         from shortcut_jax import sharding
 
-        chunk = self.batch_size
-        if self.mesh is not None:
-            shards = sharding.batch_shards(self.mesh)
-            chunk = -(-chunk // shards) * shards
+        chunk = sharding.round_up_to_shards(self.batch_size, self.mesh)
         outputs = []
         for start in range(0, len(samples), chunk):
             part = samples[start : start + chunk].astype(np.float32)

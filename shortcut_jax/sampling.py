@@ -406,8 +406,7 @@ def sample_batch(
     noise = example_noise(rng, num, shape)
     chunk = num if batch_size is None else min(int(batch_size), num)
     if mesh is not None:
-        shards = sharding.batch_shards(mesh)
-        chunk = -(-chunk // shards) * shards
+        chunk = sharding.round_up_to_shards(chunk, mesh)
         shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
         settings = (
             ("cfg_scale", float(cfg_scale)),

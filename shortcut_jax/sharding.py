@@ -95,6 +95,12 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def round_up_to_shards(size: int, mesh: Mesh | None) -> int:
+    """`size` rounded up to a multiple of the batch shards (unchanged without a mesh)."""
+    shards = 1 if mesh is None else batch_shards(mesh)
+    return -(-int(size) // shards) * shards
+
+
 def mesh_specs(abstract_boxed_state: Any, rules: Any) -> Any:
     """Mesh PartitionSpecs for every leaf of a boxed state (unboxed leaves: replicated)."""
     return nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed_state), rules)

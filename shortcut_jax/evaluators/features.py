@@ -162,7 +162,7 @@ def compute_features(
     num = images.shape[0]
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     chunk = batch_size if batch_size is not None else net.batch_size * shards
-    chunk = -(-min(int(chunk), max(num, 1)) // shards) * shards
+    chunk = sharding.round_up_to_shards(min(int(chunk), max(num, 1)), mesh)
     params = net.params
     if mesh is not None:
         params = jax.device_put(params, sharding.replicated(mesh))

@@ -216,7 +216,7 @@ def sample_features(
             f"{shape} decode to {pixel_shape}: score an image run, or check config.vae"
         )
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
-    chunk = -(-min(int(batch_size), num) // shards) * shards
+    chunk = sharding.round_up_to_shards(min(int(batch_size), num), mesh)
     keep_samples = min(max(int(keep_samples), 0), num)
     static = dict(
         apply_fn=apply_fn,
