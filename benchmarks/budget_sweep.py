@@ -1,0 +1,161 @@
+"""Benchmark: variants of the MNIST default's training budget, trained and scored as a user would.
+
+    python benchmarks/budget_sweep.py --workdir /tmp/sweep \
+        --variant 'lr1e-3:total_steps=7000,optim.learning_rate=1e-3' \
+        --variant 'boot4:total_steps=7000,bootstrap_every=4' --parallel 2
+    python benchmarks/budget_sweep.py --quick --workdir /tmp/sweep_quick   # smoke run
+
+Each variant is `name:field=value,...`: overrides of `experiments/mnist.py` passed to
+`python -m shortcut_jax.main` as `--config.field=value`. Its run is then scored by
+`python -m shortcut_jax.evaluate` (FD-MNIST of `--num` samples at `--steps`, the EMA parameters,
+seed 0, the run's CFG), so every number is what those two commands print for a user.
+
+Per variant the JSON holds the overrides, the training wall time and CPU time of the main
+process, the median train images/s of its log intervals, and the scores. With `--parallel 2`
+two variants train at once on the machine's cores: their quality is unaffected but their wall
+times are not the time of a run alone (`concurrent` records it); time a chosen variant alone.
+Results: benchmarks/results/budget_sweep.json (merged by variant name across invocations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIG = ROOT / "experiments" / "mnist.py"
+QUICK_OVERRIDES = (
+    "total_steps=40,optim.warmup_steps=5,model.hidden_size=32,model.depth=1,model.num_heads=2,"
+    "log_every_steps=10,checkpoint_every_steps=40,sample_every_steps=0,sample_num=8"
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'name:a=1,b.c=2' -> ('name', {'a': '1', 'b.c': '2'})."""
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise ValueError(f"--variant {text!r}: expected 'name:field=value,...'")
+    overrides = {}
+    for part in body.split(","):
+        field, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--variant {text!r}: {part!r} is not field=value")
+        overrides[field.strip()] = value.strip()
+    return name, overrides
+
+
+def images_per_second(train_log: Path) -> float | None:
+    """Median of the `perf/images_per_second` values the run logged, if any."""
+    values = [
+        float(match)
+        for match in re.findall(r"perf/images_per_second=([0-9.eE+-]+)", train_log.read_text())
+    ]
+    return statistics.median(values) if values else None
+
+
+def run_timed(command: list[str], log: Path) -> dict[str, float]:
+    """Runs a command to completion, its output to `log`; wall and CPU seconds of its process."""
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; its output is in {log}")
+    return {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+
+
+def run_variant(
+    name: str, overrides: dict[str, str], args: argparse.Namespace, concurrent: bool
+) -> dict[str, Any]:
+    """Trains one variant with shortcut_jax.main, scores it with shortcut_jax.evaluate."""
+    workdir = Path(args.workdir) / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    all_overrides = {"eval_every_steps": "0", **overrides}
+    train = [sys.executable, "-m", "shortcut_jax.main", f"--config={CONFIG}"]
+    train += [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in all_overrides.items()]
+    print(f"[{name}] training: {' '.join(train[2:])}", flush=True)
+    training = run_timed(train, workdir / "train.log")
+    out = workdir / "scores"
+    evaluate = [sys.executable, "-m", "shortcut_jax.evaluate", f"--workdir={workdir}"]
+    evaluate += [f"--num={args.num}", "--metrics=fd_mnist", f"--steps={args.steps}"]
+    evaluate += [f"--out={out}", f"--cache_dir={Path(args.workdir) / 'reference_cache'}"]
+    print(f"[{name}] scoring", flush=True)
+    scoring = run_timed(evaluate, workdir / "evaluate.log")
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    scores = {
+        str(row["steps"]): {
+            key: row[key] for key in ("fd_mnist", "fd_mnist/precision", "fd_mnist/recall")
+        }
+        for row in rows
+    }
+    result = {
+        "overrides": all_overrides,
+        "concurrent": concurrent,
+        "train": training,
+        "train_images_per_second_median": images_per_second(workdir / "train.log"),
+        "evaluate": scoring,
+        "fd_mnist_by_steps": scores,
+    }
+    print(f"[{name}] {json.dumps(result)}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the variants, merges them into the JSON results file and returns its content."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="where the runs go (outside the repo)")
+    parser.add_argument("--variant", action="append", default=[], help="name:field=value,...")
+    parser.add_argument("--parallel", type=int, default=1, help="variants trained at once")
+    parser.add_argument("--num", type=int, default=1000, help="samples per step budget")
+    parser.add_argument("--steps", default="1,128", help="step budgets scored")
+    parser.add_argument("--quick", action="store_true", help="one tiny variant (smoke run)")
+    parser.add_argument("--out", default=str(RESULTS / "budget_sweep.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.variant = [f"quick:{QUICK_OVERRIDES}"]
+        args.num, args.steps = 16, "1,2"
+    variants = dict(parse_variant(text) for text in args.variant)
+    if not variants:
+        parser.error("give at least one --variant (or --quick)")
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        futures = {
+            name: pool.submit(run_variant, name, overrides, args, args.parallel > 1)
+            for name, overrides in variants.items()
+        }
+        results = {name: future.result() for name, future in futures.items()}
+    output: dict[str, Any] = {"variants": {}}
+    if os.path.exists(args.out) and not args.quick:
+        output = json.loads(Path(args.out).read_text())
+    output["variants"].update(results)
+    output.setdefault("runs", []).append(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "variants": list(variants),
+            "parallel": args.parallel,
+            "load_average_at_end": list(os.getloadavg()),
+        }
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w", encoding="utf-8") as file:
+        json.dump(output, file, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
