@@ -10,10 +10,12 @@ Each variant is `name:field=value,...`: overrides of `experiments/mnist.py` pass
 `python -m shortcut_jax.evaluate` (FD-MNIST of `--num` samples at `--steps`, the EMA parameters,
 seed 0, the run's CFG), so every number is what those two commands print for a user.
 
-Per variant the JSON holds the overrides, the training wall time and CPU time of the main
-process, the median train images/s of its log intervals, and the scores. With `--parallel 2`
-two variants train at once on the machine's cores: their quality is unaffected but their wall
-times are not the time of a run alone (`concurrent` records it); time a chosen variant alone.
+Periodic evaluation is off (`eval_every_steps=0`) unless a variant sets it, as a timed run of the
+shipped config does. Per variant the JSON holds the overrides, the training wall time, CPU time and
+peak resident memory of the main process, the median train images/s of its log intervals, and the
+scores. With `--parallel 2` two variants train at once on the machine's cores: their quality is
+unaffected but their wall times are not the time of a run alone (`concurrent` records it); time
+a chosen variant alone.
 Results: benchmarks/results/budget_sweep.json (merged by variant name across invocations).
 """
 
@@ -65,7 +67,7 @@ def images_per_second(train_log: Path) -> float | None:
 
 
 def run_timed(command: list[str], log: Path) -> dict[str, float]:
-    """Runs a command to completion, its output to `log`; wall and CPU seconds of its process."""
+    """Runs a command to completion, its output to `log`; its wall and CPU seconds and peak RSS."""
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -73,7 +75,11 @@ def run_timed(command: list[str], log: Path) -> dict[str, float]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed; its output is in {log}")
-    return {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+    }
 
 
 def run_variant(

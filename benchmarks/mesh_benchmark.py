@@ -44,6 +44,8 @@ MESHES: dict[str, tuple[int, dict[str, int]]] = {
     "fsdp=8": (8, {"data": 1, "fsdp": 8, "tensor": 1}),
     "data=2 x fsdp=4": (8, {"data": 2, "fsdp": 4, "tensor": 1}),
     "data=4 x tensor=2": (8, {"data": 4, "fsdp": 1, "tensor": 2}),
+    # One device per core: can data parallelism use the cores one program leaves idle?
+    "data=2 of 2 devices": (2, {"data": 2, "fsdp": 1, "tensor": 1}),
 }
 BASELINE = "1 device"
 
@@ -171,6 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--meshes", default=",".join(MESHES), help="subset of mesh names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mesh process")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds over the meshes, order reversed every other round (each mesh's first round "
+        "is its main result; every round's median step and CPU time are in its `rounds`)",
+    )
+    parser.add_argument(
         "--glibc_malloc_defaults",
         action="store_true",
         help="workers run without shortcut_jax's malloc tuning (per-step page faults come back)",
@@ -190,21 +199,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     load_at_start = list(os.getloadavg())
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        devices, sizes = MESHES[name]
-        results[name] = run_worker(
-            name, devices, sizes, steps, args.quick, args.timeout, not args.glibc_malloc_defaults
-        )
-        result = results[name]
-        print(
-            f"[{time.perf_counter() - started:6.1f} s] {name:18s} compile "
-            f"{result['compile_seconds']:6.2f} s  step "
-            f"{1e3 * result['step_seconds']['median_seconds']:7.2f} ms  "
-            f"temp {result['memory_per_device'].get('temp_bytes', 0) / 2**20:7.2f} MiB  "
-            f"args {result['memory_per_device'].get('argument_bytes', 0) / 2**20:6.2f} MiB  "
-            f"faults/step {result['per_step_os']['minor_page_faults']:8.0f}",
-            flush=True,
-        )
+    malloc_tuning = not args.glibc_malloc_defaults
+    for round_index in range(max(1, args.rounds)):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            devices, sizes = MESHES[name]
+            result = run_worker(
+                name, devices, sizes, steps, args.quick, args.timeout, malloc_tuning
+            )
+            rounds = results.setdefault(name, result).setdefault("rounds", [])
+            rounds.append(
+                {
+                    "step_seconds_median": result["step_seconds"]["median_seconds"],
+                    "cpu_seconds_per_step": result["per_step_os"]["user_cpu_seconds"]
+                    + result["per_step_os"]["system_cpu_seconds"],
+                }
+            )
+            print(
+                f"[{time.perf_counter() - started:6.1f} s] round {round_index + 1} {name:18s} "
+                f"compile {result['compile_seconds']:6.2f} s  step "
+                f"{1e3 * result['step_seconds']['median_seconds']:7.2f} ms  "
+                f"temp {result['memory_per_device'].get('temp_bytes', 0) / 2**20:7.2f} MiB  "
+                f"args {result['memory_per_device'].get('argument_bytes', 0) / 2**20:6.2f} MiB  "
+                f"faults/step {result['per_step_os']['minor_page_faults']:8.0f}  "
+                f"CPU s/step {result['per_step_os']['user_cpu_seconds']:.3f}",
+                flush=True,
+            )
     relative(results)
     output = {
         "meta": {
@@ -212,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "quick": args.quick,
             "steps_timed": steps,
+            "rounds": max(1, args.rounds),
             "malloc_tuned": not args.glibc_malloc_defaults,
             "load_average_1_5_15_min_at_start": load_at_start,
             "load_average_1_5_15_min_at_end": list(os.getloadavg()),

@@ -178,6 +178,9 @@ def test_mesh_benchmark_reports_each_mesh_relative_to_one_device(outputs):
             assert mesh["memory_per_device"][key] > 0
         assert mesh["memory_per_device"]["generated_code_bytes"] >= 0  # 0 on the CPU client
         assert mesh["relative_to_1_device"]["step_seconds_median"] > 0
+        assert [r["step_seconds_median"] for r in mesh["rounds"]] == [
+            mesh["step_seconds"]["median_seconds"]
+        ]
     assert meshes["1 device"]["relative_to_1_device"]["compile_seconds"] == pytest.approx(1.0)
     # FSDP over 4 devices holds about a quarter of the parameters per device.
     assert (
