@@ -66,6 +66,16 @@ def images_per_second(train_log: Path) -> float | None:
     return statistics.median(values) if values else None
 
 
+def config_commit() -> str:
+    """The commit the base config was read at, with '+changes' when it differs from it."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    command = ["git", "status", "--porcelain", "--", str(CONFIG)]
+    status = subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+changes" if status else "")
+
+
 def run_timed(command: list[str], log: Path) -> dict[str, float]:
     """Runs a command to completion, its output to `log`; its wall and CPU seconds and peak RSS."""
     start = time.perf_counter()
@@ -107,6 +117,7 @@ def run_variant(
         for row in rows
     }
     result = {
+        "base_config": f"experiments/mnist.py of commit {config_commit()}",
         "overrides": all_overrides,
         "concurrent": concurrent,
         "train": training,
