@@ -742,7 +742,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup < 1:
         parser.error(f"--warmup={args.warmup}: must be at least 1 (the first step compiles)")
     try:
-        args.cases = parse_cases(args.batch_sizes, args.conditional, args.unconditional)
+        bootstrap_every = int(our_config(DEFAULT_CASES[0]).bootstrap_every)
+        args.cases = parse_cases(
+            args.batch_sizes, args.conditional, args.unconditional, bootstrap_every
+        )
         check_official_dir(args.official_dir)
     except ValueError as error:
         parser.error(str(error))
