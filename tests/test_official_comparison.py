@@ -65,13 +65,14 @@ def test_a_batch_size_that_is_not_a_multiple_of_8_is_one_error(sizes):
 
 def test_official_flags_build_our_mnist_default():
     case = oc.Case(True, 32)
-    flags = oc.official_flags(oc.our_config(case), case)
+    config = oc.our_config(case)
+    flags = oc.official_flags(config, case)
     model = flags["model"]
     assert flags["batch_size"] == 32 and flags["image_shape"] == [28, 28, 1]
     assert (model["hidden_size"], model["depth"], model["num_heads"]) == (128, 4, 4)
     assert (model["patch_size"], model["mlp_ratio"]) == (4, 4.0)
-    assert (model["lr"], model["weight_decay"]) == (5e-4, 0.1)
-    assert (model["bootstrap_every"], model["denoise_timesteps"]) == (8, 128)
+    assert (model["lr"], model["weight_decay"]) == (config.optim.learning_rate, 0.1) == (2e-3, 0.1)
+    assert (model["bootstrap_every"], model["denoise_timesteps"]) == (4, 128)
     assert model["num_classes"] == 10 and model["cfg_scale"] != 0  # cfg_scale 0 = unconditional
     assert model["use_stable_vae"] == 0 and model["train_type"] == "shortcut"
 
