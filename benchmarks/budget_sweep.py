@@ -131,6 +131,9 @@ def run_variant(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the variants, merges them into the JSON results file and returns its content."""
+    sys.path.insert(0, str(ROOT))
+    from shortcut_jax import atomic_files
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="where the runs go (outside the repo)")
     parser.add_argument("--variant", action="append", default=[], help="name:field=value,...")
@@ -165,11 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "load_average_at_end": list(os.getloadavg()),
         }
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w", encoding="utf-8") as file:
-        json.dump(output, file, indent=2)
-    os.replace(tmp, args.out)
+    atomic_files.write_json(args.out, output)
     print(f"wrote {args.out}")
     return output
 

@@ -200,18 +200,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_at_start = list(os.getloadavg())
     results: dict[str, dict[str, Any]] = {}
     malloc_tuning = not args.glibc_malloc_defaults
-    for round_index in range(max(1, args.rounds)):
+    num_rounds = max(1, args.rounds)
+    for round_index in range(num_rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
             devices, sizes = MESHES[name]
             result = run_worker(
                 name, devices, sizes, steps, args.quick, args.timeout, malloc_tuning
             )
+            usage = result["per_step_os"]
+            cpu_seconds = usage["user_cpu_seconds"] + usage["system_cpu_seconds"]
             rounds = results.setdefault(name, result).setdefault("rounds", [])
             rounds.append(
                 {
                     "step_seconds_median": result["step_seconds"]["median_seconds"],
-                    "cpu_seconds_per_step": result["per_step_os"]["user_cpu_seconds"]
-                    + result["per_step_os"]["system_cpu_seconds"],
+                    "cpu_seconds_per_step": cpu_seconds,
                 }
             )
             print(
@@ -220,8 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{1e3 * result['step_seconds']['median_seconds']:7.2f} ms  "
                 f"temp {result['memory_per_device'].get('temp_bytes', 0) / 2**20:7.2f} MiB  "
                 f"args {result['memory_per_device'].get('argument_bytes', 0) / 2**20:6.2f} MiB  "
-                f"faults/step {result['per_step_os']['minor_page_faults']:8.0f}  "
-                f"CPU s/step {result['per_step_os']['user_cpu_seconds']:.3f}",
+                f"faults/step {usage['minor_page_faults']:8.0f}  CPU s/step {cpu_seconds:.3f}",
                 flush=True,
             )
     relative(results)
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "quick": args.quick,
             "steps_timed": steps,
-            "rounds": max(1, args.rounds),
+            "rounds": num_rounds,
             "malloc_tuned": not args.glibc_malloc_defaults,
             "load_average_1_5_15_min_at_start": load_at_start,
             "load_average_1_5_15_min_at_end": list(os.getloadavg()),
