@@ -1,4 +1,4 @@
-"""Install shortcut_jax: `pip install -e .` (add `[test]` for the test suite)."""
+"""Install shortcut_jax: `pip install -e .` (`[test]`: the test suite; `[tpu]`: TPU VMs)."""
 
 from pathlib import Path
 
@@ -46,6 +46,11 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
         ],
+        # A TPU VM (`pip install -e ".[tpu]"`), and the TPU compiler for `python -m
+        # shortcut_jax.compile`, which compiles for a TPU topology on any CPU machine. The range
+        # is install_requires' jax range: jax[tpu] pins its matching libtpu (jax 0.10.2 pins
+        # libtpu 0.0.42.*).
+        "tpu": ["jax[tpu]>=0.6,<0.11"],
         # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build;
         # >= 2.6 because weights_only loading had a code-execution bypass before it.
         "convert": ["torch>=2.6"],
