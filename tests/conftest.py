@@ -1,4 +1,4 @@
-"""Test setup: CPU only, a persistent compilation cache, and quiet TensorFlow."""
+"""Test setup: CPU only, a persistent compilation cache, quiet TensorFlow; shared fixtures."""
 
 import os
 
@@ -6,8 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/shortcut_jax_jit"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# libtpu lets one process per machine load it (it holds /tmp/libtpu_lockfile); a second one fails
+# with "Internal error when accessing libtpu multi-process lockfile". Compiling for a TPU topology
+# uses no TPU chip, so the tests (and the subprocesses they start, which inherit this) may share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import importlib.util  # noqa: E402
+import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -70,3 +75,49 @@ def converted(source, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("inception") / "inception_fid.npz")
     assert convert_inception.main(["--from", source, "--out", out]) == 0
     return out
+
+
+# --- The TPU compiler (libtpu): TPU programs compiled on this CPU machine -----------------------
+
+_TPU_HOW = 'pip install -e ".[tpu]" (jax[tpu]: the libtpu wheel matching jax)'
+
+
+def _tpu_compiler_unavailable(reason: str):
+    """Skips, or fails when CI requires TPU compiling (SHORTCUT_JAX_REQUIRE_TPU_COMPILE=1)."""
+    if os.environ.get("SHORTCUT_JAX_REQUIRE_TPU_COMPILE") == "1":
+        pytest.fail(f"{reason} (SHORTCUT_JAX_REQUIRE_TPU_COMPILE=1); install it: {_TPU_HOW}")
+    pytest.skip(f"{reason}; to run: {_TPU_HOW}")
+
+
+@pytest.fixture(scope="session")
+def tpu_compiler():
+    """`jax.experimental.topologies`, once libtpu has compiled a program for a v5e:2x2 slice here.
+
+    Skips when libtpu is not installed (or cannot compile), and fails instead when
+    SHORTCUT_JAX_REQUIRE_TPU_COMPILE=1 (CI). Use `tpu_compiler.get_topology_desc(
+    topology_name="v5e:2x2", platform="tpu").devices` for a slice's devices.
+    """
+    if importlib.util.find_spec("libtpu") is None:
+        _tpu_compiler_unavailable("libtpu is not installed")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    try:
+        devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+        mesh = Mesh(devices, ("data",))
+        batch = jax.ShapeDtypeStruct(
+            (8, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("data"))
+        )
+        with warnings.catch_warnings():  # a compile-only client cannot load cached executables
+            warnings.filterwarnings("ignore", "Error reading persistent compilation cache")
+            jax.jit(lambda x: (x @ x.T).sum()).lower(batch).compile()
+    except Exception as error:  # any libtpu failure means "no TPU compiler here"
+        reason = f"libtpu cannot compile for v5e:2x2: {type(error).__name__}: {error}"
+        if "lockfile" in str(error):
+            reason += " (another process holds libtpu: set ALLOW_MULTIPLE_LIBTPU_LOAD=1)"
+        _tpu_compiler_unavailable(reason)
+    if len(devices) != 4 or {device.platform for device in devices} != {"tpu"}:
+        _tpu_compiler_unavailable(f"v5e:2x2 gave {len(devices)} devices {devices}, expected 4 TPU")
+    return topologies
