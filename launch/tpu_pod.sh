@@ -6,8 +6,10 @@
 #       --workdir gs://MY_BUCKET/runs/imagenet256 --tail -- --config.total_steps=400000
 #
 # Steps: create (or --reuse) the TPU; put the code on every worker (git clone/pull of --repo, or
-# --copy of this checkout) and pip install it with jax[tpu] into a venv; start
-# `python -m shortcut_jax.main --distributed` on all workers at once under nohup; optionally
+# --copy of this checkout) and pip install it with its tpu extra (jax[tpu]) into a venv; check on
+# worker 0 that the run's programs compile and fit the chips' memory (`python -m
+# shortcut_jax.compile`, compile-only, on the CPU); start `python -m shortcut_jax.main
+# --distributed` on all workers at once under nohup; optionally
 # follow worker 0's log (--tail) and delete the TPU when training ends (--delete-after).
 # --dry-run prints every command (one per line, prefixed with "+ ") and runs none.
 # Rerunning the same command with --reuse resumes from the newest checkpoint in --workdir.
@@ -22,7 +24,10 @@ usage() {
 Usage: $PROG --name NAME --zone ZONE --accelerator-type TYPE (--repo URL | --copy)
            --config FILE --workdir gs://BUCKET/PATH [options] [-- MAIN_ARGS...]
 
-Create (or reuse) a Cloud TPU VM / pod slice, install shortcut_jax on every worker, and run
+Create (or reuse) a Cloud TPU VM / pod slice, install shortcut_jax on every worker, check on
+worker 0 that the run fits the slice
+  JAX_PLATFORMS=cpu python -m shortcut_jax.compile --config FILE --topology TYPE --config.*...
+and run
   python -m shortcut_jax.main --config FILE --workdir gs://... --distributed MAIN_ARGS...
 on all workers at once (jax.distributed.initialize() finds the other workers by itself).
 
@@ -62,8 +67,17 @@ Training:
                              Every worker writes its checkpoint shards there, so it must be a
                              GCS bucket path that all workers share
   --allow-local-workdir      accept a local path anyway (only sound on a single-host TPU VM)
-  --env NAME=VALUE           export NAME=VALUE for the training process (repeatable),
+  --env NAME=VALUE           export NAME=VALUE for training and the compile check (repeatable),
                              e.g. --env JAX_COMPILATION_CACHE_DIR=gs://MY_BUCKET/jax_cache
+  --skip-compile-check       do not run the compile check [TPU_SKIP_COMPILE_CHECK=1]. By default,
+                             after the install and before training, worker 0 compiles the run's
+                             programs for the slice (python -m shortcut_jax.compile --topology
+                             TYPE with the --config.* arguments of MAIN_ARGS and the --env
+                             variables; JAX_PLATFORMS=cpu, so libtpu compiles without taking the
+                             TPU chips). If a program does not fit the chips' memory (exit 1) or
+                             the check rejects its input (exit 2), training is not started, the
+                             TPU is kept, and the script exits with that status. With --reuse and
+                             no --accelerator-type, TYPE comes from 'tpu-vm describe'
   -- MAIN_ARGS...            everything after -- is passed to shortcut_jax.main, e.g.
                              -- --config.total_steps=400000 --config.data.data_dir=gs://B/tfds
 
@@ -151,6 +165,7 @@ SPOT=$(as_bool "${TPU_SPOT:-0}")
 REUSE=$(as_bool "${TPU_REUSE:-0}")
 DELETE_AFTER=$(as_bool "${TPU_DELETE_AFTER:-0}")
 TAIL=$(as_bool "${TPU_TAIL:-0}")
+SKIP_COMPILE_CHECK=$(as_bool "${TPU_SKIP_COMPILE_CHECK:-0}")
 REPO=${SHORTCUT_REPO:-}
 BRANCH=${SHORTCUT_BRANCH:-}
 COPY=0
@@ -218,6 +233,7 @@ while (($#)); do
     --copy) COPY=1 && shift ;;
     --skip-install) SKIP_INSTALL=1 && shift ;;
     --allow-local-workdir) ALLOW_LOCAL_WORKDIR=1 && shift ;;
+    --skip-compile-check) SKIP_COMPILE_CHECK=1 && shift ;;
     --dry-run) DRY_RUN=1 && shift ;;
     --)
       shift
@@ -338,6 +354,76 @@ fi
 train_line+="$VENV_PYTHON -m shortcut_jax.main "
 train_line+=$(shell_join --config "$CONFIG" --workdir "$WORKDIR" --distributed \
   ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
+
+# The compile check on worker 0: the run's programs compiled for the slice by libtpu's compile-only
+# client, on the CPU (JAX_PLATFORMS=cpu keeps the TPU chips free for training). It gets the
+# --env variables (XLA or libtpu flags change what fits), not the persistent compilation cache,
+# and the --config.* overrides among MAIN_ARGS ("--config.x=v", or "--config.x v").
+COMPILE_OVERRIDES=()
+for ((index = 0; index < ${#MAIN_ARGS[@]}; index++)); do
+  word=${MAIN_ARGS[index]}
+  [[ $word == --config.?* ]] || continue
+  COMPILE_OVERRIDES+=("$word")
+  next=${MAIN_ARGS[index + 1]:-}
+  if [[ $word != *=* && -n $next && $next != -* ]]; then
+    COMPILE_OVERRIDES+=("$next")
+    index=$((index + 1))
+  fi
+done
+compile_command() {
+  local topology=$1 line=""
+  if ((${#ENV_VARS[@]})); then
+    line="$(shell_join "${ENV_VARS[@]}") "
+  fi
+  line+="JAX_PLATFORMS=cpu JAX_ENABLE_COMPILATION_CACHE=false $VENV_PYTHON -m shortcut_jax.compile "
+  line+=$(shell_join --config "$CONFIG" --topology "$topology" \
+    ${COMPILE_OVERRIDES[@]+"${COMPILE_OVERRIDES[@]}"})
+  # Status 3 when the code is missing or training is running: never taken for "does not fit".
+  printf '%s' "cd $CODE_DIR || exit 3; ${RUNNING_CHECK/exit 1/exit 3}; env $line"
+}
+
+# With --reuse and no --accelerator-type: the TPU's type, from describe (the topology of the check).
+find_accelerator_type() {
+  local describe=(gcloud compute tpus tpu-vm describe "$NAME" "${GCLOUD_LOCATION[@]}"
+    --format 'value(acceleratorType)')
+  if ((DRY_RUN)); then
+    echo "# --accelerator-type not given: the compile check takes the TPU's type from describe"
+    run "${describe[@]}"
+    ACCELERATOR_TYPE=ACCELERATOR_TYPE_FROM_DESCRIBE
+    return
+  fi
+  ACCELERATOR_TYPE=$(run "${describe[@]}") || ACCELERATOR_TYPE=""
+  [[ -n $ACCELERATOR_TYPE ]] ||
+    die "the compile check needs the TPU's accelerator type, and describe did not give it" \
+      "pass --accelerator-type TYPE (e.g. v4-32), or --skip-compile-check"
+  note "the compile check uses the TPU's accelerator type $ACCELERATOR_TYPE"
+}
+
+compile_check() {
+  [[ -n $ACCELERATOR_TYPE ]] || find_accelerator_type
+  local status=0
+  run "${SSH[@]}" --worker=0 --command "$(compile_command "$ACCELERATOR_TYPE")" || status=$?
+  ((DRY_RUN || status == 0)) && return
+  case $status in
+    1)
+      echo "$PROG: error: the compile check on worker 0 exited 1: the run does not fit" \
+        "$ACCELERATOR_TYPE (the lines above name each program over the chips' memory, by how" \
+        "much, and what would help; a traceback there instead means the check itself failed)." \
+        "Training was not started." >&2
+      ;;
+    2)
+      echo "$PROG: error: the compile check on worker 0 rejected its input (exit 2; its message" \
+        "above names the config, an override or the topology $ACCELERATOR_TYPE)." \
+        "Training was not started." >&2
+      ;;
+    *)
+      echo "$PROG: error: the compile check on worker 0 did not run or failed (status $status;" \
+        "see above). Training was not started." >&2
+      ;;
+  esac
+  note "fix the config or the slice and rerun with --reuse; --skip-compile-check trains unchecked"
+  exit "$status"
+}
 
 create_tpu() {
   TPU_CREATED=1
@@ -481,7 +567,7 @@ install_command() {
     "[ -x $VENV_PYTHON ] || $python -m venv $VENV_DIR; " \
     "$code_step; " \
     "$VENV_PYTHON -m pip install -q -U pip; " \
-    "$VENV_PYTHON -m pip install -q -e $CODE_DIR 'jax[tpu]'$find_links"
+    "$VENV_PYTHON -m pip install -q -e $CODE_DIR'[tpu]'$find_links"
 }
 
 launch_command() {
@@ -556,22 +642,29 @@ if ((SKIP_INSTALL)); then
       "rerun without --skip-install, with --repo URL or --copy"
   fi
 else
-  echo "# 2. put the code on every worker and install it with jax[tpu]"
+  echo "# 2. put the code on every worker and install it with its tpu extra (jax[tpu])"
   ((COPY)) && copy_code
   run "${SSH[@]}" --worker=all --command "$(install_command)"
 fi
 
-echo "# 3. start training on all workers at once"
+if ((SKIP_COMPILE_CHECK)); then
+  echo "# 3. --skip-compile-check: not checking that the run fits the TPU"
+else
+  echo "# 3. check on worker 0 that the run's programs compile and fit the TPU (on its CPU)"
+  compile_check
+fi
+
+echo "# 4. start training on all workers at once"
 run "${SSH[@]}" --worker=all --command "$(launch_command)"
 
 TAIL_CMD="tail --pid=\"\$(cat $PID_FILE)\" -n 200 -F $LOG_FILE"
 if ((TAIL)); then
-  echo "# 4. follow worker 0's log until training ends"
+  echo "# 5. follow worker 0's log until training ends"
   run "${SSH[@]}" --worker=0 --command "$TAIL_CMD" || note "log stream ended: $?"
 fi
 
 if ((DELETE_AFTER)); then
-  echo "# 5. wait for training to end, then delete the TPU"
+  echo "# 6. wait for training to end, then delete the TPU"
   status=1
   if wait_for_all_workers; then
     if ((DRY_RUN)); then

@@ -43,11 +43,15 @@ echo "fake $(basename "$0") must not be called" >&2
 exit 97
 """
 
-# Answers like gcloud: describe prints $FAKE_TPU_STATE (fails if empty), exit_code prints 3.
+# Answers like gcloud: describe prints $FAKE_TPU_STATE (fails if empty), or for the accelerator
+# type $FAKE_ACCELERATOR_TYPE; the compile check prints a table and exits $FAKE_COMPILE_STATUS
+# (default 0); exit_code prints 3.
 RECORDING_GCLOUD = """#!/bin/bash
 printf '%s\\n' "$*" >> "{log}"
 case "$*" in
+  *" describe "*acceleratorType*) echo "${{FAKE_ACCELERATOR_TYPE:-}}"; exit 0 ;;
   *" describe "*) [ -n "${{FAKE_TPU_STATE:-}}" ] && echo "$FAKE_TPU_STATE" && exit 0; exit 1 ;;
+  *"shortcut_jax.compile"*) echo "fake compile table"; exit "${{FAKE_COMPILE_STATUS:-0}}" ;;
   *"shortcut_jax_logs/exit_code"*) echo 3 ;;
 esac
 exit 0
@@ -103,6 +107,14 @@ def _commands(stdout: str) -> list[str]:
     return [line[2:] for line in stdout.splitlines() if line.startswith("+ ")]
 
 
+def _remote_command(printed: str) -> str:
+    """`gcloud ... --command CMD` as printed by a dry run -> CMD, unquoted as a shell would."""
+    extract = f'last() {{ for a; do l=$a; done; printf %s "$l"; }}; last {printed.split(" ", 1)[1]}'
+    return subprocess.run(
+        ["bash", "-c", extract], capture_output=True, text=True, check=True
+    ).stdout
+
+
 # ------------------------------------------------------------------ all scripts
 
 
@@ -140,6 +152,8 @@ TPU_OPTIONS = [
     "--allow-local-workdir",
     "--env",
     "--tail",
+    "--skip-compile-check",
+    "TPU_SKIP_COMPILE_CHECK",
     "--dry-run",
     "--help",
     "LIBTPU_FIND_LINKS",
@@ -188,7 +202,7 @@ def test_tpu_dry_run_prints_create_copy_install_train_tail_and_delete(failing_to
     )
     assert result.returncode == 0, result.stderr
     commands = _commands(result.stdout)
-    create, tar, scp, install, train, tail, wait, exit_code, delete = commands
+    create, tar, scp, install, check, train, tail, wait, exit_code, delete = commands
 
     assert create.startswith("gcloud compute tpus tpu-vm create shortcut-v4")
     assert "--zone us-central2-b" in create and "--accelerator-type v4-32" in create
@@ -197,9 +211,10 @@ def test_tpu_dry_run_prints_create_copy_install_train_tail_and_delete(failing_to
     assert scp.startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in scp
     assert install.startswith("gcloud compute tpus tpu-vm ssh shortcut-v4 --zone us-central2-b")
     assert "--worker=all" in install
-    assert 'pip install -q -e "$HOME/shortcut_jax"' in install and "jax[tpu]" in install
+    assert "pip install -q -e \"$HOME/shortcut_jax\"'[tpu]'" in _remote_command(install)
     assert 'rm -rf "$HOME/shortcut_jax" && mkdir -p "$HOME/shortcut_jax"' in install
     assert "https://" not in install  # libtpu comes from PyPI unless LIBTPU_FIND_LINKS is set
+    assert "--worker=0" in check and "-m shortcut_jax.compile" in check
     assert "--worker=all" in train and "nohup" in train
     for piece in (
         '"$HOME/shortcut_jax_venv/bin/python" -m shortcut_jax.main',
@@ -220,7 +235,7 @@ def test_tpu_dry_run_without_delete_after_never_deletes(failing_tools):
     result = _dry_run(TPU, [*TPU_ARGS, "--repo", "https://example.com/r.git"], failing_tools)
     assert result.returncode == 0, result.stderr
     commands = _commands(result.stdout)
-    assert len(commands) == 3  # create, install, train
+    assert len(commands) == 4  # create, install, compile check, train
     assert not any("delete" in command for command in commands)
     assert 'rm -rf "$HOME/shortcut_jax" && git clone -q https://example.com/r.git' in commands[1]
 
@@ -342,11 +357,12 @@ def test_tpu_quotes_remote_paths_and_accepts_absolute_ones(failing_tools):
         REMOTE_LOG_DIR="./logs",
     )
     assert result.returncode == 0, result.stderr
-    _, scp, install, train = _commands(result.stdout)[1:]
+    _, scp, install, check, train = _commands(result.stdout)[1:]
     assert scp.split()[6] == "shortcut-v4:code.tar.gz"
     assert 'rm -rf "/opt/shortcut/code" && mkdir -p "/opt/shortcut/code"' in install
     assert 'tar -xzf "$HOME/code.tar.gz" -C "/opt/shortcut/code"' in install
     assert '>> "$HOME/logs/train.log"' in train and 'cd "/opt/shortcut/code"' in train
+    assert 'cd "/opt/shortcut/code"' in check
 
 
 def test_tpu_training_arguments_survive_the_remote_shell(failing_tools, tmp_path):
@@ -368,13 +384,10 @@ def test_tpu_training_arguments_survive_the_remote_shell(failing_tools, tmp_path
         "python",
         '#!/bin/sh\necho "MY_FLAG=$MY_FLAG"\nfor a; do echo "ARG=$a"; done\nexit 3\n',
     )
-    # `gcloud ... --command CMD` -> CMD, through the same quoting a real shell applies.
-    extract = (
-        f'last() {{ for a; do l=$a; done; printf %s "$l"; }}; last {train_line.split(" ", 1)[1]}'
-    )
-    remote = subprocess.run(["bash", "-c", extract], capture_output=True, text=True, check=True)
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    launched = subprocess.run(["bash", "-c", remote.stdout], env=env, capture_output=True)
+    launched = subprocess.run(
+        ["bash", "-c", _remote_command(train_line)], env=env, capture_output=True
+    )
     assert launched.returncode == 0, launched.stderr
 
     exit_code = home / "shortcut_jax_logs" / "exit_code"
@@ -406,12 +419,8 @@ def test_tpu_stop_by_train_pid_forwards_sigterm_and_records_the_exit_status(
         "#!/bin/sh\ntrap 'echo saved at SIGTERM; exit 0' TERM\necho training\n"
         "while true; do sleep 0.05; done\n",
     )
-    extract = (
-        f'last() {{ for a; do l=$a; done; printf %s "$l"; }}; last {train_line.split(" ", 1)[1]}'
-    )
-    remote = subprocess.run(["bash", "-c", extract], capture_output=True, text=True, check=True)
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    assert subprocess.run(["bash", "-c", remote.stdout], env=env).returncode == 0
+    assert subprocess.run(["bash", "-c", _remote_command(train_line)], env=env).returncode == 0
     try:
         _stop_by_train_pid(home / "shortcut_jax_logs")
     finally:  # never leave the stand-in running (it would outlive a failed test)
@@ -455,7 +464,8 @@ def test_tpu_real_run_calls_gcloud_in_order_and_exits_with_the_training_status(t
     result = _run(TPU, args, _clean_env(bin_dir, TMPDIR=str(tmp_path)))
     assert result.returncode == 3, result.stderr  # worker 0's exit_code
     calls = log.read_text().splitlines()
-    steps = ["tpu-vm create", "tpu-vm scp", "pip install", "nohup", "tail", "kill -0"]
+    steps = ["tpu-vm create", "tpu-vm scp", "pip install", "shortcut_jax.compile", "nohup"]
+    steps += ["tail", "kill -0"]
     steps += ["exit_code", "tpu-vm delete"]
     assert len(calls) == len(steps)
     for call, step in zip(calls, steps, strict=True):
@@ -466,9 +476,12 @@ def test_tpu_real_run_calls_gcloud_in_order_and_exits_with_the_training_status(t
 @pytest.mark.parametrize(
     ("state", "expected"),
     [
-        ("READY", ["describe", "pip install", "nohup"]),
-        ("PREEMPTED", ["describe", "tpu-vm delete", "tpu-vm create", "pip install", "nohup"]),
-        ("", ["describe", "tpu-vm create", "pip install", "nohup"]),
+        ("READY", ["describe", "pip install", "compile", "nohup"]),
+        (
+            "PREEMPTED",
+            ["describe", "tpu-vm delete", "tpu-vm create", "pip install", "compile", "nohup"],
+        ),
+        ("", ["describe", "tpu-vm create", "pip install", "compile", "nohup"]),
     ],
     ids=["ready", "preempted", "missing"],
 )
@@ -491,6 +504,133 @@ def test_tpu_failure_before_training_keeps_the_tpu_and_prints_the_delete_command
     assert result.returncode == 5
     assert "the TPU shortcut-v4 is kept" in result.stderr
     assert "gcloud compute tpus tpu-vm delete shortcut-v4 --zone us-central2-b" in result.stderr
+
+
+# ------------------------------------------------------------------ TPU pods: the compile check
+
+
+def test_tpu_compile_check_runs_on_worker_0_after_install_and_before_training(failing_tools):
+    main_args = ["--config.total_steps=1000", "--config.model.preset", "DiT-XL/2"]
+    main_args += ["--jax_log_compiles", "--config.data.data_dir=gs://b/tfds"]
+    args = [*TPU_ARGS[:-3], "experiments/imagenet256.py:xl", *TPU_ARGS[-2:], "--copy"]
+    result = _dry_run(TPU, [*args, "--env", "XLA_FLAGS=--x", "--", *main_args], failing_tools)
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    install = next(i for i, command in enumerate(commands) if "pip install" in command)
+    check = next(i for i, command in enumerate(commands) if "shortcut_jax.compile" in command)
+    train = next(i for i, command in enumerate(commands) if "shortcut_jax.main" in command)
+    assert install < check < train
+    assert commands[check].startswith("gcloud compute tpus tpu-vm ssh shortcut-v4 --zone")
+    assert "--worker=0" in commands[check]
+    remote = _remote_command(commands[check])
+    expected = (
+        "env XLA_FLAGS=--x JAX_PLATFORMS=cpu JAX_ENABLE_COMPILATION_CACHE=false "
+        '"$HOME/shortcut_jax_venv/bin/python" -m shortcut_jax.compile '
+        "--config experiments/imagenet256.py:xl --topology v4-32 --config.total_steps=1000 "
+        "--config.model.preset DiT-XL/2 --config.data.data_dir=gs://b/tfds"
+    )
+    assert remote.endswith(expected), remote
+    assert remote.startswith('cd "$HOME/shortcut_jax" || exit 3;')
+    assert "--jax_log_compiles" in commands[train]  # for training only
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_tpu_skip_compile_check_removes_it(failing_tools, how):
+    args = [*TPU_ARGS, "--copy"] + (["--skip-compile-check"] if how == "flag" else [])
+    extra = {"TPU_SKIP_COMPILE_CHECK": "1"} if how == "env" else {}
+    result = _dry_run(TPU, args, failing_tools, **extra)
+    assert result.returncode == 0, result.stderr
+    assert "shortcut_jax.compile" not in result.stdout
+    assert "# 3. --skip-compile-check" in result.stdout
+    assert "shortcut_jax.main" in _commands(result.stdout)[-1]
+
+
+def test_tpu_compile_check_command_runs_in_the_code_dir_and_passes_its_status(
+    failing_tools, tmp_path
+):
+    """The printed check, run in a sandbox HOME with a fake venv python: arguments, environment,
+    directory and exit status arrive as they should; a running training stops it with status 3."""
+    tricky = "--config.name=it's a $HOME run"
+    args = [*TPU_ARGS, "--copy", "--env", "MY_FLAG=x y", "--", tricky, "--config.seed", "7"]
+    result = _dry_run(TPU, args, failing_tools)
+    assert result.returncode == 0, result.stderr
+    check = next(line for line in _commands(result.stdout) if "shortcut_jax.compile" in line)
+
+    home = tmp_path / "home"
+    (home / "shortcut_jax").mkdir(parents=True)
+    (home / "shortcut_jax_venv" / "bin").mkdir(parents=True)
+    _write_tool(
+        home / "shortcut_jax_venv" / "bin",
+        "python",
+        '#!/bin/sh\necho "CWD=$(pwd)"\n'
+        'echo "ENV=$MY_FLAG|$JAX_PLATFORMS|$JAX_ENABLE_COMPILATION_CACHE"\n'
+        'for a; do echo "ARG=$a"; done\nexit 1\n',
+    )
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "JAX_PLATFORMS": "tpu"}
+    ran = subprocess.run(
+        ["bash", "-c", _remote_command(check)], env=env, capture_output=True, text=True
+    )
+    assert ran.returncode == 1, ran.stderr  # "does not fit" reaches the launcher
+    lines = ran.stdout.splitlines()
+    assert f"CWD={home / 'shortcut_jax'}" in lines
+    assert "ENV=x y|cpu|false" in lines
+    arguments = [line[4:] for line in lines if line.startswith("ARG=")]
+    expected = ["-m", "shortcut_jax.compile", "--config", "experiments/imagenet256.py"]
+    expected += ["--topology", "v4-32", tricky, "--config.seed", "7"]
+    assert arguments == expected
+
+    logs = home / "shortcut_jax_logs"
+    logs.mkdir()
+    (logs / "train.pid").write_text(str(os.getpid()))  # a live process: "training is running"
+    busy = subprocess.run(
+        ["bash", "-c", _remote_command(check)], env=env, capture_output=True, text=True
+    )
+    assert busy.returncode == 3 and "training is still running" in busy.stderr
+    assert "ARG=" not in busy.stdout
+
+
+@pytest.mark.parametrize("status", [1, 2, 255])
+def test_tpu_failed_compile_check_starts_no_training_and_keeps_the_tpu(tmp_path, status):
+    bin_dir, log = _recording_gcloud(tmp_path)
+    args = [*TPU_ARGS, "--repo", "https://example.com/r.git", "--delete-after"]
+    result = _run(TPU, args, _clean_env(bin_dir, FAKE_COMPILE_STATUS=str(status)))
+    assert result.returncode == status
+    calls = log.read_text().splitlines()
+    assert "shortcut_jax.compile" in calls[-1]  # nothing after it: no training, no delete
+    assert not any("nohup" in call or " delete " in call for call in calls)
+    assert "fake compile table" in result.stdout  # the check's own output is shown
+    message = {1: "does not fit v4-32", 2: "rejected its input", 255: "status 255"}[status]
+    assert message in result.stderr and "Training was not started" in result.stderr
+    assert "--skip-compile-check" in result.stderr
+    assert "the TPU shortcut-v4 is kept" in result.stderr
+    assert "gcloud compute tpus tpu-vm delete shortcut-v4" in result.stderr
+
+
+def test_tpu_reuse_without_accelerator_type_checks_the_type_that_describe_gives(
+    tmp_path, failing_tools
+):
+    bin_dir, log = _recording_gcloud(tmp_path)
+    index = TPU_ARGS.index("--accelerator-type")
+    args = [*TPU_ARGS[:index], *TPU_ARGS[index + 2 :], "--copy", "--reuse"]
+    env = _clean_env(bin_dir, FAKE_TPU_STATE="READY", FAKE_ACCELERATOR_TYPE="v5litepod-16")
+    result = _run(TPU, args, env)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    check = next(call for call in calls if "shortcut_jax.compile" in call)
+    assert "--topology v5litepod-16" in check
+    assert calls.index(check) < next(i for i, call in enumerate(calls) if "nohup" in call)
+
+    log.unlink()  # describe gives no type: a clear error, and no training
+    result = _run(TPU, args, _clean_env(bin_dir, FAKE_TPU_STATE="READY"))
+    assert result.returncode == 2
+    assert "needs the TPU's accelerator type" in result.stderr
+    assert "--skip-compile-check" in result.stderr
+    assert not any("nohup" in call for call in log.read_text().splitlines())
+
+    dry = _dry_run(TPU, args, failing_tools)
+    assert dry.returncode == 0, dry.stderr
+    commands = _commands(dry.stdout)
+    assert any("describe" in line and "value(acceleratorType)" in line for line in commands)
 
 
 # ------------------------------------------------------------------ SLURM
