@@ -240,7 +240,9 @@ class ProgramReport:
       flops: per chip per call, from `cost_analysis()` (a sampler's loop counted k times).
       compile_seconds: wall time of lowering + compiling on this host.
       error: the compiler's message when it refused the program (e.g. out of memory).
-      over_gib: GiB above the chip's HBM that the compiler reported, when it refused for memory.
+      over_gib: GiB above the chip's HBM that the compiler reported, when it refused for memory
+        (a lower bound: it stops at the first kind of memory that does not fit).
+      over_what: that kind ('temporaries', 'arguments', ...) when the compiler named it.
     """
 
     name: str
@@ -255,6 +257,7 @@ class ProgramReport:
     compile_seconds: float = 0.0
     error: str = ""
     over_gib: float = 0.0
+    over_what: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -268,7 +271,11 @@ class ProgramReport:
         )
 
 
-_HBM_EXCEEDED = re.compile(r"([\d.]+)([GMK])? exceeds available HBM ([\d.]+)([GMK])?")
+# e.g. "the total memory required for HLO temporaries (927.09G) exceeds available HBM (15.75G)"
+_HBM_EXCEEDED = re.compile(
+    r"(?:required for (?P<what>[\w ]+?) )?\(?(?P<need>[\d.]+)(?P<need_unit>[GMK])?\)? exceeds "
+    r"available HBM \(?(?P<have>[\d.]+)(?P<have_unit>[GMK])?\)?"
+)
 
 
 def _gib(value: str, unit: str | None) -> float:
@@ -285,8 +292,9 @@ def _analyse(report: ProgramReport, lower: Callable[[], Any], loop_flops: Callab
         report.error = message[:600]
         match = _HBM_EXCEEDED.search(message)
         if match:
-            needed = _gib(match.group(1), match.group(2))
-            report.over_gib = needed - _gib(match.group(3), match.group(4))
+            needed = _gib(match.group("need"), match.group("need_unit"))
+            report.over_gib = needed - _gib(match.group("have"), match.group("have_unit"))
+            report.over_what = (match.group("what") or "").replace("HLO ", "")
         report.compile_seconds = time.perf_counter() - start
         if not ("RESOURCE_EXHAUSTED" in message or match):
             raise
@@ -513,13 +521,13 @@ def _evaluate(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
 
 
 def default_programs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The programs a run of `config` has: both train steps for latent runs, its evaluation."""
+    """The programs a run of `config` has: both train steps for latent runs, the sampler, the VAE
+    decoder. 'features' and 'evaluate' (Inception) only when asked: their TPU compile takes
+    many minutes on a small host."""
     names = ["train_latents", "train_online"] if latent_space.uses_vae(config) else ["train"]
     names.append("sample")
     if latent_space.uses_vae(config):
         names.append("decode")
-    if config.model.name == "dit" and latent_space.pixel_shape(config)[-1] in (1, 3):
-        names += ["features", "evaluate"]
     return tuple(names)
 
 

@@ -66,8 +66,11 @@ def advice(report: aot.Report, program: aot.ProgramReport) -> str:
     chip = report.slice.chip
     mesh = report.mesh_shape
     hints = []
-    state_share = program.argument_bytes / max(program.total_bytes, 1)
-    if program.name.startswith("train") and (state_share > 0.4 or program.error):
+    if program.error:
+        state_heavy = program.over_what != "temporaries"
+    else:
+        state_heavy = program.argument_bytes > 0.4 * program.total_bytes
+    if program.name.startswith("train") and state_heavy:
         fsdp = mesh.get("fsdp", 1)
         larger = min(report.slice.num_chips, max(fsdp * 2, 4))
         if larger > fsdp:
@@ -117,7 +120,11 @@ def format_table(report: aot.Report, fraction: float) -> str:
         if program.error:
             lines.append(
                 f"{program.name:<14}{program.batch:>6}  refused by the compiler: "
-                + (f"{program.over_gib:.2f} GiB over HBM" if program.over_gib else "error")
+                + (
+                    f"{program.over_what or 'memory'} {program.over_gib:.2f} GiB over HBM"
+                    if program.over_gib
+                    else program.error[:100]
+                )
             )
             problems.append(program)
             continue
@@ -127,19 +134,23 @@ def format_table(report: aot.Report, fraction: float) -> str:
             f"{program.name:<14}{program.batch:>6}{_gib(program.argument_bytes):>8}"
             f"{_gib(program.output_bytes - program.alias_bytes):>7}{_gib(program.temp_bytes):>8}"
             f"{_gib(program.code_bytes):>6}{_gib(program.total_bytes):>8}{share:>8.0%}"
-            f"{program.flops / 1e12:>9.3f}{est.get('seconds', 0):>9.3f}"
-            f"{est.get('images_per_second', 0):>10.0f}"
-            + (f"{est['days']:>8.2f}{est['chip_hours']:>10.0f}" if "days" in est else f"{'':>18}")
+            f"{program.flops / 1e12:>9.4g}{est.get('seconds', 0):>9.3g}"
+            f"{est.get('images_per_second', 0):>10.4g}"
+            + (f"{est['days']:>8.3g}{est['chip_hours']:>10.4g}" if "days" in est else f"{'':>18}")
             + f"{program.compile_seconds:>11.0f}"
         )
         if share > 1:
             problems.append(program)
     lines.append("")
     for program in problems:
-        over = program.over_gib or (program.total_bytes / aot.GiB - hbm)
+        if program.error:
+            what = f" for {program.over_what}" if program.over_what else ""
+            over = f"at least {program.over_gib:.2f} GiB more{what} than"
+        else:
+            over = f"{program.total_bytes / aot.GiB - hbm:.2f} GiB more than"
         lines.append(
-            f"DOES NOT FIT: {program.name} ({program.description}) needs {over:.2f} GiB more than "
-            f"the {hbm:g} GiB of a TPU {tpu.chip.name} chip; try: {advice(report, program)}"
+            f"DOES NOT FIT: {program.name} ({program.description}) needs {over} the usable HBM "
+            f"of a TPU {tpu.chip.name} chip ({hbm:g} GiB); try: {advice(report, program)}"
         )
     if not problems:
         lines.append(f"fits: every program fits the {hbm:g} GiB of a TPU {tpu.chip.name} chip")
@@ -241,7 +252,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as error:
         print(f"error: {error}\nPass --helpfull for the flags.", file=sys.stderr)
-    except (AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    except (AttributeError, KeyError) as error:
+        print(
+            f"error: a --config.FIELD override names a field the config does not have: {error}",
+            file=sys.stderr,
+        )
+    except (TypeError, ValueError, OSError) as error:
         print(f"error: --config: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(2)
 

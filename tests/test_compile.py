@@ -75,30 +75,29 @@ def test_train_step_and_sampler_compile_for_a_v5e_slice(tpu_compiler):
 def test_a_batch_too_large_for_the_chip_is_reported_with_advice_and_exit_status_1(
     tpu_compiler, tmp_path
 ):
-    """131,072 images of 256x256x3 are 24 GiB per v5e chip before any activation."""
+    """4 Mi latents of 32x32x4 are 16 GiB per v5e chip before any activation."""
     out = tmp_path / "plan.json"
     command = [
         sys.executable,
         "-m",
         "shortcut_jax.compile",
-        f"--config={ROOT}/experiments/mnist.py",
+        f"--config={ROOT}/experiments/imagenet256.py",
         "--topology=v5e:2x2",
-        "--programs=train",
+        "--programs=train_latents",
         f"--json={out}",
-        "--config.data.image_size=256",
-        "--config.data.channels=3",
+        "--config.model.preset=",
         "--config.model.hidden_size=32",
         "--config.model.depth=1",
         "--config.model.num_heads=2",
-        "--config.model.patch_size=16",
-        "--config.batch_size=131072",
+        "--config.model.patch_size=2",
+        "--config.batch_size=4194304",
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 1, result.stdout + result.stderr
     verdict = [line for line in result.stdout.splitlines() if line.startswith("DOES NOT FIT")]
     assert len(verdict) == 1, result.stdout
-    assert "train" in verdict[0] and "GiB more than the 16 GiB" in verdict[0]
-    assert "batch_size" in verdict[0]
+    assert "train_latents" in verdict[0] and "GiB more for temporaries than" in verdict[0]
+    assert "batch_size" in verdict[0] and "remat" in verdict[0] and "fsdp" not in verdict[0]
     data = json.loads(out.read_text())
     assert not data["fits"] and data["programs"][0]["advice"]
 
@@ -114,3 +113,17 @@ def test_bad_input_exits_2_with_one_line(tpu_compiler):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: --topology 'v5p-7'" in result.stderr
+
+
+def test_an_unknown_override_exits_2_naming_it():
+    command = [
+        sys.executable,
+        "-m",
+        "shortcut_jax.compile",
+        f"--config={ROOT}/experiments/mnist.py",
+        "--topology=v5e:2x2",
+        "--config.no_such_field=3",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no_such_field" in result.stderr and "Traceback" not in result.stderr
