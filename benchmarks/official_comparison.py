@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -385,15 +386,67 @@ def apply_official_shims() -> list[str]:
     return applied
 
 
-def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Times the official update step (their train.py's update, unchanged) on our model."""
-    malloc_tuned = False
-    if spec["official_malloc_tuning"]:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from shortcut_jax import allocator  # the import applies the tuning
+@contextlib.contextmanager
+def official_devices(sharding_module: Any, devices: Sequence[Any] | None) -> Iterator[None]:
+    """Their `create_sharding` laid over `devices` (e.g. compile-only TPU devices) while inside.
 
-        malloc_tuned = allocator.is_tuned()
+    Their utils/sharding.py builds its mesh from `jax.device_count()` and
+    `mesh_utils.create_device_mesh` over the default devices; inside this context its module's
+    `jax` and `mesh_utils` see `devices` instead (their file is not edited). None: unchanged.
+    """
+    if devices is None:
+        yield
+        return
+    import types
+
+    import numpy as np
+    from jax.experimental import mesh_utils
+
+    devices = list(devices)
+    real_jax = sharding_module.jax
+
+    class _Jax(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_jax, name)
+
+    fake_jax = _Jax("jax")
+    fake_jax.device_count = lambda: len(devices)
+    fake_jax.local_devices = lambda: devices
+    fake_jax.local_device_count = lambda: len(devices)
+
+    def create_device_mesh(shape: Sequence[int], **options: Any) -> Any:
+        try:
+            return mesh_utils.create_device_mesh(shape, devices=devices, **options)
+        except (AssertionError, NotImplementedError, ValueError):  # as sharding.make_mesh
+            return np.asarray(devices, dtype=object).reshape(shape)
+
+    fake_mesh_utils = types.SimpleNamespace(create_device_mesh=create_device_mesh)
+    saved = sharding_module.jax, sharding_module.mesh_utils
+    sharding_module.jax, sharding_module.mesh_utils = fake_jax, fake_mesh_utils
+    try:
+        yield
+    finally:
+        sharding_module.jax, sharding_module.mesh_utils = saved
+
+
+def build_official_update(
+    spec: dict[str, Any], devices: Sequence[Any] | None = None, materialize: bool = True
+) -> dict[str, Any]:
+    """Their update step (train.py's update, unchanged) on their DiT, state and sharding.
+
+    Args:
+      spec: 'official_dir', 'flags' (from `official_flags`), 'official_dtype' ('theirs' keeps
+        their DiT's bfloat16 default, else 'our_dtype' is used).
+      devices: lay their `create_sharding` over these (e.g. a TPU slice's compile-only devices)
+        instead of the default devices.
+      materialize: also initialise the state on the devices (False for compile-only devices).
+
+    Returns:
+      dict with 'update' (jitted: (state, teacher, images, labels) -> (state, info)), 'init',
+      'abstract_state', 'state', 'state_sharding' (their train_state_sharding: one sharding for
+      'dp', a tree for 'fsdp'), 'data_sharding', 'shard_data', 'model_def', 'flags' (FLAGS),
+      'shape' (H, W, C), 'shims'.
+    """
     from functools import partial
 
     import jax
@@ -405,8 +458,8 @@ def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
     shims = apply_official_shims()
     directory = check_official_dir(spec["official_dir"])
     sys.path.insert(0, str(directory))
+    import utils.sharding as sharding_module
     from model import DiT
-    from utils.sharding import create_sharding
     from utils.train_state import TrainStateEma
 
     train_source = (directory / "train.py").read_text()
@@ -454,10 +507,12 @@ def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
         return TrainStateEma.create(model_def, params, rng=rng, tx=tx, opt_state=tx.init(params))
 
     rng = jax.random.PRNGKey(10)  # their --seed default
-    data_sharding, state_sharding, no_shard, shard_data, _ = create_sharding(
-        model_flags.sharding, jax.eval_shape(init, rng)
-    )
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
+    abstract_state = jax.eval_shape(init, rng)
+    with official_devices(sharding_module, devices):
+        data_sharding, state_sharding, no_shard, shard_data, _ = sharding_module.create_sharding(
+            model_flags.sharding, abstract_state
+        )
+    state = jax.jit(init, out_shardings=state_sharding)(rng) if materialize else None
     namespace = {
         "partial": partial,
         "jax": jax,
@@ -472,7 +527,36 @@ def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
     code = compile(extract_update_source(train_source), str(directory / "train.py"), "exec")
     exec(code, namespace)  # their update(), unchanged
-    update = namespace["update"]
+    return {
+        "update": namespace["update"],
+        "init": init,
+        "abstract_state": abstract_state,
+        "state": state,
+        "state_sharding": state_sharding,
+        "data_sharding": data_sharding,
+        "shard_data": shard_data,
+        "model_def": model_def,
+        "flags": FLAGS,
+        "shape": shape,
+        "shims": shims,
+    }
+
+
+def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times the official update step (their train.py's update, unchanged) on our model."""
+    malloc_tuned = False
+    if spec["official_malloc_tuning"]:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from shortcut_jax import allocator  # the import applies the tuning
+
+        malloc_tuned = allocator.is_tuned()
+    import jax
+    import jax.numpy as jnp
+
+    built = build_official_update(spec)
+    update, state, shard_data = built["update"], built["state"], built["shard_data"]
+    flags, shape, model_def = spec["flags"], built["shape"], built["model_def"]
 
     def put(batch: dict[str, Any]) -> tuple[Any, Any]:
         return shard_data(batch["image"], batch["label"])
@@ -491,7 +575,7 @@ def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "params": count_leaves(state.params),
         "flops_per_step": flops,
         "malloc_tuned": malloc_tuned,
-        "shims": shims,
+        "shims": built["shims"],
         "compute_dtype": str(jnp.dtype(model_def.dtype)),
         "devices": jax.device_count(),
     }
