@@ -57,21 +57,24 @@ class Chip:
     Attributes:
       name: generation as in accelerator types ('v4', 'v5e', 'v5p', 'v6e').
       hbm_gib: HBM per chip (GiB), as Google's system architecture pages state it.
+      usable_hbm_gib: what the TPU compiler lets one program use ("exceeds available HBM" in
+        its out-of-memory message; measured with libtpu 0.0.42.1): the limit `fits` checks.
       peak_bf16_tflops: peak dense bf16 matmul TFLOP/s per chip.
       cores_per_chip: TensorCores per chip; accelerator types of megacore chips count cores.
     """
 
     name: str
     hbm_gib: float
+    usable_hbm_gib: float
     peak_bf16_tflops: float
     cores_per_chip: int
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32.0, 275.0, 2),
-    "v5e": Chip("v5e", 16.0, 197.0, 1),
-    "v5p": Chip("v5p", 95.0, 459.0, 2),
-    "v6e": Chip("v6e", 32.0, 918.0, 1),
+    "v4": Chip("v4", 32.0, 30.75, 275.0, 2),
+    "v5e": Chip("v5e", 16.0, 15.75, 197.0, 1),
+    "v5p": Chip("v5p", 95.0, 95.74, 459.0, 2),
+    "v6e": Chip("v6e", 32.0, 31.25, 918.0, 1),
 }
 # device_kind of the compile-only devices -> generation.
 _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5": "v5p", "TPU v6 lite": "v6e"}

@@ -100,12 +100,13 @@ def _gib(num_bytes: float) -> str:
 def format_table(report: aot.Report, fraction: float) -> str:
     """The report as a fixed-width table with the verdict lines under it."""
     tpu = report.slice
-    hbm = tpu.chip.hbm_gib
+    hbm = tpu.chip.usable_hbm_gib
     config = report.config
     lines = [
         f"{tpu.name}: {tpu.num_chips} x TPU {tpu.chip.name} ({tpu.topology}"
         + (f", {tpu.num_slices} slices" if tpu.num_slices > 1 else "")
-        + f"; {tpu.num_hosts} hosts), {hbm:g} GiB HBM and {tpu.chip.peak_bf16_tflops:g} bf16 "
+        + f"; {tpu.num_hosts} hosts), {tpu.chip.hbm_gib:g} GiB HBM ({hbm:g} usable by a program) "
+        f"and {tpu.chip.peak_bf16_tflops:g} bf16 "
         f"TFLOP/s per chip; mesh {report.mesh_shape}; {report.num_params / 1e6:.1f} M parameters; "
         f"model.dtype {config.model.dtype}, remat {config.model.get('remat', 'none')}",
         f"estimates at {fraction:.0%} of the bf16 peak; sampler k = {report.sample_steps}; "
@@ -153,13 +154,15 @@ def format_table(report: aot.Report, fraction: float) -> str:
             f"of a TPU {tpu.chip.name} chip ({hbm:g} GiB); try: {advice(report, program)}"
         )
     if not problems:
-        lines.append(f"fits: every program fits the {hbm:g} GiB of a TPU {tpu.chip.name} chip")
+        lines.append(
+            f"fits: every program fits the {hbm:g} usable GiB of a TPU {tpu.chip.name} chip"
+        )
     return "\n".join(lines)
 
 
 def fits(report: aot.Report) -> bool:
     """True when every program compiled and fits the chip's HBM."""
-    hbm = report.slice.chip.hbm_gib * aot.GiB
+    hbm = report.slice.chip.usable_hbm_gib * aot.GiB
     return all(not p.error and p.total_bytes <= hbm for p in report.programs)
 
 
@@ -186,7 +189,7 @@ def to_json(report: aot.Report, fraction: float) -> dict[str, Any]:
                 "total_gib": p.total_bytes / aot.GiB,
                 "estimates": estimates(report, p, fraction),
                 "advice": ""
-                if p.total_bytes <= tpu.chip.hbm_gib * aot.GiB and not p.error
+                if p.total_bytes <= tpu.chip.usable_hbm_gib * aot.GiB and not p.error
                 else advice(report, p),
             }
             for p in report.programs
