@@ -112,36 +112,56 @@ def format_table(report: aot.Report, fraction: float) -> str:
         f"estimates at {fraction:.0%} of the bf16 peak; sampler k = {report.sample_steps}; "
         "memory per chip in GiB",
         "",
-        f"{'program':<14}{'batch':>6}{'args':>8}{'out':>7}{'temp':>8}{'code':>6}{'total':>8}"
-        f"{'of HBM':>8}{'TFLOP':>9}{'s/call':>9}{'img/s':>10}{'days':>8}{'chip-h':>10}"
-        f"{'compile s':>11}",
     ]
+    header = ["program", "batch", "args", "out", "temp", "code", "total", "of usable"]
+    header += ["TFLOP", "s/call", "img/s", "days", "chip-h", "compile s"]
+    rows: list[list[str]] = [header]
     problems = []
     for program in report.programs:
+        cells = [program.name, str(program.batch)]
         if program.error:
-            lines.append(
-                f"{program.name:<14}{program.batch:>6}  refused by the compiler: "
-                + (
-                    f"{program.over_what or 'memory'} {program.over_gib:.2f} GiB over HBM"
-                    if program.over_gib
-                    else program.error[:100]
-                )
+            rows.append(cells)
+            refusal = (
+                f"{program.over_what or 'memory'} {program.over_gib:.2f} GiB over the usable HBM"
+                if program.over_gib
+                else program.error[:100]
             )
+            cells.append(f"refused by the compiler: {refusal}")
             problems.append(program)
             continue
         est = estimates(report, program, fraction)
         share = program.total_bytes / (hbm * aot.GiB)
-        lines.append(
-            f"{program.name:<14}{program.batch:>6}{_gib(program.argument_bytes):>8}"
-            f"{_gib(program.output_bytes - program.alias_bytes):>7}{_gib(program.temp_bytes):>8}"
-            f"{_gib(program.code_bytes):>6}{_gib(program.total_bytes):>8}{share:>8.0%}"
-            f"{program.flops / 1e12:>9.4g}{est.get('seconds', 0):>9.3g}"
-            f"{est.get('images_per_second', 0):>10.4g}"
-            + (f"{est['days']:>8.3g}{est['chip_hours']:>10.4g}" if "days" in est else f"{'':>18}")
-            + f"{program.compile_seconds:>11.0f}"
-        )
+        cells += [
+            _gib(program.argument_bytes),
+            _gib(program.output_bytes - program.alias_bytes),
+            _gib(program.temp_bytes),
+            _gib(program.code_bytes),
+            _gib(program.total_bytes),
+            f"{share:.0%}",
+            f"{program.flops / 1e12:.3g}",
+            f"{est.get('seconds', 0):.3g}",
+            f"{est.get('images_per_second', 0):,.0f}",
+            f"{est['days']:.3g}" if "days" in est else "",
+            f"{est['chip_hours']:,.0f}" if "days" in est else "",
+            f"{program.compile_seconds:.0f}",
+        ]
+        rows.append(cells)
         if share > 1:
             problems.append(program)
+    widths = [
+        max(len(r[i]) for r in rows if len(r) > i and len(r) == len(header))
+        for i in range(len(header))
+    ]
+    for cells in rows:
+        if len(cells) != len(header):  # a refused program: its sentence after name and batch
+            lines.append(f"{cells[0]:<{widths[0]}}  {cells[1]:>{widths[1]}}  {cells[2]}")
+            continue
+        lines.append(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
     lines.append("")
     for program in problems:
         if program.error:
