@@ -1,4 +1,8 @@
-"""Install shortcut_jax: `pip install -e .` (`[test]`: the test suite; `[tpu]`: TPU VMs)."""
+"""Install shortcut_jax: `pip install -e .`.
+
+Extras: `[test]` the test suite; `[tpu]` TPU VMs and the TPU compiler; `[gpu-compile]` the GPU
+compiler of `python -m shortcut_jax.compile` (no GPU needed).
+"""
 
 from pathlib import Path
 
@@ -13,6 +17,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["shortcut_jax", "shortcut_jax.*"]),
+    # The GPU target configs of `shortcut_jax.gpu_compile` (text protos read at run time).
+    package_data={"shortcut_jax": ["gpu_targets/*.txtpb"]},
+    include_package_data=True,
     install_requires=[
         "jax>=0.6,<0.11",
         "flax>=0.10,<0.13",
@@ -51,6 +58,15 @@ setup(
         # is install_requires' jax range: jax[tpu] pins its matching libtpu (jax 0.10.2 pins
         # libtpu 0.0.42.*).
         "tpu": ["jax[tpu]>=0.6,<0.11"],
+        # The GPU compiler for `python -m shortcut_jax.compile` with a GPU topology (h100-8): jax's
+        # CUDA plugin compiles for a described GPU on any CPU machine. jax[cuda12-local] pins the
+        # plugin and its PJRT wheel to jaxlib's exact version and, unlike jax[cuda12], brings no
+        # nvidia-* CUDA wheels (compiling needs none). ~500 MB installed.
+        "gpu-compile": [
+            "jax[cuda12-local]>=0.6,<0.11",
+            "jax-cuda12-plugin>=0.6,<0.11",
+            "jax-cuda12-pjrt>=0.6,<0.11",
+        ],
         # Converting the FID Inception weights (and the parity tests) need PyTorch, CPU build;
         # >= 2.6 because weights_only loading had a code-execution bypass before it.
         "convert": ["torch>=2.6"],
