@@ -176,12 +176,33 @@ def parse_topology(name: str) -> tuple[Chip, str]:
     return chip, f"{generation}:{shapes[chips]}"
 
 
+def _gpu_slice(name: str, num_slices: int) -> Slice:
+    """GPUs described by `shortcut_jax.gpu_compile` (jax's CUDA plugin, no GPU needed)."""
+    from shortcut_jax import gpu_compile
+
+    if int(num_slices) != 1:
+        raise AotError(f"--num_slices={num_slices}: GPU topologies are one slice ('h100:2x8')")
+    try:
+        gpu, devices = gpu_compile.gpu_devices(name)
+        _, hosts, per_host = gpu_compile.parse_gpu_topology(name)
+    except gpu_compile.GpuCompileError as error:
+        raise AotError(str(error)) from None
+    # XLA's GPU compiler checks no memory limit: the whole memory is the bound.
+    chip = Chip(gpu.name, gpu.hbm_gib, gpu.hbm_gib, gpu.peak_bf16_tflops, 1)
+    return Slice(name, chip, gpu_compile.topology_string(hosts, per_host), 1, devices)
+
+
 def resolve_slice(name: str, num_slices: int = 1) -> Slice:
-    """The compile-only devices of a TPU slice (needs libtpu, not a TPU).
+    """The compile-only devices of a TPU slice (needs libtpu, not a TPU), or of GPUs ('h100-8',
+    needs jax's CUDA plugin: `shortcut_jax.gpu_compile`).
 
     Raises:
-      AotError: libtpu is missing, or the topology is unknown to it.
+      AotError: the compiler is missing, or the topology is unknown to it.
     """
+    from shortcut_jax import gpu_compile
+
+    if gpu_compile.is_gpu_name(name):
+        return _gpu_slice(name, num_slices)
     chip, topology = parse_topology(name)
     if int(num_slices) < 1:
         raise AotError(f"--num_slices={num_slices} must be >= 1")
@@ -300,7 +321,9 @@ def _analyse(report: ProgramReport, lower: Callable[[], Any], loop_flops: Callab
             report.over_what = (match.group("what") or "").replace("HLO ", "")
         report.compile_seconds = time.perf_counter() - start
         if not ("RESOURCE_EXHAUSTED" in message or match):
-            raise
+            raise AotError(
+                f"program {report.name!r}: the compiler failed (not for memory): {message[:600]}"
+            ) from None
         return
     report.compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
@@ -309,8 +332,9 @@ def _analyse(report: ProgramReport, lower: Callable[[], Any], loop_flops: Callab
     report.alias_bytes = int(memory.alias_size_in_bytes)
     report.temp_bytes = int(memory.temp_size_in_bytes)
     report.code_bytes = int(memory.generated_code_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    from shortcut_jax import gpu_compile
+
+    cost = gpu_compile.cost_analysis(compiled)  # cost_analysis(), or XLA's count on GPUs
     report.flops = float(cost.get("flops", 0.0)) + loop_flops(cost)
 
 

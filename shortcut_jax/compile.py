@@ -10,8 +10,12 @@ program is compiled by libtpu's compile-only client for the slice with the confi
 table gives per chip the arguments (parameters, optimizer state, EMA, batch), outputs not aliased
 to donated inputs, temporaries and code against the chip's HBM, the FLOPs per call, and at
 `--peak_fraction` of the chip's bf16 peak the step time, images/s, days and chip-hours of
-`config.total_steps`. Exit status: 0 when every program fits, 1 when one does not (one line each:
-how far over, and what would help), 2 for bad input.
+`config.total_steps`. NVIDIA GPUs work the same way with jax's CUDA plugin
+(`pip install -e ".[gpu-compile]"`, no GPU needed): `--topology h100-8` (one host of 8 H100 80GB
+SXM), `h100-16` (two hosts), `a100-8`; see `shortcut_jax.gpu_compile`.
+
+Exit status: 0 when every program fits, 1 when one does not (one line each: how far over, and
+what would help), 2 for bad input.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiments/*.py config file (with :variant).", lock_config=True
 )
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "TPU accelerator type (v5p-32, v5litepod-16, v4-8) or topology (v5e:4x4)."
+    "topology",
+    None,
+    "TPU accelerator type (v5p-32, v5litepod-16, v4-8), TPU topology (v5e:4x4) or GPUs (h100-8).",
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network.")
 _PROGRAMS = flags.DEFINE_list(
@@ -88,9 +94,14 @@ def advice(report: aot.Report, program: aot.ProgramReport) -> str:
             + ("batch_size" if program.name.startswith("train") else "eval_batch_size")
             + " or a larger slice"
         )
-    if chip.hbm_gib < max(c.hbm_gib for c in aot.CHIPS.values()):
+    if chip.name in aot.CHIPS and chip.hbm_gib < max(c.hbm_gib for c in aot.CHIPS.values()):
         hints.append("a chip with more HBM (v5p: 95 GiB)")
     return "; ".join(hints)
+
+
+def chip_label(chip: aot.Chip) -> str:
+    """'TPU v5e' or 'NVIDIA H100'."""
+    return f"TPU {chip.name}" if chip.name in aot.CHIPS else f"NVIDIA {chip.name.upper()}"
 
 
 def _gib(num_bytes: float) -> str:
@@ -103,7 +114,7 @@ def format_table(report: aot.Report, fraction: float) -> str:
     hbm = tpu.chip.usable_hbm_gib
     config = report.config
     lines = [
-        f"{tpu.name}: {tpu.num_chips} x TPU {tpu.chip.name} ({tpu.topology}"
+        f"{tpu.name}: {tpu.num_chips} x {chip_label(tpu.chip)} ({tpu.topology}"
         + (f", {tpu.num_slices} slices" if tpu.num_slices > 1 else "")
         + f"; {tpu.num_hosts} hosts), {tpu.chip.hbm_gib:g} GiB HBM ({hbm:g} usable by a program) "
         f"and {tpu.chip.peak_bf16_tflops:g} bf16 "
@@ -171,12 +182,10 @@ def format_table(report: aot.Report, fraction: float) -> str:
             over = f"{program.total_bytes / aot.GiB - hbm:.2f} GiB more than"
         lines.append(
             f"DOES NOT FIT: {program.name} ({program.description}) needs {over} the usable HBM "
-            f"of a TPU {tpu.chip.name} chip ({hbm:g} GiB); try: {advice(report, program)}"
+            f"of a {chip_label(tpu.chip)} ({hbm:g} GiB); try: {advice(report, program)}"
         )
     if not problems:
-        lines.append(
-            f"fits: every program fits the {hbm:g} usable GiB of a TPU {tpu.chip.name} chip"
-        )
+        lines.append(f"fits: every program fits the {hbm:g} usable GiB of a {chip_label(tpu.chip)}")
     return "\n".join(lines)
 
 

@@ -203,3 +203,23 @@ def test_multi_host_a100s_compile_too(h100_8):
     assert {device.device_kind for device in devices} == {"NVIDIA A100-SXM4-80GB"}
     compiled = _matmul(devices, 4096, 1024, 1024)
     assert gpu_compile.flops_of(compiled) == pytest.approx(2 * 4096 * 1024 * 1024 / 16, rel=1e-2)
+
+
+def test_the_compile_command_plans_a_train_step_for_h100s(h100_8):
+    """`shortcut_jax.compile --topology h100-8`: the run's own train step, per-GPU memory, FLOPs."""
+    from shortcut_jax import aot, configs
+    from shortcut_jax import compile as compile_cli
+
+    config = configs.base_config()
+    # Widths of 32 hit a Triton tiling error in XLA's deviceless GPU compile; 128 compiles.
+    config.model.update(hidden_size=128, depth=1, num_heads=4, patch_size=4)
+    config.batch_size = 16
+    gpus = aot.resolve_slice("h100-8")
+    assert gpus.num_chips == 8 and gpus.chip.name == "h100"
+    report = aot.compile_programs(config, gpus, ("train",))
+    (train,) = report.programs
+    assert report.mesh_shape == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert not train.error and 0 < train.total_bytes < gpus.chip.usable_hbm_gib * aot.GiB
+    assert train.flops > 0
+    table = compile_cli.format_table(report, 0.4)
+    assert "8 x NVIDIA H100" in table and "fits: every program fits" in table
