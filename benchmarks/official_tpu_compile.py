@@ -27,7 +27,8 @@ compile-only devices, `shortcut_jax.aot.resolve_slice`) and compiled by libtpu; 
             loop passes to update after the VAE encode.
 The official code is a checkout of github.com/kvfrans/shortcut-models, run from where it is;
 nothing of it is part of this project. `--hlo_dir DIR` also writes each compiled program's HLO
-text (to compare their large buffers).
+text, `--xla_dump_dir DIR` the compiler's dumps (its `*live-range.txt` lists the buffers live at
+the peak of the temporaries, with the jax operation that made each), to compare the two programs.
 
 Output: benchmarks/results/official_tpu_compile_<topology>.json (written atomically).
 """
@@ -240,10 +241,22 @@ def _memory(compiled: Any) -> dict[str, Any]:
     return values
 
 
+def _program_name(spec: dict[str, Any], side: str) -> str:
+    return f"{topology_slug(spec['topology'])}_{spec['layout']}_{side}"
+
+
+def _compiler_options(spec: dict[str, Any], side: str) -> dict[str, Any]:
+    """With --xla_dump_dir: the compiler's dumps, among them the buffer assignment and the
+    buffers live at the peak (`*live-range.txt`); they do not change the program."""
+    if not spec.get("xla_dump_dir"):
+        return {}
+    path = Path(spec["xla_dump_dir"]) / _program_name(spec, side)
+    return {"xla_dump_to": str(path), "xla_dump_hlo_as_text": True}
+
+
 def _write_hlo(spec: dict[str, Any], compiled: Any, side: str) -> None:
     if spec.get("hlo_dir"):
-        name = f"{topology_slug(spec['topology'])}_{spec['layout']}_{side}.hlo.txt"
-        path = Path(spec["hlo_dir"]) / name
+        path = Path(spec["hlo_dir"]) / f"{_program_name(spec, side)}.hlo.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(compiled.as_text())
 
@@ -281,7 +294,7 @@ def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
             class Keeping:
                 def compile(self) -> Any:
-                    compiled_programs.append(lowered.compile())
+                    compiled_programs.append(lowered.compile(_compiler_options(spec, "ours")))
                     return compiled_programs[-1]
 
             return Keeping()
@@ -338,7 +351,8 @@ def official_worker(spec: dict[str, Any]) -> dict[str, Any]:
     error, values = "", dict.fromkeys(MEMORY_FIELDS, 0)
     values.update(total_bytes=0, flops=0.0)
     try:
-        compiled = built["update"].lower(state, None, images, labels).compile()
+        lowered = built["update"].lower(state, None, images, labels)
+        compiled = lowered.compile(_compiler_options(spec, "official"))
         values = _memory(compiled)
         _write_hlo(spec, compiled, "official")
     except Exception as exception:  # noqa: BLE001 - XLA raises XlaRuntimeError subclasses
@@ -439,7 +453,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "official": {**official_spec(official_dir, layout), "topology": args.topology},
         }
         for side in SIDES:
-            specs[side].update(layout=layout, hlo_dir=args.hlo_dir or "")
+            specs[side].update(
+                layout=layout, hlo_dir=args.hlo_dir or "", xla_dump_dir=args.xla_dump_dir or ""
+            )
             print(f"compiling {side} {layout} for {args.topology} ...", flush=True)
             result = run_worker(side, specs[side])
             results["chips"], results["chip"] = result["chips"], result["chip"]
@@ -461,6 +477,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--topology", default=DEFAULT_TOPOLOGY, help="e.g. v5e:4x4, v5p:2x2x1")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="dp, fsdp or dp,fsdp")
     parser.add_argument("--hlo_dir", default=None, help="also write each program's HLO text here")
+    parser.add_argument(
+        "--xla_dump_dir", default=None, help="also dump the compiler's buffer assignment here"
+    )
     parser.add_argument("--results_dir", default=str(RESULTS_DIR))
     parser.add_argument("--report", action="store_true", help="print the tables of results_dir")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
