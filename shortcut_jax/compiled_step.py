@@ -10,6 +10,13 @@ images inside the step) and the metric sums carried beside the state:
 
 The sums are accumulated on the device inside the step (no per-step host work) and are never
 part of the state, so checkpoints and resumes do not see them.
+
+The step is traced inside `sharding.activation_context(mesh, sharding.logical_rules(config))`, so
+the model's activations are laid out by the config's rules (split over the batch axes under FSDP).
+
+For ahead-of-time compilation (no weights at hand) the frozen inputs may be abstract: a teacher
+run or a VAE whose parameter leaves are `jax.ShapeDtypeStruct`s; `step.lower(...)` then works as
+with real ones (the abstract step cannot be called, only lowered).
 """
 
 from __future__ import annotations
@@ -114,27 +121,43 @@ def build(
       model, optimizer: as the state was built with. state_sharding: the state's NamedShardings
         (`state.sharded_abstract_state`).
       teacher_run: the frozen teacher (`teacher.prepare`) of an objective with a teacher run.
+        Its params may be `jax.ShapeDtypeStruct`s (ahead-of-time compilation); leaves without a
+        sharding are replicated.
       vae: the run's VAE (`latent_space.load_run_vae`) when images are encoded inside the step
-        (`latent_space.is_online`); the batch then holds pixel images.
+        (`latent_space.is_online`); the batch then holds pixel images. Its params may be
+        `jax.ShapeDtypeStruct`s (ahead-of-time compilation): they are then given the replicated
+        sharding instead of being put on the devices.
     """
     train_step = steps.make_train_step(config, model, optimizer, teacher_run)
+    rules = sharding.logical_rules(config)
     replicated = sharding.replicated(mesh)
     frozen: dict[str, Any] = {}
     frozen_sharding: dict[str, Any] = {}
     if teacher_run is not None:
-        frozen["teacher"] = teacher_run.params
-        frozen_sharding["teacher"] = jax.tree.map(lambda x: x.sharding, teacher_run.params)
+        frozen["teacher"] = jax.tree.map(
+            lambda leaf: (
+                _abstract(leaf, leaf.sharding or replicated) if _is_abstract(leaf) else leaf
+            ),
+            teacher_run.params,
+        )
+        frozen_sharding["teacher"] = jax.tree.map(lambda leaf: leaf.sharding, frozen["teacher"])
     if vae is not None:
-        frozen["vae"] = jax.device_put(vae.params, replicated)
+        frozen["vae"] = (
+            jax.tree.map(lambda leaf: _abstract(leaf, replicated), vae.params)
+            if any(_is_abstract(leaf) for leaf in jax.tree.leaves(vae.params))
+            else jax.device_put(vae.params, replicated)
+        )
         frozen_sharding["vae"] = replicated
 
     def step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, steps.Metrics]:
         def train(state: TrainState, batch: dict) -> tuple[TrainState, steps.Metrics]:
             return train_step(state, batch, frozen.get("teacher"))
 
-        if "vae" in frozen:
-            return latent_space.online_encode_step(config, train, vae)(state, batch, frozen["vae"])
-        return train(state, batch)
+        with sharding.activation_context(mesh, rules):
+            if "vae" in frozen:
+                encode_and_train = latent_space.online_encode_step(config, train, vae)
+                return encode_and_train(state, batch, frozen["vae"])
+            return train(state, batch)
 
     # Jitted on its own too, so that `metric_shapes` and the program share one trace.
     inner = jax.jit(step)
@@ -152,3 +175,12 @@ def build(
         donate_argnums=(0, 1),
     )
     return CompiledStep(program, inner, frozen, state_sharding, mesh)
+
+
+def _is_abstract(leaf: Any) -> bool:
+    return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def _abstract(leaf: Any, leaf_sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct of `leaf`'s shape and dtype with `leaf_sharding`."""
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf_sharding)

@@ -142,6 +142,14 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     check("model.hidden_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("model.depth", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("model.mlp_ratio", lambda v: v > 0, "a positive float")
+    if "remat" in config.model:  # configs saved before the field existed run without remat
+        from shortcut_jax.models import REMAT_POLICIES
+
+        check(
+            "model.remat",
+            lambda v: isinstance(v, str) and v in REMAT_POLICIES,
+            f"one of {list(REMAT_POLICIES)} (what each block keeps for the backward pass)",
+        )
 
     # Optimisation.
     check("optim.learning_rate", lambda v: 0 < v < math.inf, "a finite float > 0")

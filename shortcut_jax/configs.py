@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.patch_size = 4
     config.model.mlp_ratio = 4.0
     config.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # Rematerialise each block in the backward pass (memory for compute; results unchanged):
+    # 'none' keeps every activation, 'dots' keeps the weight matmuls' outputs, 'full' only the
+    # blocks' inputs.
+    config.model.remat = "none"
 
     # --- Optimisation ------------------------------------------------------------------------
     config.optim = ml_collections.ConfigDict()
@@ -134,12 +138,20 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- Devices ---------------------------------------------------------------------------
     # Mesh sizes over ('data', 'fsdp', 'tensor'); -1 = the rest of the devices. The batch is split
-    # over data x fsdp. sharding_rules map the model's logical axis names to mesh axes.
+    # over data x fsdp. sharding_rules map the model's logical axis names to mesh axes: those of
+    # the parameters, then those of the activations (configs without the latter get these
+    # defaults, sharding.ACTIVATION_RULES).
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding_rules = (
         ("embed", "fsdp"),  # FSDP: the hidden width of every weight matrix
         ("heads", "tensor"),  # tensor parallel attention
         ("mlp", "tensor"),  # tensor parallel MLP
+        ("activation_batch", ("data", "fsdp")),  # activations: the batch split as the data is
+        ("activation_length", None),  # tokens
+        ("activation_embed", None),  # the residual stream's width: whole on every device
+        ("activation_heads", "tensor"),  # attention heads, as their kernels
+        ("activation_kv", None),  # head dimension
+        ("activation_mlp", "tensor"),  # the MLP's inner width, as its kernels
     )
 
     # --- Loop ------------------------------------------------------------------------------

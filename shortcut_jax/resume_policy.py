@@ -2,8 +2,9 @@
 
 A run resumed with another config is refused unless every changed field is classified safe:
 
-* `SAFE_FIELDS`: fields that only say what to log, save, sample or score, or how arrays are laid out
-  over devices; changing them never changes the trained parameters.
+* `SAFE_FIELDS`: fields that only say what to log, save, sample or score, how arrays are laid out
+  over devices, or what the backward pass recomputes (`model.remat`); changing them never changes
+  the trained parameters.
 * `CONDITIONAL_FIELDS`: safe only when a condition on the old and new configs holds (total_steps
   with a constant learning rate schedule, ...).
 * everything else, including fields added to the library later, refuses until it is classified or
@@ -35,6 +36,7 @@ SAFE_FIELDS = (
     "eval_*",
     "mesh.*",
     "sharding_rules",
+    "model.remat",
     "resume_allow_changes",
 )
 

@@ -18,7 +18,7 @@ x's shape.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -224,6 +224,18 @@ def _jitted_sample(
     )
 
 
+def _sample_in_layout(
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...] | None,
+    apply_fn: ApplyFn,
+    *args: Any,
+    **settings: Any,
+) -> jax.Array:
+    """`sample` traced inside `sharding.activation_context(mesh, rules)`."""
+    with sharding.activation_context(mesh, rules):
+        return sample(apply_fn, *args, **settings)
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_sampler(
     apply_fn: ApplyFn,
@@ -231,11 +243,13 @@ def _sharded_sampler(
     mesh: jax.sharding.Mesh,
     param_treedef: Any,
     param_shardings: tuple[jax.sharding.Sharding, ...],
+    rules: tuple[tuple[str, Any], ...] | None = None,
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """`sample` jitted with explicit shardings: params as they are, noise/labels/output by batch."""
+    """`sample` jitted with explicit shardings: params as they are, noise/labels/output by batch;
+    the model's activations laid out by `rules` (see `sharding.activation_context`)."""
     batch = sharding.batch_sharding(mesh)
     return jax.jit(
-        functools.partial(sample, apply_fn, **dict(settings)),
+        functools.partial(_sample_in_layout, mesh, rules, apply_fn, **dict(settings)),
         in_shardings=(jax.tree.unflatten(param_treedef, param_shardings), batch, batch),
         out_shardings=batch,
     )
@@ -353,6 +367,7 @@ def sample_batch(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
     objective: objectives.ObjectiveConfig | None = None,
+    sharding_rules: Sequence[Sequence[Any]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draws `num` samples from noise seeded by `rng`, in chunks of at most `batch_size`.
 
@@ -380,6 +395,8 @@ def sample_batch(
       objective: the run's `objectives.ObjectiveConfig.from_config(config)`, which picks the
         objective's sampler (DDIM for diffusion, multistep consistency sampling, Euler for the
         others); None = Euler shortcut steps.
+      sharding_rules: with a mesh, the logical axis rules of the model's activations
+        (`sharding.logical_rules(config)`); None = `sharding.ACTIVATION_RULES`.
 
     Returns:
       images: (num, *shape) float32 numpy array, the samples.
@@ -415,7 +432,10 @@ def sample_batch(
             ("num_steps", int(num_steps)),
             ("objective", objective),
         )
-        sampler = _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings))
+        rules = (
+            None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules)
+        )
+        sampler = _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings), rules)
     outputs = []
     for start in range(0, num, chunk):
         chunk_noise = noise[start : start + chunk]

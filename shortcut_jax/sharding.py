@@ -5,12 +5,22 @@ The mesh has three axes, ('data', 'fsdp', 'tensor'), sized by `config.mesh` (one
 `config.sharding_rules` maps them to mesh axes, so data parallelism, FSDP (parameters, EMA and
 optimizer state sharded over 'fsdp'), hybrid data x FSDP and tensor parallelism of attention and
 MLP are config changes. The batch is split over ('data', 'fsdp').
+
+Activations carry logical names too ('activation_batch', 'activation_length', 'activation_embed',
+'activation_heads', 'activation_kv', 'activation_mlp'), mapped by the same table; configs saved
+before these names existed get `ACTIVATION_RULES` (`logical_rules` fills in what is missing). The
+models constrain their activations with `constrain`, which does nothing unless a traced program
+entered `activation_context(mesh, rules)`: without it (single-device code, tests) the models are
+unchanged, and with it XLA keeps activations split over the batch axes instead of following the
+FSDP-sharded kernels (which would replicate the batch and multiply the per-chip compute).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +32,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+
+# Defaults for the activations' logical axes (config.sharding_rules may override each): the batch
+# over the batch axes, attention heads and the MLP's inner width over 'tensor' (like the kernels'
+# 'heads' and 'mlp'), everything else whole on every device.
+ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+)
+
+# (mesh, rules) while a program that constrains activations is traced; see activation_context.
+_ACTIVATION_LAYOUT: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "activation_layout", default=None
+)
 
 
 class ShardingError(ValueError):
@@ -71,13 +98,68 @@ def single_device_config() -> ml_collections.ConfigDict:
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-    """`config.sharding_rules` as flax logical-axis rules ((logical_name, mesh_axes), ...)."""
-    rules = []
-    for logical, mesh_axes in config.sharding_rules:
+    """`config.sharding_rules` as flax logical-axis rules ((logical_name, mesh_axes), ...).
+
+    Activation names the config does not map (configs saved before they existed) get their
+    `ACTIVATION_RULES` default, after the config's own rules.
+    """
+    return with_activation_defaults(config.sharding_rules)
+
+
+def with_activation_defaults(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """`rules` (lists turned into tuples) plus the `ACTIVATION_RULES` of names it lacks."""
+    result = []
+    for logical, mesh_axes in rules:
         if isinstance(mesh_axes, list):
             mesh_axes = tuple(mesh_axes)
-        rules.append((logical, mesh_axes))
-    return tuple(rules)
+        result.append((logical, mesh_axes))
+    named = {logical for logical, _ in result}
+    result.extend(rule for rule in ACTIVATION_RULES if rule[0] not in named)
+    return tuple(result)
+
+
+@contextlib.contextmanager
+def activation_context(
+    mesh: Mesh | None, rules: Sequence[Sequence[Any]] | None = None
+) -> Iterator[None]:
+    """Lets the models' `constrain` calls lay activations out over `mesh` by `rules`.
+
+    Enter it inside a function that jax traces for `mesh` (the constraints are recorded while
+    tracing). Without a mesh it does nothing.
+
+    Args:
+      mesh: the program's mesh, or None.
+      rules: logical axis rules (`logical_rules(config)`); None = `ACTIVATION_RULES` only.
+    """
+    if mesh is None:
+        yield
+        return
+    token = _ACTIVATION_LAYOUT.set((mesh, with_activation_defaults(rules or ())))
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the layout of its logical axis `names` (one per dimension).
+
+    The identity outside `activation_context`. A dimension that its mesh axes do not divide (e.g.
+    a batch of 4 bootstrap examples over 8 devices) is left to XLA rather than failing.
+    """
+    layout = _ACTIVATION_LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, rules = layout
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} names {tuple(names)} for shape {x.shape}")
+    spec = nn.logical_to_mesh_axes(tuple(names), rules)
+    dims = []
+    for size, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec)), strict=True):
+        axes_tuple = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        ways = math.prod(mesh.shape[axis] for axis in axes_tuple)
+        dims.append(axes if size % ways == 0 else PartitionSpec.UNCONSTRAINED)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*dims)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,6 +9,8 @@ every image crossing the host boundary after sampling, after decoding and before
 
 The result equals the composition ``sampling.sample_batch`` -> decoder ->
 ``features.compute_features`` for the same seed (up to float32 round-off of the fused program).
+On a mesh the sampler runs inside `sharding.activation_context`, so the model's activations stay
+split over the batch axes (as in the train step).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def _evaluate_chunk(
     feature_fns: tuple[features.FeatureFn, ...],
     feature_passes: tuple[int, ...],
     keep: bool,
-    batch: jax.sharding.Sharding | None,
+    batch: jax.sharding.NamedSharding | None,
+    rules: tuple[tuple[str, Any], ...] | None = None,
 ) -> tuple[Any, ...]:
     """Examples start .. start + chunk - 1 of `num`: features of every net and non-finite counts.
 
@@ -60,7 +63,8 @@ def _evaluate_chunk(
         labels = (indices % num_classes).astype(jnp.int32)
     else:
         labels = jnp.zeros((chunk,), jnp.int32)
-    samples = sampling.sample(apply_fn, params, noise, labels, **dict(sample_settings))
+    with sharding.activation_context(None if batch is None else batch.mesh, rules):
+        samples = sampling.sample(apply_fn, params, noise, labels, **dict(sample_settings))
     images = pixels(pixel_params, samples)
     valid = indices < num.astype(jnp.uint32)
     not_finite = ~jnp.isfinite(images).reshape(chunk, -1) & valid[:, None]
@@ -157,6 +161,7 @@ def sample_features(
     mesh: jax.sharding.Mesh | None = None,
     keep_samples: int = 0,
     progress: Callable[[int], None] | None = None,
+    sharding_rules: Sequence[Sequence[Any]] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Features of `num` samples under every net, sampled, decoded and featurized on the device.
 
@@ -184,6 +189,8 @@ def sample_features(
       keep_samples: also return the pixel images of the first this many examples.
       progress: called after each chunk with the chunk's examples times (1 + len(nets)), one
         count for the sampling and one per network, as the separate passes reported them.
+      sharding_rules: with a mesh, the logical axis rules of the model's activations
+        (`sharding.logical_rules(config)`); None = `sharding.ACTIVATION_RULES`.
 
     Returns:
       features: one (num, D) float32 host array per net.
@@ -227,6 +234,7 @@ def sample_features(
         pixels=pixels,
         feature_fns=tuple(net.apply for net in nets),
         feature_passes=tuple(feature_passes(chunk, shards, net.batch_size) for net in nets),
+        rules=None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules),
     )
     treedef, param_shardings = None, None
     if mesh is not None:

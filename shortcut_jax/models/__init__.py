@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from shortcut_jax import latent_space
+from shortcut_jax.models.adaln import REMAT_POLICIES
 from shortcut_jax.models.dit import PRESETS, DiT, dit_preset
 from shortcut_jax.models.mlp import MLP
 
@@ -43,6 +44,7 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "PRESETS",
+    "REMAT_POLICIES",
     "count_params",
     "dit_preset",
     "example_inputs",
@@ -64,11 +66,13 @@ def _compute_dtype(config: ml_collections.ConfigDict) -> Any:
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the velocity network named by config.model.name.
 
-    Reads config.model.{name, preset, hidden_size, depth, num_heads, patch_size, mlp_ratio, dtype}
-    and config.data.{image_size, channels, num_classes}. A non-empty config.model.preset (e.g.
-    "DiT-B/2") overrides hidden_size, depth, num_heads and patch_size. The step-size level
-    -log2(d) is embedded sinusoidally; config.denoise_timesteps sets the finest level, the one
-    smaller step sizes (d = 0 included) embed as.
+    Reads config.model.{name, preset, hidden_size, depth, num_heads, patch_size, mlp_ratio, dtype,
+    remat} and config.data.{image_size, channels, num_classes}. config.model.remat ('none',
+    'dots', 'full'; absent in configs saved before it existed = 'none') rematerialises each block
+    in the backward pass; it changes neither the parameters nor the results. A non-empty
+    config.model.preset (e.g. "DiT-B/2") overrides hidden_size, depth, num_heads and patch_size.
+    The step-size level -log2(d) is embedded sinusoidally; config.denoise_timesteps sets the
+    finest level, the one smaller step sizes (d = 0 included) embed as.
 
     Args:
       config: the experiment config (see shortcut_jax.configs.base_config).
@@ -77,12 +81,17 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
       An unbound flax.linen.Module.
 
     Raises:
-      ValueError: for an unknown config.model.name, preset or dtype, a preset with the 'mlp'
-        model, or shapes that do not fit (image size not divisible by the patch size, hidden size
-        not divisible by the heads).
+      ValueError: for an unknown config.model.name, preset, dtype or remat, a preset with the
+        'mlp' model, or shapes that do not fit (image size not divisible by the patch size,
+        hidden size not divisible by the heads).
     """
     name = config.model.name
     dtype = _compute_dtype(config)
+    remat = config.model.get("remat", "none")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"config.model.remat={remat!r} is not allowed; allowed: {list(REMAT_POLICIES)}"
+        )
     max_level = float(math.log2(int(config.denoise_timesteps)))
     num_classes = int(config.data.num_classes)
     if num_classes < 0:
@@ -118,6 +127,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             mlp_ratio=config.model.mlp_ratio,
             dtype=dtype,
             max_level=max_level,
+            remat=remat,
         )
     if name == "mlp":
         if config.model.preset:
@@ -132,6 +142,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             mlp_ratio=config.model.mlp_ratio,
             dtype=dtype,
             max_level=max_level,
+            remat=remat,
         )
     raise ValueError(f"config.model.name={name!r} is not a known model; allowed: {MODEL_NAMES}")
 

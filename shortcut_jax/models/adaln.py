@@ -5,6 +5,10 @@ shift, scale and gate produced from the conditioning vector c by the zero-initia
 `ada_ln`; the final layer is `proj(modulate(layer_norm(h), shift, scale))` with `proj` zero
 initialised too, so an untrained network outputs exactly zero. Parameter names (`ada_ln`, `norm*`,
 `proj`) are part of the checkpoint format: keep them.
+
+Also shared: the activation layout (`constrain_stream`, logical names 'activation_*', which
+`shortcut_jax.sharding` maps to mesh axes inside a sharded program and ignores elsewhere) and
+rematerialisation of blocks (`remat_block`, `config.model.remat`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,42 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from shortcut_jax import sharding
+
 Dtype = Any
+
+# config.model.remat -> what a rematerialised block keeps for the backward pass ('none': no remat,
+# everything is kept). 'dots': the outputs of the weight matmuls (no batch dimensions), so the
+# backward pass recomputes norms, activations and attention; 'full': only the block's inputs.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_block(block: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`block` itself for remat 'none', else `nn.remat(block)` with the policy of `remat`.
+
+    Parameter names and shapes are the same either way (a lifted transform keeps the module's
+    name), so checkpoints do not depend on this choice.
+
+    Raises:
+      ValueError: for a remat not in `REMAT_POLICIES`.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"config.model.remat={remat!r} is not allowed; allowed: {list(REMAT_POLICIES)}"
+        )
+    if remat == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=True)
+
+
+def constrain_stream(x: jax.Array) -> jax.Array:
+    """Lays out a residual stream (B, D) or (B, N, D): batch split, tokens and width whole."""
+    names = ("activation_batch",) + ("activation_length",) * (x.ndim - 2) + ("activation_embed",)
+    return sharding.constrain(x, names)
 
 
 def dense(
@@ -68,7 +107,8 @@ def modulation(c: jax.Array, count: int, hidden: int, dtype: Dtype) -> jax.Array
 
     Call it inside a compact module; the parameter is named `ada_ln` in that module.
     """
-    return dense((count, hidden), ("embed", None, "modulation"), dtype, "ada_ln", True)(nn.silu(c))
+    mod = dense((count, hidden), ("embed", None, "modulation"), dtype, "ada_ln", True)(nn.silu(c))
+    return sharding.constrain(mod, ("activation_batch", None, "activation_embed"))
 
 
 class FinalLayer(nn.Module):
@@ -89,4 +129,7 @@ class FinalLayer(nn.Module):
         """Args: h: (B, ..., D); c: (B, D). Returns: (B, ..., out_features)."""
         shift_scale = modulation(c, 2, h.shape[-1], self.dtype)
         h = modulate(layer_norm(self.dtype, "norm")(h), shift_scale[:, 0], shift_scale[:, 1])
-        return dense(self.out_features, ("embed", self.out_axis), self.dtype, "proj", True)(h)
+        h = constrain_stream(h)
+        out = dense(self.out_features, ("embed", self.out_axis), self.dtype, "proj", True)(h)
+        names = ("activation_batch",) + ("activation_length",) * (out.ndim - 2) + (None,)
+        return sharding.constrain(out, names)

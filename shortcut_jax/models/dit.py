@@ -11,6 +11,11 @@ adaLN pieces are shared with the MLP (`models.adaln`).
 Compute runs in `dtype` (float32 or bfloat16); parameters are always float32 and the output is cast
 to float32. Attention logits and softmax are computed in float32.
 
+Activations carry logical axis names through `sharding.constrain` ('activation_batch', ...): inside
+a sharded program (`sharding.activation_context`) they stay split over the batch axes whatever the
+kernels' layout; elsewhere the calls do nothing. `remat` ('none', 'dots', 'full') rematerialises
+each block in the backward pass (`adaln.remat_block`) without changing parameters or results.
+
 Kernels are created with `nn.with_logical_partitioning`, so `model.init` returns `nn.Partitioned`
 boxes around kernels. `model.apply` accepts the boxed tree or the plain tree
 (`nn.unbox(variables)`); `nn.get_partition_spec(jax.eval_shape(model.init, ...))` gives the logical
@@ -26,7 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax.models.adaln import FinalLayer, dense, gate, layer_norm, modulate, modulation
+from shortcut_jax import sharding
+from shortcut_jax.models.adaln import (
+    FinalLayer,
+    constrain_stream,
+    dense,
+    gate,
+    layer_norm,
+    modulate,
+    modulation,
+    remat_block,
+)
 from shortcut_jax.models.embeddings import Conditioning
 
 Dtype = Any
@@ -114,12 +129,23 @@ class Attention(nn.Module):
         qkv = dense(
             (3, self.num_heads, head_dim), ("embed", "qkv", "heads", "kv"), self.dtype, "qkv"
         )(x)  # (B, N, 3, H, Dh)
+        qkv = sharding.constrain(
+            qkv,
+            ("activation_batch", "activation_length", None, "activation_heads", "activation_kv"),
+        )
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = sharding.constrain(
+            logits, ("activation_batch", "activation_heads", "activation_length", None)
+        )
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, N, H, Dh)
-        return dense(hidden, ("heads", "kv", "embed"), self.dtype, "out", in_axes=(-2, -1))(out)
+        out = sharding.constrain(
+            out, ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        )
+        out = dense(hidden, ("heads", "kv", "embed"), self.dtype, "out", in_axes=(-2, -1))(out)
+        return constrain_stream(out)
 
 
 class Mlp(nn.Module):
@@ -137,8 +163,9 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x: (B, N, D). Returns: (B, N, D) in `dtype`."""
         h = dense(self.hidden_size, ("embed", "mlp"), self.dtype, "fc1")(x)
+        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.gelu(h, approximate=True)
-        return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)
+        return constrain_stream(dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h))
 
 
 class DiTBlock(nn.Module):
@@ -158,15 +185,18 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """Args: x: (B, N, D) tokens; c: (B, D) conditioning. Returns: (B, N, D)."""
         hidden = x.shape[-1]
+        x = constrain_stream(x)
         mod = modulation(c, 6, hidden, self.dtype)  # (B, 6, D)
         shift_attn, scale_attn, gate_attn = mod[:, 0], mod[:, 1], mod[:, 2]
         shift_mlp, scale_mlp, gate_mlp = mod[:, 3], mod[:, 4], mod[:, 5]
 
-        h = modulate(layer_norm(self.dtype, "norm1")(x), shift_attn, scale_attn)
-        x = x + gate(Attention(self.num_heads, self.dtype, name="attn")(h), gate_attn)
-        h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+        h = constrain_stream(modulate(layer_norm(self.dtype, "norm1")(x), shift_attn, scale_attn))
+        x = constrain_stream(
+            x + gate(Attention(self.num_heads, self.dtype, name="attn")(h), gate_attn)
+        )
+        h = constrain_stream(modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp))
         mlp = Mlp(int(hidden * self.mlp_ratio), self.dtype, name="mlp")
-        return x + gate(mlp(h), gate_mlp)
+        return constrain_stream(x + gate(mlp(h), gate_mlp))
 
 
 class DiT(nn.Module):
@@ -181,6 +211,8 @@ class DiT(nn.Module):
       mlp_ratio: MLP inner width / D.
       dtype: compute dtype (jnp.float32 or jnp.bfloat16); parameters are float32.
       max_level: the finest step-size level log2(denoise_timesteps); smaller d embed as it.
+      remat: 'none', 'dots' or 'full': what each block keeps for the backward pass
+        (`adaln.REMAT_POLICIES`); parameters and results are the same for all three.
     """
 
     hidden_size: int
@@ -191,6 +223,7 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     max_level: float = 7.0
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -226,6 +259,8 @@ class DiT(nn.Module):
                 f"config.model.num_heads={self.num_heads}"
             )
         grid_h, grid_w = height // p, width // p
+        block = remat_block(DiTBlock, self.remat)
+        x = sharding.constrain(x, ("activation_batch", None, None, None))
 
         tokens = nn.Conv(
             self.hidden_size,
@@ -242,7 +277,7 @@ class DiT(nn.Module):
         )(x.astype(self.dtype))  # (B, h, w, D)
         tokens = tokens.reshape(batch, grid_h * grid_w, self.hidden_size)
         position = sincos_position_embedding(grid_h, grid_w, self.hidden_size)
-        tokens = tokens + jnp.asarray(position, self.dtype)[None]
+        tokens = constrain_stream(tokens + jnp.asarray(position, self.dtype)[None])
 
         c = Conditioning(
             self.hidden_size,
@@ -251,13 +286,12 @@ class DiT(nn.Module):
             dtype=self.dtype,
             name="conditioning",
         )(t, d, labels)
+        c = constrain_stream(c)  # (B, D)
         for i in range(self.depth):
-            tokens = DiTBlock(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(
-                tokens, c
-            )
+            tokens = block(self.num_heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(tokens, c)
         out = FinalLayer(p * p * channels, "patch", self.dtype, name="final_layer")(tokens, c)
 
         # Unpatchify: (B, h*w, p*p*C) -> (B, h, p, w, p, C) -> (B, H, W, C).
         out = out.reshape(batch, grid_h, grid_w, p, p, channels)
         out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
-        return out.astype(jnp.float32)
+        return sharding.constrain(out.astype(jnp.float32), ("activation_batch", None, None, None))

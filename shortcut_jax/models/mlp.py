@@ -7,7 +7,8 @@ and the adaLN pieces (`models.adaln`) are the ones the DiT uses. An untrained mo
 exactly zero.
 
 As in the DiT, kernels carry logical axis names via `nn.with_logical_partitioning`; `model.apply`
-accepts the boxed `model.init` output or its `nn.unbox`-ed plain tree.
+accepts the boxed `model.init` output or its `nn.unbox`-ed plain tree; activations carry the same
+logical names (`adaln.constrain_stream`) and blocks rematerialise as `remat` says.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from shortcut_jax.models.adaln import FinalLayer, dense, gate, layer_norm, modulate, modulation
+from shortcut_jax import sharding
+from shortcut_jax.models.adaln import (
+    FinalLayer,
+    constrain_stream,
+    dense,
+    gate,
+    layer_norm,
+    modulate,
+    modulation,
+    remat_block,
+)
 from shortcut_jax.models.embeddings import Conditioning
 
 Dtype = Any
@@ -39,11 +50,13 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """Args: x: (B, D); c: (B, D). Returns: (B, D)."""
         hidden = x.shape[-1]
+        x = constrain_stream(x)
         mod = modulation(c, 3, hidden, self.dtype)  # (B, 3, D)
         h = modulate(layer_norm(self.dtype, "norm")(x), mod[:, 0], mod[:, 1])
         h = nn.silu(dense(self.inner_size, ("embed", "mlp"), self.dtype, "fc1")(h))
+        h = sharding.constrain(h, ("activation_batch", "activation_mlp"))
         h = dense(hidden, ("mlp", "embed"), self.dtype, "fc2")(h)
-        return x + gate(h, mod[:, 2])
+        return constrain_stream(x + gate(h, mod[:, 2]))
 
 
 class MLP(nn.Module):
@@ -56,6 +69,7 @@ class MLP(nn.Module):
       mlp_ratio: inner width of a block / hidden_size.
       dtype: compute dtype; parameters are float32.
       max_level: the finest step-size level log2(denoise_timesteps); smaller d embed as it.
+      remat: 'none', 'dots' or 'full' (`adaln.REMAT_POLICIES`), per block.
     """
 
     hidden_size: int
@@ -64,6 +78,7 @@ class MLP(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     max_level: float = 7.0
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -95,11 +110,14 @@ class MLP(nn.Module):
             dtype=self.dtype,
             name="conditioning",
         )(t, d, labels)
+        c = constrain_stream(c)
         h = dense(self.hidden_size, ("data", "embed"), self.dtype, "input_proj")(
             x.astype(self.dtype)
         )
+        h = constrain_stream(h)
         inner = int(self.hidden_size * self.mlp_ratio)
+        block = remat_block(MlpBlock, self.remat)
         for i in range(self.depth):
-            h = MlpBlock(inner, self.dtype, name=f"block_{i}")(h, c)
+            h = block(inner, self.dtype, name=f"block_{i}")(h, c)
         out = FinalLayer(dim, "data", self.dtype, name="final_layer")(h, c)
         return out.astype(jnp.float32)
