@@ -6,6 +6,7 @@ bad value as `config.<field> = <value>: <what is allowed>`.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -24,17 +25,35 @@ SCHEDULES = ("constant", "cosine")
 TEACHERS = ("params", "ema")
 
 
+# Whether `validate` checks that named files exist (see its check_files).
+_CHECK_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("check_files", default=True)
+
+
 class ConfigError(ValueError):
     """A config field holds a value the library cannot run with."""
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+def validate(
+    config: ml_collections.ConfigDict,
+    device_count: int | None = None,
+    check_files: bool = True,
+) -> None:
     """Checks the whole config; raises ConfigError naming every bad field, its value and the rule.
 
     Args:
       config: the run config.
       device_count: global number of devices the batch is split over (default: jax.device_count()).
+      check_files: also check that the files and directories it names exist (False for
+        `shortcut_jax.compile`, which plans a run on another machine from its config alone).
     """
+    token = _CHECK_FILES.set(check_files)
+    try:
+        _validate(config, device_count)
+    finally:
+        _CHECK_FILES.reset(token)
+
+
+def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> None:
     if device_count is None:
         import jax
 
@@ -459,6 +478,8 @@ def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> N
 
 
 def _dir_exists(path: str) -> bool:
+    if not _CHECK_FILES.get():
+        return True
     from etils import epath
 
     return epath.Path(path).is_dir()
@@ -493,7 +514,7 @@ def _check_eval_metric_needs(
             problem = spec.data_problem(config)
             if problem:
                 check("eval_metrics", lambda v: False, f"{name!r} cannot score this run: {problem}")
-            if metric_registry.missing_weights(spec, config):
+            if _CHECK_FILES.get() and metric_registry.missing_weights(spec, config):
                 check(
                     spec.weights_field,
                     lambda v: False,
@@ -506,6 +527,8 @@ def _check_eval_metric_needs(
 
 
 def _file_exists(path: str) -> bool:
+    if not _CHECK_FILES.get():
+        return True
     from etils import epath
 
     return epath.Path(path).is_file()
