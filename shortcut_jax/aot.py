@@ -450,7 +450,12 @@ def _sample(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
     settings = tuple(sorted(_sample_settings(run.config, num_steps).items()))
     apply_fn = steps.make_apply_fn(run.model)
     program = sampling._sharded_sampler(
-        apply_fn, settings, run.mesh, treedef, tuple(param_shardings)
+        apply_fn,
+        settings,
+        run.mesh,
+        treedef,
+        tuple(param_shardings),
+        sharding.with_activation_defaults(sharding.logical_rules(run.config)),
     )
     chunk = _eval_chunk(run)
     shape = tuple(models.example_inputs(run.config, 1)[0].shape[1:])
@@ -462,9 +467,7 @@ def _sample(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
 def _decode(run: _Run) -> tuple[int, Callable[[], Any]]:
     if run.vae is None:
         raise AotError("program 'decode' needs a VAE (config.vae.path): this run works on pixels")
-    pixels = functools.partial(
-        latent_space._vae_pixels, run.vae.arch, run.vae.scaling_factor, run.vae.dtype
-    )
+    pixels = latent_space.pixel_fn(run.vae)
     replicated, batch = sharding.replicated(run.mesh), sharding.batch_sharding(run.mesh)
     program = jax.jit(pixels, in_shardings=(replicated, batch), out_shardings=batch)
     chunk = _eval_chunk(run)
@@ -509,31 +512,19 @@ def _evaluate(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
 
     net = _inception(run)
     chunk = _eval_chunk(run)
-    if run.vae is None:
-        pixels, pixel_params = latent_space.clip_pixels, None
-    else:
-        pixels = functools.partial(
-            latent_space._vae_pixels, run.vae.arch, run.vae.scaling_factor, run.vae.dtype
-        )
-        pixel_params = _replicated_abstract(run.vae.params, run.mesh)
-    settings = _sample_settings(run.config, num_steps)
-    static = dict(
-        apply_fn=steps.make_apply_fn(run.model),
-        sample_settings=tuple(sorted(settings.items())),
+    pixels = latent_space.pixel_fn(run.vae)
+    pixel_params = None if run.vae is None else _replicated_abstract(run.vae.params, run.mesh)
+    params = run.abstract_state.ema_params
+    program = on_device.chunk_program(
+        steps.make_apply_fn(run.model),
+        params,
+        (net,),
+        sampler_settings=_sample_settings(run.config, num_steps),
         shape=tuple(models.example_inputs(run.config, 1)[0].shape[1:]),
         chunk=chunk,
-        num_classes=settings["num_classes"],
         pixels=pixels,
-        feature_fns=(net.apply,),
-        feature_passes=(
-            on_device.feature_passes(chunk, sharding.batch_shards(run.mesh), net.batch_size),
-        ),
-        keep=False,
-    )
-    params = run.abstract_state.ema_params
-    param_shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
-    program = on_device._program(
-        tuple(sorted(static.items())), run.mesh, treedef, tuple(param_shardings)
+        mesh=run.mesh,
+        sharding_rules=sharding.logical_rules(run.config),
     )
     scalar = functools.partial(jax.ShapeDtypeStruct, sharding=sharding.replicated(run.mesh))
     args = (

@@ -253,7 +253,8 @@ def paper_latent_config() -> ml_collections.ConfigDict:
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """The `file.py:VARIANT` variants of the paper configs: '' or 'b2', 'xl', 'tiny'.
 
-    'b2': DiT-B/2 (the paper's model, the default). 'xl': DiT-XL/2. 'tiny': a CPU smoke run of the
+    'b2': DiT-B/2 (the paper's model, the default; data parallel). 'xl': DiT-XL/2 with its state
+    sharded over the slice (config.mesh fsdp=-1). 'tiny': a CPU smoke run of the
     whole latent path (generated images, a small random-weight VAE made on first use, online
     encoding, decoded grids and an evaluation at the end) in about a minute.
 
@@ -264,7 +265,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collect
     if variant in ("", "b2"):
         return config
     if variant == "xl":
+        # 676 M parameters: parameters, Adam moments and EMA (10.1 GiB in float32) are sharded
+        # over every chip of the slice (FSDP), the batch too; on a single v5e chip's 15.75 usable
+        # GiB they would leave too little for activations (BENCHMARKS, "Pod planning").
         config.model.preset = "DiT-XL/2"
+        config.mesh.data = 1
+        config.mesh.fsdp = -1
         return config
     if variant != "tiny":
         raise ValueError(f"unknown config variant {variant!r}: use one of 'b2', 'xl', 'tiny'")

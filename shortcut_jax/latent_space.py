@@ -184,6 +184,14 @@ def _vae_pixels(
     return jnp.clip(images, -1.0, 1.0).astype(jnp.float32)
 
 
+def pixel_fn(vae: Any | None) -> PixelFn:
+    """The pure ``pixels(params, samples) -> images`` of a run: the VAE decode and clip, or only
+    the clip in pixel space (`vae` None). Equal VAEs give equal (hashable) functions."""
+    if vae is None:
+        return clip_pixels
+    return functools.partial(_vae_pixels, vae.arch, float(vae.scaling_factor), vae.dtype)
+
+
 class PixelDecoder:
     """Turns samples into pixel images in [-1, 1]: VAE decode (on the mesh) when the run has one.
 
@@ -209,9 +217,7 @@ class PixelDecoder:
         if vae is not None:
             from shortcut_jax import sharding
 
-            self._pixels = functools.partial(
-                _vae_pixels, vae.arch, float(vae.scaling_factor), vae.dtype
-            )
+            self._pixels = pixel_fn(vae)
             if mesh is None:
                 self._pixel_params = jax.device_put(vae.params)
                 self._decode = jax.jit(self._pixels)

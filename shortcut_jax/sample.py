@@ -127,6 +127,7 @@ def _sample() -> None:
         batch_size=_BATCH.value,
         mesh=mesh,
         objective=objectives.ObjectiveConfig.from_config(config),
+        sharding_rules=sharding.logical_rules(config),
     )
     # Latent runs decode to pixels here; images are clipped to [-1, 1] only after decoding.
     samples = latent_space.PixelDecoder.for_config(config, mesh, _BATCH.value)(samples)

@@ -250,6 +250,7 @@ class SampleGridWriter:
                 num_classes=config.data.num_classes,
                 mesh=self.mesh,
                 objective=self.objective,
+                sharding_rules=sharding.logical_rules(config),
             )
             name = f"{num_steps} step" + ("s" if num_steps > 1 else "")
             grids[name] = self.decoder(samples)

@@ -143,6 +143,50 @@ def _pixel_shape(pixels: latent_space.PixelFn, pixel_params: Any, shape: Any) ->
     return tuple(jax.eval_shape(pixels, pixel_params, samples).shape[1:])
 
 
+def chunk_program(
+    apply_fn: sampling.ApplyFn,
+    params: Any,
+    nets: Sequence[features.FeatureNet],
+    *,
+    sampler_settings: dict[str, Any],
+    shape: tuple[int, ...],
+    chunk: int,
+    pixels: latent_space.PixelFn,
+    mesh: jax.sharding.Mesh | None,
+    sharding_rules: Sequence[Sequence[Any]] | None = None,
+    keep: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
+    """The jitted program that evaluates one chunk, as `sample_features` runs it.
+
+    ``program(params, pixel_params, net_params, rng, start, num)`` -> (features, counts) (and the
+    images with `keep`); `params` (real or abstract) only give their shardings here, so
+    `shortcut_jax.aot` compiles the same program ahead of time.
+
+    Args:
+      sampler_settings: num_steps, denoise_timesteps, cfg_scale, num_classes, objective.
+      shape: per-example sample shape. chunk: examples per call (a multiple of the shards).
+      pixels: the decoder's pure function (`PixelDecoder.device_fn`).
+    """
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
+    static = dict(
+        apply_fn=apply_fn,
+        sample_settings=tuple(sorted(sampler_settings.items())),
+        shape=tuple(int(s) for s in shape),
+        chunk=int(chunk),
+        num_classes=int(sampler_settings["num_classes"]),
+        pixels=pixels,
+        feature_fns=tuple(net.apply for net in nets),
+        feature_passes=tuple(feature_passes(chunk, shards, net.batch_size) for net in nets),
+        rules=None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules),
+        keep=bool(keep),
+    )
+    treedef, param_shardings = None, None
+    if mesh is not None:
+        param_shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
+        param_shardings = tuple(param_shardings)
+    return _program(tuple(sorted(static.items())), mesh, treedef, param_shardings)
+
+
 def sample_features(
     apply_fn: sampling.ApplyFn,
     params: Any,
@@ -222,27 +266,20 @@ def sample_features(
             f"the feature networks need (H, W, C) images with C in (1, 3); samples of shape "
             f"{shape} decode to {pixel_shape}: score an image run, or check config.vae"
         )
-    shards = 1 if mesh is None else sharding.batch_shards(mesh)
     chunk = sharding.round_up_to_shards(min(int(batch_size), num), mesh)
     keep_samples = min(max(int(keep_samples), 0), num)
-    static = dict(
-        apply_fn=apply_fn,
-        sample_settings=tuple(sorted(sampler_settings.items())),
-        shape=shape,
-        chunk=chunk,
-        num_classes=int(num_classes),
-        pixels=pixels,
-        feature_fns=tuple(net.apply for net in nets),
-        feature_passes=tuple(feature_passes(chunk, shards, net.batch_size) for net in nets),
-        rules=None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules),
-    )
-    treedef, param_shardings = None, None
-    if mesh is not None:
-        param_shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
-        param_shardings = tuple(param_shardings)
     programs = {
-        keep: _program(
-            tuple(sorted({**static, "keep": keep}.items())), mesh, treedef, param_shardings
+        keep: chunk_program(
+            apply_fn,
+            params,
+            nets,
+            sampler_settings=sampler_settings,
+            shape=shape,
+            chunk=chunk,
+            pixels=pixels,
+            mesh=mesh,
+            sharding_rules=sharding_rules,
+            keep=keep,
         )
         for keep in (False, True)
     }

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from shortcut_jax import atomic_files, latent_space, objectives, sampling
+from shortcut_jax import atomic_files, latent_space, objectives, sampling, sharding
 from shortcut_jax.evaluators import features, fid, on_device, registry
 from shortcut_jax.evaluators.registry import EvaluationError
 
@@ -418,6 +418,7 @@ def sweep(
             mesh=mesh,
             keep_samples=keep_samples,
             progress=progress,
+            sharding_rules=sharding.logical_rules(config),
         )
         row: dict[str, float] = {
             "steps": int(num_steps),

@@ -133,6 +133,7 @@ def write_pairs(
                 num_classes=num_classes,
                 mesh=mesh,
                 objective=objective,
+                sharding_rules=sharding.logical_rules(config),
             )
             noise = np.asarray(sampling.example_noise(rng, count, shape))
             buffer = io.BytesIO()
