@@ -73,6 +73,10 @@ ROWS: tuple[Row, ...] = (
     Row("b2-v5e-4", f"{_IN}:b2", "v5litepod-4"),
     Row("xl-v5e-8", f"{_IN}:xl", "v5litepod-8"),
     Row("xl-v5e-4-remat", f"{_IN}:xl", "v5litepod-4", ("--config.model.remat=full",)),
+    Row("b2-v5e-1-remat", f"{_IN}:b2", "v5litepod-1", ("--config.model.remat=full",)),
+    Row("b2-v6e-1", f"{_IN}:b2", "v6e-1"),
+    Row("xl-v6e-1-remat", f"{_IN}:xl", "v6e-1", ("--config.model.remat=full",)),
+    Row("xl-v6e-4", f"{_IN}:xl", "v6e-4"),
     # Two v5e-16 slices over the data-center network.
     Row(
         "b2-2xv5e-16",
