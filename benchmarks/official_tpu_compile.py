@@ -2,6 +2,8 @@
 
     python benchmarks/official_tpu_compile.py --official_dir ~/shortcut-models --topology v5e:4x4
     python benchmarks/official_tpu_compile.py --official_dir ~/shortcut-models --topology v5p:2x2x1
+    python benchmarks/official_tpu_compile.py --official_dir ~/shortcut-models --topology v5e:4x4 \
+        --sides ours --layouts fsdp      # recompile one entry, keeping the others of the file
     python benchmarks/official_tpu_compile.py --report     # Markdown tables of every results file
 
 Needs the TPU compiler (`pip install -e ".[tpu]"`), not a TPU: both train steps are lowered with
@@ -30,7 +32,10 @@ nothing of it is part of this project. `--hlo_dir DIR` also writes each compiled
 text, `--xla_dump_dir DIR` the compiler's dumps (its `*live-range.txt` lists the buffers live at
 the peak of the temporaries, with the jax operation that made each), to compare the two programs.
 
-Output: benchmarks/results/official_tpu_compile_<topology>.json (written atomically).
+Output: benchmarks/results/official_tpu_compile_<topology>.json (written atomically), one entry
+per side and layout. A run compiles the --sides x --layouts it is given and keeps the file's other
+entries (`merge_results`); every entry records the commit (and uncommitted changes) of our tree it
+was compiled at, date and versions, shown in the report's 'commit' column.
 """
 
 from __future__ import annotations
@@ -141,17 +146,90 @@ def our_mesh(layout: str, chips: int) -> dict[str, int]:
     raise ValueError(f"layout {layout!r}: choose from {', '.join(LAYOUTS)}")
 
 
+def _parse_choices(text: str, choices: Sequence[str], flag: str) -> list[str]:
+    """'b, a' -> ['a', 'b'] in the order of `choices`; ValueError naming `flag` otherwise."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or any(part not in choices for part in parts):
+        raise ValueError(f"{flag}={text!r}: choose from {', '.join(choices)}")
+    return [choice for choice in choices if choice in parts]
+
+
 def parse_layouts(text: str) -> list[str]:
     """'dp,fsdp' -> ['dp', 'fsdp'].
 
     Raises:
       ValueError: naming --layouts and the unknown layout.
     """
-    layouts = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [layout for layout in layouts if layout not in LAYOUTS]
-    if unknown or not layouts:
-        raise ValueError(f"--layouts={text!r}: choose from {', '.join(LAYOUTS)}")
-    return layouts
+    return _parse_choices(text, LAYOUTS, "--layouts")
+
+
+def parse_sides(text: str) -> list[str]:
+    """'ours,official' -> ['ours', 'official'].
+
+    Raises:
+      ValueError: naming --sides and the unknown side.
+    """
+    return _parse_choices(text, SIDES, "--sides")
+
+
+def stamp(entry: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The entry with the run record of `meta` where it has none of its own: our commit, the
+    uncommitted changes of our tree, date, jax and libtpu (files written before entries carried
+    their own record have it only in their meta)."""
+    record = {
+        "commit": meta.get("our_commit", ""),
+        "tree_changes": list(meta.get("our_tree_changes") or []),
+        "date": meta.get("date", ""),
+        "jax": (meta.get("versions") or {}).get("jax"),
+        "libtpu": meta.get("libtpu"),
+    }
+    return {**record, **entry}
+
+
+def commit_text(entry: dict[str, Any]) -> str:
+    """'51ac9f8', or '51ac9f8+changes' when our tree had uncommitted changes."""
+    return (entry.get("commit") or "?")[:7] + ("+changes" if entry.get("tree_changes") else "")
+
+
+def merge_results(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """`new` with the entries of `previous` it did not recompile (another side or layout).
+
+    Kept entries carry their own run record (`stamp` with the previous meta); meta and command
+    are the new run's; settings' layouts and sides are those of the merged entries.
+
+    Raises:
+      ValueError: when the files are of other settings (topology, batch, image shape, or, while
+        official entries are kept, another official checkout).
+    """
+    if previous is None:
+        return new
+    old, now = previous["settings"], new["settings"]
+    compiled = {(entry["side"], entry["layout"]) for entry in new["runs"]}
+    kept = [
+        stamp(entry, previous["meta"])
+        for entry in previous["runs"]
+        if (entry["side"], entry["layout"]) not in compiled
+    ]
+    keys = ["topology", "batch_size", "image_shape"]
+    if any(entry["side"] == "official" for entry in kept):
+        keys.append("official_fingerprint")
+    for key in keys:
+        if old.get(key) != now.get(key):
+            raise ValueError(
+                f"the results file has {key} {old.get(key)!r}, this run {now.get(key)!r}: "
+                "recompile every side and layout (--sides ours,official --layouts dp,fsdp) "
+                "or use another --results_dir"
+            )
+    runs = kept + list(new["runs"])
+    runs.sort(key=lambda entry: (LAYOUTS.index(entry["layout"]), SIDES.index(entry["side"])))
+    layouts = [layout for layout in LAYOUTS if any(e["layout"] == layout for e in runs)]
+    sides = [side for side in SIDES if any(e["side"] == side for e in runs)]
+    settings = {**now, "layouts": layouts, "sides": sides}
+    merged = {**previous, **new, "runs": runs, "settings": settings}
+    for key in ("chips", "chip"):
+        if key not in new and key in previous:
+            merged[key] = previous[key]
+    return merged
 
 
 def not_aliased_bytes(entry: dict[str, Any]) -> int:
@@ -174,12 +252,13 @@ def report(results: dict[str, Any]) -> str:
         f"DiT-B/2, batch {settings['batch_size']} of {'x'.join(map(str, IMAGE_SHAPE))} latents",
         "",
         "| side | mesh | arguments GiB | outputs not aliased GiB | temporaries GiB | total GiB "
-        "| TFLOP / chip / step | parameters |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| TFLOP / chip / step | parameters | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     notes = []
+    runs = [stamp(entry, results["meta"]) for entry in results["runs"]]
     for layout in settings["layouts"]:
-        entries = {e["side"]: e for e in results["runs"] if e["layout"] == layout}
+        entries = {e["side"]: e for e in runs if e["layout"] == layout}
         for side in SIDES:
             entry = entries.get(side)
             if entry is None:
@@ -187,14 +266,14 @@ def report(results: dict[str, Any]) -> str:
             if entry.get("error"):
                 lines.append(
                     f"| {side} | {mesh_text(entry)} | refused by the compiler: "
-                    f"{entry['error'][:120]} |||||"
+                    f"{entry['error'][:120]} |||||| {commit_text(entry)} |"
                 )
                 continue
             lines.append(
                 f"| {side} | {mesh_text(entry)} | {entry['argument_bytes'] / GiB:.2f} "
                 f"| {not_aliased_bytes(entry) / GiB:.2f} | {entry['temp_bytes'] / GiB:.2f} "
                 f"| {entry['total_bytes'] / GiB:.2f} | {entry['flops'] / 1e12:.3f} "
-                f"| {entry['params']:,} |"
+                f"| {entry['params']:,} | {commit_text(entry)} |"
             )
         ours, official = entries.get("ours"), entries.get("official")
         if ours and official and not ours.get("error") and not official.get("error"):
@@ -204,16 +283,16 @@ def report(results: dict[str, Any]) -> str:
                 f"{official['temp_bytes'] / max(ours['temp_bytes'], 1):.2f}x, FLOPs "
                 f"{official['flops'] / max(ours['flops'], 1):.2f}x."
             )
-    meta = results["meta"]
     lines += ["", *notes, ""]
+    compiles: dict[str, list[str]] = {}
+    for e in runs:
+        when = f"{e['date']}, jax {e['jax']}, libtpu {e['libtpu']}"
+        compiles.setdefault(when, []).append(f"{e['side']} {e['layout']}")
     lines.append(
-        f"{meta['date']}; jax {meta['versions']['jax']}, libtpu {meta.get('libtpu')}; "
-        f"our commit {meta['our_commit'][:7]}"
-        + (" with uncommitted changes" if meta.get("our_tree_changes") else "")
-        + "; compile seconds "
-        + ", ".join(
-            f"{e['side']} {e['layout']} {e.get('compile_seconds', 0):.0f}" for e in results["runs"]
-        )
+        "commit: the commit of this project a row was compiled at. Compiled "
+        + "; ".join(f"{when}: {', '.join(rows)}" for when, rows in compiles.items())
+        + ". Compile seconds "
+        + ", ".join(f"{e['side']} {e['layout']} {e.get('compile_seconds', 0):.0f}" for e in runs)
         + "."
     )
     return "\n".join(lines)
@@ -412,8 +491,8 @@ def run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     return oc.parse_worker_output(done.stdout)
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Both sides for every layout on one topology, each compile in its own process."""
+def results_header(args: argparse.Namespace) -> dict[str, Any]:
+    """Meta (machine, versions, our commit and uncommitted changes) and settings of a run."""
     import importlib.metadata
 
     official_dir = oc.check_official_dir(args.official_dir)
@@ -434,6 +513,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "topology": args.topology,
             "layouts": args.layouts,
+            "sides": args.sides,
             "batch_size": readme["batch_size"],
             "image_shape": list(IMAGE_SHAPE),
             "official_dir": str(official_dir),
@@ -447,19 +527,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runs": [],
     }
+    return results
+
+
+def measure(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """The --sides for every --layouts on one topology, each compile in its own process; the
+    entries go to `results` (from `results_header`), each with its run record."""
+    official_dir = oc.check_official_dir(args.official_dir)
     for layout in args.layouts:
         specs = {
             "ours": {"topology": args.topology, "layout": layout},
             "official": {**official_spec(official_dir, layout), "topology": args.topology},
         }
-        for side in SIDES:
+        for side in args.sides:
             specs[side].update(
                 layout=layout, hlo_dir=args.hlo_dir or "", xla_dump_dir=args.xla_dump_dir or ""
             )
             print(f"compiling {side} {layout} for {args.topology} ...", flush=True)
             result = run_worker(side, specs[side])
             results["chips"], results["chip"] = result["chips"], result["chip"]
-            results["runs"].append({"side": side, "layout": layout, **result})
+            entry = {"side": side, "layout": layout, **result}
+            results["runs"].append(stamp(entry, results["meta"]))
             print(
                 f"  {side:<8} {layout:<4} total {result['total_bytes'] / GiB:.2f} GiB, temporaries "
                 f"{result['temp_bytes'] / GiB:.2f} GiB, {result['flops'] / 1e12:.3f} TFLOP, "
@@ -476,6 +564,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--official_dir", help="a checkout of github.com/kvfrans/shortcut-models")
     parser.add_argument("--topology", default=DEFAULT_TOPOLOGY, help="e.g. v5e:4x4, v5p:2x2x1")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="dp, fsdp or dp,fsdp")
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help="ours, official or both; the file's entries of other sides and layouts are kept",
+    )
     parser.add_argument("--hlo_dir", default=None, help="also write each program's HLO text here")
     parser.add_argument(
         "--xla_dump_dir", default=None, help="also dump the compiler's buffer assignment here"
@@ -491,6 +584,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--official_dir is required: a checkout of github.com/kvfrans/shortcut-models")
     try:
         args.layouts = parse_layouts(args.layouts)
+        args.sides = parse_sides(args.sides)
         official_dir = oc.check_official_dir(args.official_dir)
         readme_command_flags((official_dir / "README.md").read_text())
     except (ValueError, OSError) as error:
@@ -499,7 +593,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Runs a worker, prints the reports, or compiles both sides and writes the results file."""
+    """Runs a worker, prints the reports, or compiles the sides and merges them into the
+    topology's results file."""
     args = parse_args(argv)
     if args.worker:
         result = WORKERS[args.worker](json.loads(args.worker_spec))
@@ -514,8 +609,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from shortcut_jax import atomic_files
 
-    results = measure(args)
     out = results_path(args.topology, directory)
+
+    def previous() -> dict[str, Any] | None:
+        return json.loads(out.read_text()) if out.exists() else None
+
+    header = results_header(args)
+    try:
+        planned = [
+            {"side": side, "layout": layout} for side in args.sides for layout in args.layouts
+        ]
+        merge_results(previous(), {**header, "runs": planned})  # refused before compiling
+    except ValueError as error:
+        sys.exit(f"{out}: {error}")
+    results = merge_results(previous(), measure(args, header))
     atomic_files.write_json(out, results)
     print(f"wrote {out}\n")
     print(report(results))
