@@ -219,6 +219,10 @@ def resolve_slice(name: str, num_slices: int = 1) -> Slice:
     from jax.experimental import topologies
 
     options: dict[str, Any] = {}
+    dims = [int(d) for d in topology.split(":")[1].split("x")]
+    if len(dims) == 2 and dims[0] * dims[1] <= 8:
+        # Single-host v5e / v6e slices (1, 4 or 8 chips) have all their chips on one host.
+        options["chips_per_host_bounds"] = (dims[0], dims[1], 1)
     if chip.cores_per_chip > 1:
         options["chip_config_name"] = "megacore"  # one device per chip, as JAX runs on them
     if int(num_slices) > 1:

@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("v5p-32", "v5p", "v5p:2x2x4"),
         ("v6e-8", "v6e", "v6e:2x4"),
         ("V5E:4x4", "v5e", "v5e:4x4"),
+        ("v5litepod-1", "v5e", "v5e:1x1"),
+        ("v6e-1", "v6e", "v6e:1x1"),
     ],
 )
 def test_accelerator_types_name_their_topology(name, generation, topology):
@@ -37,6 +39,17 @@ def test_accelerator_types_name_their_topology(name, generation, topology):
 def test_unknown_topologies_are_refused_with_the_accepted_forms(name):
     with pytest.raises(aot.AotError, match="--topology"):
         aot.parse_topology(name)
+
+
+@pytest.mark.parametrize(
+    "name, chips, hosts",
+    [("v5litepod-1", 1, 1), ("v5litepod-8", 8, 1), ("v6e-16", 16, 4), ("v4-8", 4, 1)],
+)
+def test_slices_have_the_chips_and_hosts_of_their_accelerator_type(
+    tpu_compiler, name, chips, hosts
+):
+    tpu = aot.resolve_slice(name)
+    assert (tpu.num_chips, tpu.num_hosts) == (chips, hosts)
 
 
 def _tiny_config(batch_size: int = 8):
