@@ -265,7 +265,9 @@ class ProgramReport:
       batch: examples per call (global).
       argument_bytes, output_bytes, alias_bytes, temp_bytes, code_bytes: per chip, from
         `memory_analysis()`; outputs aliased to donated arguments are not counted twice.
-      flops: per chip per call, from `cost_analysis()` (a sampler's loop counted k times).
+      flops: per chip per call, from `cost_analysis()` with the loops it counts once counted per
+        trip: the sampler's k steps, and FSDP's collective-matmul loops (`hlo_loops`).
+      collective_matmul_loops: how many such FSDP loops were counted per trip.
       compile_seconds: wall time of lowering + compiling on this host.
       error: the compiler's message when it refused the program (e.g. out of memory).
       over_gib: GiB above the chip's HBM that the compiler reported, when it refused for memory
@@ -286,6 +288,7 @@ class ProgramReport:
     error: str = ""
     over_gib: float = 0.0
     over_what: str = ""
+    collective_matmul_loops: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -336,10 +339,13 @@ def _analyse(report: ProgramReport, lower: Callable[[], Any], loop_flops: Callab
     report.alias_bytes = int(memory.alias_size_in_bytes)
     report.temp_bytes = int(memory.temp_size_in_bytes)
     report.code_bytes = int(memory.generated_code_size_in_bytes)
-    from shortcut_jax import gpu_compile
+    from shortcut_jax import gpu_compile, hlo_loops
 
     cost = gpu_compile.cost_analysis(compiled)  # cost_analysis(), or XLA's count on GPUs
-    report.flops = float(cost.get("flops", 0.0)) + loop_flops(cost)
+    # FSDP's collective matmuls are loops whose bodies cost_analysis() counts once.
+    flops, loops = hlo_loops.loop_corrected_flops(compiled, cost)
+    report.collective_matmul_loops = sum(1 for loop in loops if loop["trip"])
+    report.flops = flops + loop_flops(cost)
 
 
 def _with_latents(config: ml_collections.ConfigDict, precomputed: bool) -> Any:
