@@ -77,6 +77,20 @@ ROWS: tuple[Row, ...] = (
     Row("b2-v6e-1", f"{_IN}:b2", "v6e-1"),
     Row("xl-v6e-1-remat", f"{_IN}:xl", "v6e-1", ("--config.model.remat=full",)),
     Row("xl-v6e-4", f"{_IN}:xl", "v6e-4"),
+    # Every program of a run (train steps on latents and with the VAE encode, the sampler at the
+    # config's eval batch, the VAE decode), for one variant of each paper config.
+    Row(
+        "b2-v5e-16-programs",
+        f"{_IN}:b2",
+        "v5litepod-16",
+        programs="train_latents,train_online,sample,decode",
+    ),
+    Row(
+        "celebahq-xl-v5p-8-programs",
+        "experiments/celebahq256.py:xl",
+        "v5p-8",
+        programs="train_latents,train_online,sample,decode",
+    ),
     # Two v5e-16 slices over the data-center network.
     Row(
         "b2-2xv5e-16",
@@ -218,7 +232,7 @@ def report(out_dir: Path) -> str:
             lines.append(
                 f"{head} - | - | over by >= {program['over_gib']:.1f} "
                 f"({program.get('over_what') or 'memory'}) / {usable:g} | no | - | - | - | - | - |"
-                f" {data['wall_seconds'] / 60:.1f} min |"
+                f" {data.get('wall_seconds', 0) / 60:.1f} min |"
             )
             continue
         est = program["estimates"]
@@ -231,8 +245,37 @@ def report(out_dir: Path) -> str:
             f"{program['flops'] / 1e12:.2f} | {flops_total:.1f} / {analytic:.1f} "
             f"({flops_total / analytic - 1:+.1%}) | {est['images_per_second']:,.0f} | "
             f"{est['days']:.1f} / {est['chip_hours']:,.0f} ({config['total_steps']:,}) | "
-            f"{largest_batch(data):,} | {data['wall_seconds'] / 60:.1f} min |"
+            f"{largest_batch(data):,} | {data.get('wall_seconds', 0) / 60:.1f} min |"
         )
+    programs = [
+        "",
+        "Every program of a run (memory per chip in GiB; FLOPs per chip per call; the sampler at "
+        "k = 1 step, at the config's eval batch):",
+        "",
+        "| row | slice | program | batch | args | outputs not aliased | temp | total / usable | "
+        "TFLOP/chip/call | compile |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in ROWS:
+        path = out_dir / f"{row.name}.json"
+        if "," not in row.programs or not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        for program in data["programs"]:
+            memory = (
+                f"{program['argument_bytes'] / GIB:.2f} | "
+                f"{(program['output_bytes'] - program['alias_bytes']) / GIB:.2f} | "
+                f"{program['temp_bytes'] / GIB:.2f} | {program['total_gib']:.2f} / "
+                f"{data['chip']['usable_hbm_gib']:g}"
+                if not program["error"]
+                else f"- | - | - | over by >= {program['over_gib']:.1f}"
+            )
+            programs.append(
+                f"| {row.name} | {row.topology} | {program['name']} | {program['batch']} | "
+                f"{memory} | {program['flops'] / 1e12:.3g} | {program['compile_seconds']:.0f} s |"
+            )
+    if len(programs) > 6:
+        lines += programs
     commits = sorted({json.loads(p.read_text()).get("commit", "?") for p in out_dir.glob("*.json")})
     lines.append("")
     lines.append(f"Measured at commit(s) {', '.join(commits)}.")
