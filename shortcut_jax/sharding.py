@@ -84,12 +84,19 @@ def make_mesh(
 ) -> Mesh:
     """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all global devices)."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(config, len(devices))
+    return Mesh(device_grid(mesh_shape(config, len(devices)), devices), MESH_AXES)
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any], **options: Any) -> np.ndarray:
+    """`devices` as an array of `shape`, in the interconnect's order where JAX knows it.
+
+    `mesh_utils.create_device_mesh` (with `options`), or the devices in order for topologies it
+    refuses (unusual slices, subsets of CPU devices).
+    """
     try:
-        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (AssertionError, NotImplementedError, ValueError):  # unusual topologies, CPU subsets
-        device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+        return mesh_utils.create_device_mesh(tuple(shape), devices=list(devices), **options)
+    except (AssertionError, NotImplementedError, ValueError):
+        return np.asarray(list(devices), dtype=object).reshape(tuple(shape))
 
 
 def single_device_config() -> ml_collections.ConfigDict:
