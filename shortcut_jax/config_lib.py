@@ -433,6 +433,12 @@ def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> N
         return
     check("vae.path", lambda v: isinstance(v, str), "a path string ('' = pixel space)")
     path = vae_config.get("path", "")
+    if "decode_batch_size" in vae_config:
+        check(
+            "vae.decode_batch_size",
+            lambda v: _is_int(v) and v >= 0,
+            "an integer >= 0 (images per device per VAE-decode pass; 0 = the whole chunk)",
+        )
     if path:
         check(
             "vae.path",

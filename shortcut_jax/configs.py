@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.vae.downsample_factor = 8  # image side / latent side; checked against the weights
     config.vae.dtype = "float32"  # compute dtype of encode/decode; parameters stay float32
     config.vae.sample_posterior = True  # train on posterior samples (False: posterior means)
+    # Images per device per VAE-decode pass inside the evaluation program (0 = the whole chunk at
+    # once): bounds the decoder's activations, tens of GiB for a 256-image chunk at 256 px.
+    config.vae.decode_batch_size = 8
 
     # --- Model -----------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict()

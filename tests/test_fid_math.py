@@ -167,6 +167,38 @@ def test_feature_statistics_match_numpy_mean_and_unbiased_cov():
     np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
 
 
+def test_streamed_statistics_over_uneven_chunks_equal_the_all_at_once_ones():
+    # Features far from zero (mean 1e3, spread 1): a plain sum of x x^T would lose ~6 digits.
+    rng = np.random.default_rng(3)
+    x = 1e3 + rng.normal(size=(503, 7)) @ rng.normal(size=(7, 7))
+    mu, sigma = fid.feature_statistics(x)
+    running = fid.RunningStatistics(7)
+    for start, stop in ((0, 1), (1, 64), (64, 64), (64, 300), (300, 503)):
+        running.add(x[start:stop])
+    got_mu, got_sigma = running.statistics()
+    assert running.count == 503
+    np.testing.assert_allclose(got_mu, mu, rtol=1e-13)
+    np.testing.assert_allclose(got_sigma, sigma, rtol=1e-9, atol=1e-12)
+    # Two accumulators (two processes' shares) merged through the packed form: the same.
+    first, second = fid.RunningStatistics(7), fid.RunningStatistics(7)
+    first.add(x[::2])
+    second.add(x[1::2])
+    first.merge(fid.RunningStatistics.from_array(second.to_array()))
+    np.testing.assert_allclose(first.statistics()[1], sigma, rtol=1e-9, atol=1e-12)
+    assert fid.frechet_distance(*first.statistics(), mu, sigma) < 1e-9
+
+
+def test_streamed_statistics_refuse_wrong_dimensions_and_too_few_rows():
+    running = fid.RunningStatistics(3)
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        running.add(np.zeros((4, 2)))
+    running.add(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        running.statistics()
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        running.merge(fid.RunningStatistics(4))
+
+
 def test_frechet_distance_of_features_of_a_shifted_copy_is_the_squared_shift():
     # Same covariance, means apart by `shift`: the distance is |shift|^2 and nothing else.
     rng = np.random.default_rng(9)
