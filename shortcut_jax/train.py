@@ -20,6 +20,7 @@ from shortcut_jax import (
     data,
     images,
     latent_space,
+    metric_files,
     models,
     objectives,
     optim,
@@ -64,11 +65,7 @@ def _train_and_evaluate(
     workdir = str(checkpoint.workdir_path(workdir))
     is_chief = jax.process_index() == 0
     # Only process 0 writes metrics, logs and images.
-    writer = (
-        metric_writers.create_default_writer(workdir)
-        if is_chief
-        else metric_writers.MultiWriter([])
-    )
+    writer = metric_files.create_writer(workdir, is_chief)
 
     # ----------------------------------------------------------------- data, model, state
     vae = latent_space.load_run_vae(config) if latent_space.uses_vae(config) else None

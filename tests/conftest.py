@@ -14,9 +14,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
-import pytest  # noqa: E402
-
 import gcs_emulator  # noqa: E402
+import pytest  # noqa: E402
 
 # gs:// clients read their endpoints once, at import: point them at the test emulator's port now
 # (the server itself starts only when a test asks for the `gcs` fixture).

@@ -12,7 +12,6 @@ backend) on that port and creates buckets; nothing it stores touches the local d
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
