@@ -215,7 +215,7 @@ def paper_latent_config() -> ml_collections.ConfigDict:
     inside the train step unless config.data.latent_dir names precomputed ones.
     """
     config = base_config()
-    config.total_steps = 800_000
+    config.total_steps = 810_000  # the official README's ImageNet-256 command (--max_steps)
     config.batch_size = 256
     config.denoise_timesteps = 128
     config.bootstrap_every = 8

@@ -125,7 +125,7 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
                 "bootstrap_cfg": True,
                 "data.num_classes": 1000,
                 "batch_size": 256,
-                "total_steps": 800_000,
+                "total_steps": 810_000,  # the official README's --max_steps
             },
         ),
         # The official code trains CelebA-HQ at batch 64 for 410k steps.
