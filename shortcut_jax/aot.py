@@ -482,7 +482,7 @@ def _decode(run: _Run) -> tuple[int, Callable[[], Any]]:
     program = jax.jit(pixels, in_shardings=(replicated, batch), out_shardings=batch)
     chunk = _eval_chunk(run)
     latents = _batch_abstract(run.mesh, (chunk, *latent_space.model_shape(run.config)), jnp.float32)
-    vae_params = _replicated_abstract(run.vae.params, run.mesh)
+    vae_params = _replicated_abstract(run.vae.decoder_params, run.mesh)
     return chunk, lambda: program.lower(vae_params, latents)
 
 
@@ -523,7 +523,9 @@ def _evaluate(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
     net = _inception(run)
     chunk = _eval_chunk(run)
     pixels = latent_space.pixel_fn(run.vae)
-    pixel_params = None if run.vae is None else _replicated_abstract(run.vae.params, run.mesh)
+    pixel_params = (
+        None if run.vae is None else _replicated_abstract(run.vae.decoder_params, run.mesh)
+    )
     params = run.abstract_state.ema_params
     program = on_device.chunk_program(
         steps.make_apply_fn(run.model),

@@ -17,6 +17,9 @@ the model's activations are laid out by the config's rules (split over the batch
 For ahead-of-time compilation (no weights at hand) the frozen inputs may be abstract: a teacher
 run or a VAE whose parameter leaves are `jax.ShapeDtypeStruct`s; `step.lower(...)` then works as
 with real ones (the abstract step cannot be called, only lowered).
+
+Of a VAE only the encoder half (`Vae.encoder_params`) goes into the step: the decoder is for
+sampling and never occupies device memory on account of training.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class CompiledStep:
       program: the jitted (or ahead-of-time compiled) (state, sums, batch, frozen) -> (state,
         sums, loss).
       frozen: the inputs that are not trained, on the device: {'teacher': params} for an objective
-        with a teacher run, {'vae': params} when images are encoded in the step, else {}.
+        with a teacher run, {'vae': the VAE's encoder half} when images are encoded in the step,
+        else {}.
       state_sharding: NamedShardings of the state. mesh: the mesh. batch_sharding: of every
         batch array.
     """
@@ -124,7 +128,8 @@ def build(
         Its params may be `jax.ShapeDtypeStruct`s (ahead-of-time compilation); leaves without a
         sharding are replicated.
       vae: the run's VAE (`latent_space.load_run_vae`) when images are encoded inside the step
-        (`latent_space.is_online`); the batch then holds pixel images. Its params may be
+        (`latent_space.is_online`); the batch then holds pixel images. Only its encoder half
+        (`vae.encoder_params`) is put on the devices and passed to the step. Its params may be
         `jax.ShapeDtypeStruct`s (ahead-of-time compilation): they are then given the replicated
         sharding instead of being put on the devices.
     """
@@ -142,10 +147,11 @@ def build(
         )
         frozen_sharding["teacher"] = jax.tree.map(lambda leaf: leaf.sharding, frozen["teacher"])
     if vae is not None:
+        encoder = vae.encoder_params
         frozen["vae"] = (
-            jax.tree.map(lambda leaf: _abstract(leaf, replicated), vae.params)
-            if any(_is_abstract(leaf) for leaf in jax.tree.leaves(vae.params))
-            else jax.device_put(vae.params, replicated)
+            jax.tree.map(lambda leaf: _abstract(leaf, replicated), encoder)
+            if any(_is_abstract(leaf) for leaf in jax.tree.leaves(encoder))
+            else jax.device_put(encoder, replicated)
         )
         frozen_sharding["vae"] = replicated
 

@@ -10,8 +10,12 @@ data holds, what grids show and what FID scores. With `config.vae.path` set, the
     train step (as the paper's code does).
 
 Samples are latents; `PixelDecoder` decodes them on the mesh and clips to [-1, 1] only after
-decoding (never in latent space). The guidance policy (`guidance_scale`) lives here too because it
-is a per-step-count decision shared by grids, the sample CLI and every evaluation.
+decoding (never in latent space). Each side holds only its half of the VAE: the train step the
+encoder (`Vae.encoder_params`, see `online_encode_step`), sampling and evaluation the decoder
+(`Vae.decoder_params`, see `pixel_fn` and `PixelDecoder`).
+
+The guidance policy (`guidance_scale`) lives here too because it is a per-step-count decision
+shared by grids, the sample CLI and every evaluation.
 """
 
 from __future__ import annotations
@@ -141,7 +145,10 @@ def online_encode_step(
     """Wraps `train_step(state, batch)` as `step(state, batch, vae_params)` encoding batch['image'].
 
     The images are encoded to scaled latents inside the same jitted program (posterior samples
-    drawn from fold_in(seed, step) when config.vae.sample_posterior, else posterior means).
+    drawn from fold_in(seed, step) when config.vae.sample_posterior, else posterior means), in
+    the compute dtype of `vae` (config.vae.dtype). `vae_params` need only be the encoder half,
+    `vae.encoder_params` (`compiled_step.build` passes nothing else); `vae` gives the arch, the
+    scaling factor and the dtype.
     """
     from shortcut_jax.models import vae as vae_lib
 
@@ -186,7 +193,11 @@ def _vae_pixels(
 
 def pixel_fn(vae: Any | None) -> PixelFn:
     """The pure ``pixels(params, samples) -> images`` of a run: the VAE decode and clip, or only
-    the clip in pixel space (`vae` None). Equal VAEs give equal (hashable) functions."""
+    the clip in pixel space (`vae` None). Equal VAEs give equal (hashable) functions.
+
+    With a VAE, `params` need only be its decoder half (`vae.decoder_params`, what
+    `PixelDecoder.device_fn` returns); the decode runs in the compute dtype of `vae`.
+    """
     if vae is None:
         return clip_pixels
     return functools.partial(_vae_pixels, vae.arch, float(vae.scaling_factor), vae.dtype)
@@ -199,7 +210,8 @@ class PixelDecoder:
     `batch_size`, split over the mesh's batch axes when a mesh is given (every process must call
     it together then), and clipped after decoding. `device_fn` gives the same decode and clip as
     a pure function for programs that decode on the device (the fused evaluation); both use one
-    copy of the VAE weights on the devices.
+    copy of the VAE's decoder half (`Vae.decoder_params`) on the devices; the encoder is never
+    placed there.
     """
 
     def __init__(
@@ -219,11 +231,11 @@ class PixelDecoder:
 
             self._pixels = pixel_fn(vae)
             if mesh is None:
-                self._pixel_params = jax.device_put(vae.params)
+                self._pixel_params = jax.device_put(vae.decoder_params)
                 self._decode = jax.jit(self._pixels)
             else:
                 replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-                self._pixel_params = jax.device_put(vae.params, replicated)
+                self._pixel_params = jax.device_put(vae.decoder_params, replicated)
                 self._decode = jax.jit(
                     self._pixels, in_shardings=(replicated, batch), out_shardings=batch
                 )
@@ -232,8 +244,8 @@ class PixelDecoder:
         """(pixels, params): this decoder as a pure ``pixels(params, samples) -> images``.
 
         `pixels` keeps its identity for the decoder's life, so programs built from it compile
-        once; `params` are the VAE's weights on the devices (replicated over the mesh), None in
-        pixel space. Images are (B, H, W, C) float32 clipped to [-1, 1].
+        once; `params` are the VAE decoder half's weights on the devices (replicated over the
+        mesh), None in pixel space. Images are (B, H, W, C) float32 clipped to [-1, 1].
         """
         return self._pixels, self._pixel_params
 

@@ -7,6 +7,7 @@ latent space is measured by benchmarks/mnist_latent_benchmark.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,9 +17,18 @@ import numpy as np
 import pytest
 from tiny import run_module, tiny_mnist_config
 
-from shortcut_jax import checkpoint, latent_space, models, optim, steps, train
+from shortcut_jax import (
+    checkpoint,
+    compiled_step,
+    latent_space,
+    models,
+    optim,
+    sharding,
+    steps,
+    train,
+)
 from shortcut_jax.models import vae as vae_lib
-from shortcut_jax.state import init_state
+from shortcut_jax.state import init_state, sharded_abstract_state
 
 # MNIST digits (28x28x1) -> 7x7x4 latents: two down blocks.
 MNIST_ARCH = vae_lib.VaeArch(
@@ -71,7 +81,7 @@ def test_online_step_equals_the_step_on_encoded_latents(mnist_vae_path):
 
     state = init_state(config, model, optimizer)
     _, online = jax.jit(latent_space.online_encode_step(config, step, vae))(
-        state, batch, vae.params
+        state, batch, vae.encoder_params
     )
     latents = vae_lib.encode(
         vae.arch, vae.params, batch["image"], None, scaling_factor=vae.scaling_factor
@@ -80,6 +90,45 @@ def test_online_step_equals_the_step_on_encoded_latents(mnist_vae_path):
     np.testing.assert_allclose(
         np.asarray(online["loss"][0]), np.asarray(offline["loss"][0]), rtol=1e-5
     )
+
+
+def _nbytes(tree) -> int:
+    """Bytes of the arrays (or ShapeDtypeStructs / ArgInfos) of a tree."""
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)
+    )
+
+
+def _paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_train_step_is_given_only_the_encoder_and_sampling_only_the_decoder(mnist_vae_path):
+    config = latent_mnist_config(mnist_vae_path)
+    vae = latent_space.load_run_vae(config)
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    model, optimizer = models.get_model(config), optim.make_optimizer(config)
+    abstract, state_sharding = sharded_abstract_state(config, model, optimizer, mesh)
+    step = compiled_step.build(config, mesh, model, optimizer, state_sharding, vae=vae)
+    assert sorted(step.frozen["vae"]) == ["encoder", "quant_conv"]
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((16, 28, 28, 1), jnp.float32, sharding=batch_sharding),
+        "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=batch_sharding),
+    }
+    # The program's VAE argument: every encoder parameter and nothing else.
+    vae_argument = step.lower(abstract, batch).args_info[0][3]["vae"]
+    assert _paths(vae_argument) == _paths(vae.encoder_params)
+    assert _nbytes(vae_argument) == _nbytes(vae.encoder_params) < _nbytes(vae.params)
+    decoder_shapes = {tuple(leaf.shape) for leaf in jax.tree.leaves(vae.decoder_params)}
+    assert (1, 1, 4, 4) in decoder_shapes  # post_quant_conv: a shape only the decoder has
+    assert (1, 1, 4, 4) not in {tuple(leaf.shape) for leaf in jax.tree.leaves(vae_argument)}
+
+    pixels, params = latent_space.PixelDecoder(vae, mesh).device_fn()
+    assert sorted(params) == ["decoder", "post_quant_conv"]
+    latents = np.random.default_rng(0).normal(size=(3, 7, 7, 4)).astype(np.float32)
+    full = vae_lib.decode(vae.arch, vae.params, latents, scaling_factor=vae.scaling_factor)
+    np.testing.assert_allclose(pixels(params, latents), np.clip(full, -1, 1), atol=1e-6)
 
 
 @pytest.fixture(scope="module")

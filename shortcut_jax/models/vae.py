@@ -22,9 +22,11 @@ float32 either way. Latents here are UNSCALED in the module (`AutoencoderKL.enco
 ``decode``); the pure functions `encode` / `decode` apply the scaling factor (0.18215 for SD
 1.x/2.x VAEs, 0.13025 for the SDXL VAE) as diffusers pipelines do.
 
-Weights: `load_vae` / `save_vae` (in `shortcut_jax.models.vae_weights`, reachable from here)
-read our ``.npz`` or a ``.safetensors`` file in diffusers or original LDM names; pickles are
-refused, never unpickled.
+Weights: `load_vae` / `save_vae`, `VaeArch`, `Vae` and the rest of the parameter side live in
+`shortcut_jax.models.vae_weights` (which never imports this module) and are re-exported here.
+`encode` / `encode_moments` use only the encoder half of the parameters (`encoder_params`),
+`decode` only the decoder half (`decoder_params`); each accepts the full tree or its half, so
+the train step can carry the encoder alone and sampling the decoder alone.
 
 Typical use::
 
@@ -36,10 +38,7 @@ Typical use::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -47,76 +46,87 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from jax import lax
 
 from shortcut_jax import sharding
+from shortcut_jax.models.vae_weights import (
+    ARCH_KEY,
+    DECODER_GROUPS,
+    DTYPES,
+    ENCODER_GROUPS,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SCALING_KEY,
+    SD_ARCH,
+    SD_SCALING_FACTOR,
+    SDXL_SCALING_FACTOR,
+    Vae,
+    VaeArch,
+    check_dtype,
+    convert_command,
+    decoder_params,
+    diffusers_name,
+    encoder_params,
+    from_state_dict,
+    ldm_name,
+    load_vae,
+    mismatch_problems,
+    param_shapes,
+    params_checksum,
+    random_vae,
+    save_vae,
+    to_state_dict,
+)
 
-SD_SCALING_FACTOR = 0.18215
-SDXL_SCALING_FACTOR = 0.13025
+# The weights API of vae_weights is re-exported here: `vae.load_vae(...)`, `vae.VaeArch`, ...
+__all__ = [
+    "ARCH_KEY",
+    "ATTENTION_QUERY_CHUNK",
+    "DECODER_GROUPS",
+    "DTYPES",
+    "ENCODER_GROUPS",
+    "FORMAT_KEY",
+    "FORMAT_VERSION",
+    "GROUP_NORM_EPS",
+    "SCALING_KEY",
+    "SD_ARCH",
+    "SD_SCALING_FACTOR",
+    "SDXL_SCALING_FACTOR",
+    "AutoencoderKL",
+    "Decoder",
+    "Encoder",
+    "Vae",
+    "VaeArch",
+    "check_dtype",
+    "convert_command",
+    "decode",
+    "decoder_params",
+    "diffusers_name",
+    "encode",
+    "encode_moments",
+    "encoder_params",
+    "from_state_dict",
+    "ldm_name",
+    "load_vae",
+    "make_decoder",
+    "make_encoder",
+    "mismatch_problems",
+    "param_shapes",
+    "params_checksum",
+    "random_vae",
+    "save_vae",
+    "to_state_dict",
+]
+
 GROUP_NORM_EPS = 1e-6
-FORMAT_VERSION = 1
-FORMAT_KEY = "__format_version__"
-ARCH_KEY = "__arch__"
-SCALING_KEY = "__scaling_factor__"
 # Attention over more positions than this is computed in query chunks of this size (memory).
 ATTENTION_QUERY_CHUNK = 4096
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class VaeArch:
-    """The AutoencoderKL block structure (hashable: usable as a static jit argument).
-
-    Attributes:
-      in_channels: image channels into the encoder.
-      out_channels: image channels out of the decoder.
-      latent_channels: latent channels (4 for SD and SDXL).
-      block_out_channels: channels of each encoder block (decoder: reversed).
-      layers_per_block: resnets per encoder block (decoder blocks have one more).
-      norm_num_groups: GroupNorm groups; must divide every channel count.
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-
-    def __post_init__(self):
-        object.__setattr__(
-            self, "block_out_channels", tuple(int(c) for c in self.block_out_channels)
-        )
-        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if not self.block_out_channels or bad or self.layers_per_block < 1:
-            raise ValueError(
-                f"VaeArch: block_out_channels={self.block_out_channels} must be non-empty and "
-                f"divisible by norm_num_groups={self.norm_num_groups}, layers_per_block="
-                f"{self.layers_per_block} >= 1"
-            )
-
-    @property
-    def downsample_factor(self) -> int:
-        """Image side / latent side: 2 ** (number of blocks - 1)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VaeArch:
-        return cls(**json.loads(text))
-
-
-SD_ARCH = VaeArch()
 
 
 def _dtype(dtype: Any) -> Any:
+    """A compute dtype name ('float32', 'bfloat16': `check_dtype`) or dtype -> the jnp dtype."""
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"VAE dtype={dtype!r} is not allowed; allowed: {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        return jnp.dtype(check_dtype(dtype))
     return jnp.dtype(dtype)
 
 
@@ -475,16 +485,17 @@ def encode_moments(
 
     Args:
       arch: the block structure.
-      params: the parameter tree (``variables['params']``).
+      params: the parameter tree (``variables['params']``), full or its `encoder_params` half.
       images: (B, H, W, in_channels) in [-1, 1].
-      dtype: compute dtype.
+      dtype: compute dtype ('float32' or 'bfloat16').
 
     Returns:
       (mean, std), each (B, H/f, W/f, latent_channels) float32; std = exp(0.5 * clip(logvar,
       -30, 20)).
     """
     module = AutoencoderKL(arch, dtype=_dtype(dtype))
-    mean, logvar = module.apply({"params": params}, images, method=AutoencoderKL.encode)
+    variables = {"params": encoder_params(params)}
+    mean, logvar = module.apply(variables, images, method=AutoencoderKL.encode)
     return mean, jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
 
 
@@ -501,7 +512,7 @@ def encode(
 
     Args:
       vae_arch: the block structure.
-      params: the parameter tree.
+      params: the parameter tree, full or its `encoder_params` half.
       images: (B, H, W, in_channels) in [-1, 1].
       rng: PRNG key for mean + std * N(0, 1), or None for the mean.
       scaling_factor: multiplies the latents (0.18215 SD, 0.13025 SDXL).
@@ -528,7 +539,7 @@ def decode(
 
     Args:
       vae_arch: the block structure.
-      params: the parameter tree.
+      params: the parameter tree, full or its `decoder_params` half.
       latents: (B, h, w, latent_channels), scaled.
       scaling_factor: the factor the latents were multiplied by.
       dtype: compute dtype.
@@ -538,149 +549,8 @@ def decode(
     """
     module = AutoencoderKL(vae_arch, dtype=_dtype(dtype))
     latents = jnp.asarray(latents, jnp.float32) / scaling_factor
-    return module.apply({"params": params}, latents, method=AutoencoderKL.decode)
-
-
-# --------------------------------------------------------------------------------------------
-# Loaded VAEs.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Vae:
-    """A loaded VAE.
-
-    Attributes:
-      arch: the block structure.
-      params: nested Flax parameter tree, float32 numpy arrays (`make_encoder` / `make_decoder`
-        place them on devices once).
-      scaling_factor: latent scaling factor.
-      checksum: `params_checksum` of the params (the same for the same weights in any format).
-      source: the path loaded from.
-      dtype: compute dtype name, 'float32' or 'bfloat16'.
-    """
-
-    arch: VaeArch
-    params: Any
-    scaling_factor: float
-    checksum: str
-    source: str
-    dtype: str = "float32"
-
-    def module(self) -> AutoencoderKL:
-        return AutoencoderKL(self.arch, dtype=_dtype(self.dtype))
-
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self.params))
-
-
-@functools.cache
-def param_shapes(arch: VaeArch) -> dict[str, tuple[int, ...]]:
-    """Flattened parameter paths of `AutoencoderKL` and their shapes, computed from the arch.
-
-    Equal to the shapes of ``AutoencoderKL(arch).init`` (a test pins this) without tracing it.
-
-    Returns:
-      ``{'encoder/conv_in/kernel': (3, 3, 3, 128), 'encoder/conv_in/bias': (128,), ...}``;
-      kernels HWIO (convs) or (in, out) (attention projections).
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(prefix: str, cin: int, cout: int, k: int = 3) -> None:
-        shapes[f"{prefix}/kernel"], shapes[f"{prefix}/bias"] = (k, k, cin, cout), (cout,)
-
-    def norm(prefix: str, channels: int) -> None:
-        shapes[f"{prefix}/scale"] = shapes[f"{prefix}/bias"] = (channels,)
-
-    def resnet(prefix: str, cin: int, cout: int) -> None:
-        norm(f"{prefix}/norm1", cin)
-        conv(f"{prefix}/conv1", cin, cout)
-        norm(f"{prefix}/norm2", cout)
-        conv(f"{prefix}/conv2", cout, cout)
-        if cin != cout:
-            conv(f"{prefix}/conv_shortcut", cin, cout, 1)
-
-    def mid(prefix: str, channels: int) -> None:
-        resnet(f"{prefix}/resnets_0", channels, channels)
-        norm(f"{prefix}/attention/group_norm", channels)
-        for name in ("to_q", "to_k", "to_v", "to_out"):
-            shapes[f"{prefix}/attention/{name}/kernel"] = (channels, channels)
-            shapes[f"{prefix}/attention/{name}/bias"] = (channels,)
-        resnet(f"{prefix}/resnets_1", channels, channels)
-
-    channels, latent = arch.block_out_channels, arch.latent_channels
-    last = len(channels) - 1
-    conv("encoder/conv_in", arch.in_channels, channels[0])
-    previous = channels[0]
-    for i, width in enumerate(channels):
-        for j in range(arch.layers_per_block):
-            resnet(f"encoder/down_blocks_{i}/resnets_{j}", previous if j == 0 else width, width)
-        if i != last:
-            conv(f"encoder/down_blocks_{i}/downsample", width, width)
-        previous = width
-    mid("encoder/mid_block", channels[-1])
-    norm("encoder/conv_norm_out", channels[-1])
-    conv("encoder/conv_out", channels[-1], 2 * latent)
-    conv("quant_conv", 2 * latent, 2 * latent, 1)
-    conv("post_quant_conv", latent, latent, 1)
-    conv("decoder/conv_in", latent, channels[-1])
-    mid("decoder/mid_block", channels[-1])
-    previous = channels[-1]
-    for i, width in enumerate(reversed(channels)):
-        for j in range(arch.layers_per_block + 1):
-            resnet(f"decoder/up_blocks_{i}/resnets_{j}", previous if j == 0 else width, width)
-        if i != last:
-            conv(f"decoder/up_blocks_{i}/upsample", width, width)
-        previous = width
-    norm("decoder/conv_norm_out", channels[0])
-    conv("decoder/conv_out", channels[0], arch.out_channels)
-    return shapes
-
-
-def params_checksum(params: Any) -> str:
-    """sha256 over sorted flattened paths, shapes and float32 little-endian values."""
-    flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
-    digest = hashlib.sha256()
-    for path in sorted(flat):
-        value = np.ascontiguousarray(np.asarray(flat[path], dtype="<f4"))
-        digest.update(f"{path}{value.shape};".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
-def _as_dict(params: Any) -> dict:
-    return params.unfreeze() if hasattr(params, "unfreeze") else dict(params)
-
-
-def random_vae(arch: VaeArch, seed: int = 0, scaling_factor: float = SD_SCALING_FACTOR) -> Vae:
-    """A VAE with torch-like random weights (no compile: drawn with numpy).
-
-    Kernels and conv / dense biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm scale 1,
-    bias 0. For tests and CPU smoke runs: the latents mean nothing.
-    """
-    rng = np.random.default_rng(seed)
-    shapes = param_shapes(arch)
-    flat = {}
-    for path in sorted(shapes):
-        shape = shapes[path]
-        module = path.rsplit("/", 1)[0]
-        kernel = shapes.get(f"{module}/kernel")
-        if kernel is None:  # GroupNorm
-            value = np.ones(shape) if path.endswith("/scale") else np.zeros(shape)
-        else:
-            bound = 1.0 / np.sqrt(int(np.prod(kernel[:-1])))
-            value = rng.uniform(-bound, bound, shape)
-        flat[path] = value.astype(np.float32)
-    return _make_vae(arch, flat, scaling_factor, f"random_vae(seed={seed})")
-
-
-def _make_vae(
-    arch: VaeArch, flat: dict[str, np.ndarray], scaling_factor: float, source: str, dtype="float32"
-) -> Vae:
-    params = traverse_util.unflatten_dict(flat, sep="/")
-    _dtype(dtype)
-    return Vae(arch, params, float(scaling_factor), params_checksum(params), source, dtype)
+    variables = {"params": decoder_params(params)}
+    return module.apply(variables, latents, method=AutoencoderKL.decode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,12 +558,12 @@ def _make_vae(
 # --------------------------------------------------------------------------------------------
 
 
-def _placement(vae: Vae, mesh: jax.sharding.Mesh | None):
+def _placement(params: Any, mesh: jax.sharding.Mesh | None):
     """(params on devices, batch sharding or None, a function putting a batch there, shards)."""
     if mesh is None:
-        return jax.device_put(vae.params), None, (lambda x: x), 1
+        return jax.device_put(params), None, (lambda x: x), 1
     shards = sharding.batch_shards(mesh)
-    params = jax.device_put(vae.params, sharding.replicated(mesh))
+    params = jax.device_put(params, sharding.replicated(mesh))
 
     def put(x):
         if isinstance(x, jax.Array):
@@ -719,7 +589,7 @@ def make_encoder(
     """A jitted ``encode_fn(images, rng=None) -> latents`` (scaled) for ``vae``.
 
     Args:
-      vae: the loaded VAE (params are placed on the devices once, here).
+      vae: the loaded VAE (its encoder half is placed on the devices once, here).
       mesh: None for the default device; else images are split over the mesh batch axes
         ('data', 'fsdp') and params replicated. A batch that the shards do not divide is
         padded (with copies of its last image) and the result cut back.
@@ -728,7 +598,7 @@ def make_encoder(
     Returns:
       encode_fn(images (B, H, W, C) numpy or jax, rng) -> (B, H/f, W/f, latent) float32.
     """
-    params, batch, put, shards = _placement(vae, mesh)
+    params, batch, put, shards = _placement(vae.encoder_params, mesh)
     arch, scaling, dtype = vae.arch, vae.scaling_factor, vae.dtype
 
     def moments_to_latents(params, images, rng):
@@ -768,7 +638,7 @@ def make_decoder(vae: Vae, mesh: jax.sharding.Mesh | None) -> Callable[[Any], ja
       decode_fn(latents (B, h, w, latent) numpy or jax) -> (B, h*f, w*f, out_channels) float32,
       not clipped.
     """
-    params, batch, put, shards = _placement(vae, mesh)
+    params, batch, put, shards = _placement(vae.decoder_params, mesh)
     arch, scaling, dtype = vae.arch, vae.scaling_factor, vae.dtype
 
     def decode_latents(params, latents):
@@ -785,25 +655,3 @@ def make_decoder(vae: Vae, mesh: jax.sharding.Mesh | None) -> Callable[[Any], ja
         return images if images.shape[0] == count else images[:count]
 
     return decode_fn
-
-
-# The weight-file functions live in vae_weights (one job per module) and stay reachable here, as
-# `vae.load_vae(...)`; imported on first use, so importing either module first is safe.
-_WEIGHTS_API = (
-    "save_vae",
-    "load_vae",
-    "mismatch_problems",
-    "diffusers_name",
-    "ldm_name",
-    "to_state_dict",
-    "from_state_dict",
-    "convert_command",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WEIGHTS_API:
-        from shortcut_jax.models import vae_weights
-
-        return getattr(vae_weights, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,46 +1,293 @@
-"""The Stable Diffusion VAE's weight files: our .npz, safetensors in diffusers or LDM names.
+"""The Stable Diffusion VAE's parameters: their structure, checksums, halves and weight files.
 
-`load_vae` reads our ``.npz`` (flattened Flax paths, written by `save_vae` or
-``python -m shortcut_jax.tools.convert_vae``) or a ``.safetensors`` file directly, in diffusers
-names (``diffusion_pytorch_model.safetensors``, including the older ``query/key/value/proj_attn``
-attention names), in the original LDM names (``vae-ft-mse-840000-ema-pruned.safetensors``,
-``sdxl_vae.safetensors``) or inside a full SD checkpoint (``first_stage_model.*``). Pickled torch
-files (``.ckpt``, ``.pt``, ``.bin``) are refused: they are never unpickled. The block structure
-of a safetensors file is read from its tensor shapes.
+Everything here is about the weights, not the network (`shortcut_jax.models.vae`, which imports
+this module; this module never imports it):
 
-These functions are also reachable as `shortcut_jax.models.vae.load_vae` etc.
+- `VaeArch` (the block structure) and `param_shapes` (every parameter path and shape of it);
+- `Vae` (a loaded VAE), `params_checksum`, `random_vae`;
+- the two halves of the parameter tree: `encoder_params` (``encoder``, ``quant_conv``: all that
+  encoding images needs) and `decoder_params` (``post_quant_conv``, ``decoder``: all that
+  decoding latents needs). The train step gets only the first, sampling only the second;
+- files: `load_vae` reads our ``.npz`` (flattened Flax paths, written by `save_vae` or
+  ``python -m shortcut_jax.tools.convert_vae``) or a ``.safetensors`` file directly, in
+  diffusers names (``diffusion_pytorch_model.safetensors``, including the older
+  ``query/key/value/proj_attn`` attention names), in the original LDM names
+  (``vae-ft-mse-840000-ema-pruned.safetensors``, ``sdxl_vae.safetensors``) or inside a full SD
+  checkpoint (``first_stage_model.*``). Pickled torch files (``.ckpt``, ``.pt``, ``.bin``) are
+  refused: they are never unpickled. The block structure of a safetensors file is read from its
+  tensor shapes.
+
+All public names here are also reachable as `shortcut_jax.models.vae.load_vae` etc.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
+import json
 import os
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
 from shortcut_jax import atomic_files
-from shortcut_jax.models.vae import (
-    ARCH_KEY,
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    SCALING_KEY,
-    SD_ARCH,
-    SD_SCALING_FACTOR,
-    SDXL_SCALING_FACTOR,
-    Vae,
-    VaeArch,
-    _as_dict,
-    _dtype,
-    _make_vae,
-    param_shapes,
-)
+
+SD_SCALING_FACTOR = 0.18215
+SDXL_SCALING_FACTOR = 0.13025
+FORMAT_VERSION = 1
+FORMAT_KEY = "__format_version__"
+ARCH_KEY = "__arch__"
+SCALING_KEY = "__scaling_factor__"
+# Compute dtypes of encode / decode (config.vae.dtype); parameters are float32 either way.
+DTYPES = ("float32", "bfloat16")
+# Top-level parameter groups of each half of the autoencoder.
+ENCODER_GROUPS = ("encoder", "quant_conv")
+DECODER_GROUPS = ("post_quant_conv", "decoder")
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` if it is a compute dtype name in `DTYPES`, else one clear ValueError."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"VAE dtype (config.vae.dtype) = {dtype!r}; allowed: {list(DTYPES)}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Structure and loaded VAEs.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeArch:
+    """The AutoencoderKL block structure (hashable: usable as a static jit argument).
+
+    Attributes:
+      in_channels: image channels into the encoder.
+      out_channels: image channels out of the decoder.
+      latent_channels: latent channels (4 for SD and SDXL).
+      block_out_channels: channels of each encoder block (decoder: reversed).
+      layers_per_block: resnets per encoder block (decoder blocks have one more).
+      norm_num_groups: GroupNorm groups; must divide every channel count.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "block_out_channels", tuple(int(c) for c in self.block_out_channels)
+        )
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if not self.block_out_channels or bad or self.layers_per_block < 1:
+            raise ValueError(
+                f"VaeArch: block_out_channels={self.block_out_channels} must be non-empty and "
+                f"divisible by norm_num_groups={self.norm_num_groups}, layers_per_block="
+                f"{self.layers_per_block} >= 1"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / latent side: 2 ** (number of blocks - 1)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_json(self) -> str:
+        """The fields as sorted JSON (stored in our .npz files)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VaeArch:
+        """The arch of `to_json`'s text."""
+        return cls(**json.loads(text))
+
+
+SD_ARCH = VaeArch()
+
+
+@dataclasses.dataclass
+class Vae:
+    """A loaded VAE.
+
+    Attributes:
+      arch: the block structure.
+      params: nested Flax parameter tree, float32 numpy arrays (`make_encoder` / `make_decoder`
+        place them on devices once).
+      scaling_factor: latent scaling factor.
+      checksum: `params_checksum` of the params (the same for the same weights in any format).
+      source: the path loaded from.
+      dtype: compute dtype name, 'float32' or 'bfloat16'.
+    """
+
+    arch: VaeArch
+    params: Any
+    scaling_factor: float
+    checksum: str
+    source: str
+    dtype: str = "float32"
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameter values (both halves)."""
+        return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self.params))
+
+    @property
+    def encoder_params(self) -> dict[str, Any]:
+        """The encoder half of `params` (`encoder_params`): what the train step needs."""
+        return encoder_params(self.params)
+
+    @property
+    def decoder_params(self) -> dict[str, Any]:
+        """The decoder half of `params` (`decoder_params`): what sampling needs."""
+        return decoder_params(self.params)
+
+
+@functools.cache
+def param_shapes(arch: VaeArch) -> dict[str, tuple[int, ...]]:
+    """Flattened parameter paths of `AutoencoderKL` and their shapes, computed from the arch.
+
+    Equal to the shapes of ``AutoencoderKL(arch).init`` (a test pins this) without tracing it.
+
+    Returns:
+      ``{'encoder/conv_in/kernel': (3, 3, 3, 128), 'encoder/conv_in/bias': (128,), ...}``;
+      kernels HWIO (convs) or (in, out) (attention projections).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(prefix: str, cin: int, cout: int, k: int = 3) -> None:
+        shapes[f"{prefix}/kernel"], shapes[f"{prefix}/bias"] = (k, k, cin, cout), (cout,)
+
+    def norm(prefix: str, channels: int) -> None:
+        shapes[f"{prefix}/scale"] = shapes[f"{prefix}/bias"] = (channels,)
+
+    def resnet(prefix: str, cin: int, cout: int) -> None:
+        norm(f"{prefix}/norm1", cin)
+        conv(f"{prefix}/conv1", cin, cout)
+        norm(f"{prefix}/norm2", cout)
+        conv(f"{prefix}/conv2", cout, cout)
+        if cin != cout:
+            conv(f"{prefix}/conv_shortcut", cin, cout, 1)
+
+    def mid(prefix: str, channels: int) -> None:
+        resnet(f"{prefix}/resnets_0", channels, channels)
+        norm(f"{prefix}/attention/group_norm", channels)
+        for name in ("to_q", "to_k", "to_v", "to_out"):
+            shapes[f"{prefix}/attention/{name}/kernel"] = (channels, channels)
+            shapes[f"{prefix}/attention/{name}/bias"] = (channels,)
+        resnet(f"{prefix}/resnets_1", channels, channels)
+
+    channels, latent = arch.block_out_channels, arch.latent_channels
+    last = len(channels) - 1
+    conv("encoder/conv_in", arch.in_channels, channels[0])
+    previous = channels[0]
+    for i, width in enumerate(channels):
+        for j in range(arch.layers_per_block):
+            resnet(f"encoder/down_blocks_{i}/resnets_{j}", previous if j == 0 else width, width)
+        if i != last:
+            conv(f"encoder/down_blocks_{i}/downsample", width, width)
+        previous = width
+    mid("encoder/mid_block", channels[-1])
+    norm("encoder/conv_norm_out", channels[-1])
+    conv("encoder/conv_out", channels[-1], 2 * latent)
+    conv("quant_conv", 2 * latent, 2 * latent, 1)
+    conv("post_quant_conv", latent, latent, 1)
+    conv("decoder/conv_in", latent, channels[-1])
+    mid("decoder/mid_block", channels[-1])
+    previous = channels[-1]
+    for i, width in enumerate(reversed(channels)):
+        for j in range(arch.layers_per_block + 1):
+            resnet(f"decoder/up_blocks_{i}/resnets_{j}", previous if j == 0 else width, width)
+        if i != last:
+            conv(f"decoder/up_blocks_{i}/upsample", width, width)
+        previous = width
+    norm("decoder/conv_norm_out", channels[0])
+    conv("decoder/conv_out", channels[0], arch.out_channels)
+    return shapes
+
+
+def params_checksum(params: Any) -> str:
+    """sha256 over sorted flattened paths, shapes and float32 little-endian values."""
+    flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
+    digest = hashlib.sha256()
+    for path in sorted(flat):
+        value = np.ascontiguousarray(np.asarray(flat[path], dtype="<f4"))
+        digest.update(f"{path}{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _as_dict(params: Any) -> dict:
+    return params.unfreeze() if hasattr(params, "unfreeze") else dict(params)
+
+
+def random_vae(arch: VaeArch, seed: int = 0, scaling_factor: float = SD_SCALING_FACTOR) -> Vae:
+    """A VAE with torch-like random weights (no compile: drawn with numpy).
+
+    Kernels and conv / dense biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GroupNorm scale 1,
+    bias 0. For tests and CPU smoke runs: the latents mean nothing.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(arch)
+    flat = {}
+    for path in sorted(shapes):
+        shape = shapes[path]
+        module = path.rsplit("/", 1)[0]
+        kernel = shapes.get(f"{module}/kernel")
+        if kernel is None:  # GroupNorm
+            value = np.ones(shape) if path.endswith("/scale") else np.zeros(shape)
+        else:
+            bound = 1.0 / np.sqrt(int(np.prod(kernel[:-1])))
+            value = rng.uniform(-bound, bound, shape)
+        flat[path] = value.astype(np.float32)
+    return _make_vae(arch, flat, scaling_factor, f"random_vae(seed={seed})")
+
+
+def _make_vae(
+    arch: VaeArch, flat: dict[str, np.ndarray], scaling_factor: float, source: str, dtype="float32"
+) -> Vae:
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    check_dtype(dtype)
+    return Vae(arch, params, float(scaling_factor), params_checksum(params), source, dtype)
+
+
+def _half(params: Any, groups: tuple[str, ...], what: str) -> dict[str, Any]:
+    """The top-level `groups` of a VAE parameter tree (full, or already that half)."""
+    tree = _as_dict(params)
+    missing = [group for group in groups if group not in tree]
+    if missing:
+        raise ValueError(
+            f"VAE params for {what} need the groups {list(groups)}; missing {missing} (the tree "
+            f"has {sorted(tree)})"
+        )
+    return {group: tree[group] for group in groups}
+
+
+def encoder_params(params: Any) -> dict[str, Any]:
+    """The encoder half of a VAE parameter tree: ``{'encoder', 'quant_conv'}`` (what encoding
+    images needs; `params` may be the full tree or this half)."""
+    return _half(params, ENCODER_GROUPS, "encoding")
+
+
+def decoder_params(params: Any) -> dict[str, Any]:
+    """The decoder half of a VAE parameter tree: ``{'post_quant_conv', 'decoder'}`` (what
+    decoding latents needs; `params` may be the full tree or this half)."""
+    return _half(params, DECODER_GROUPS, "decoding")
+
+
+# --------------------------------------------------------------------------------------------
+# Saving.
+# --------------------------------------------------------------------------------------------
+
 
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _CONVERT = "python -m shortcut_jax.tools.convert_vae"
@@ -324,6 +571,7 @@ def from_state_dict(
 
 
 def convert_command(out: str) -> str:
+    """The shell command converting a downloaded VAE to our .npz at `out`."""
     return (
         f"{_CONVERT} --from <vae-ft-mse-840000-ema-pruned.safetensors | sdxl_vae.safetensors | "
         f"diffusion_pytorch_model.safetensors | a full SD .safetensors> --out {out} "
@@ -420,7 +668,7 @@ def load_vae(
       ValueError: a pickle file, another format, or not this VAE (one message listing the
         missing, unexpected and wrong-shape tensors).
     """
-    _dtype(dtype)
+    check_dtype(dtype)
     file = epath.Path(path)
     source = os.fspath(file)
     if not file.exists():
