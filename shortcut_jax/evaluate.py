@@ -6,9 +6,20 @@
 Samples from the newest (or --checkpoint_step) checkpoint with the same noise at every budget,
 scores the samples (FD-MNIST for the embedded MNIST, FID when the Inception weights are there,
 with k-NN precision/recall), and writes results.json, results.md and scores_vs_nfe.png to
---out (default WORKDIR/eval/step_N; a bucket path works too), each file atomically. Sampling and
-feature extraction use all local devices. Bad flags, a workdir that is not a run, missing weights
-or statistics and NaN samples give one line on stderr and exit status 2.
+--out (default WORKDIR/eval/step_N; a bucket path works too), each file atomically. Bad flags, a
+workdir that is not a run, missing weights or statistics and NaN samples give one line on stderr
+and exit status 2.
+
+Only the parameter set that is scored is read from the checkpoint (`checkpoint.load_params`).
+Host memory does not grow with --num: each chunk's features are added to float64 running moments
+(`fid.RunningStatistics`); only --pr_num features per metric are kept for precision/recall.
+Latent runs decode in passes of config.vae.decode_batch_size images per device.
+
+On several hosts, start the same command on every host with --distributed (and, off TPU pods
+and SLURM, --coordinator_address, --num_processes and --process_id): the chunks are split over
+the devices of all processes, each process adds the features its devices computed, the moments
+are merged across processes, and process 0 writes the report. The scores equal those of one
+process sampling the same examples.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from etils import epath
 from tqdm import tqdm
 
 from shortcut_jax import checkpoint, cli_inputs, sharding
+from shortcut_jax.distributed import initialize_distributed
 from shortcut_jax.evaluators import features, registry, report, sweep
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
@@ -56,6 +68,16 @@ _CACHE = flags.DEFINE_string(
     "Where reference features are cached (default WORKDIR/eval); share it "
     "between runs on the same data to compute the reference once.",
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first: one process per host, all running this command.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed, off TPU/SLURM)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -63,6 +85,8 @@ def main(argv: list[str]) -> None:
     """Checks the flags and the run, samples at every budget, scores and writes the report."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _DISTRIBUTED.value:
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     with cli_inputs.errors_as_one_line(
         checkpoint.CheckpointError,
         sweep.EvaluationError,
@@ -97,8 +121,10 @@ def _evaluate() -> None:
     if _REF_NUM.value is not None and _REF_NUM.value < 4:
         raise cli_inputs.InputError(f"--ref_num={_REF_NUM.value}: at least 4 real examples")
     step = cli_inputs.checkpoint_step(_WORKDIR.value, _STEP.value)
-    config, state = checkpoint.load_run(_WORKDIR.value, step)
-    step = int(sharding.to_host(state.step))
+    # The run's mesh layout over the devices of every process; only the scored parameters load.
+    mesh = sharding.make_mesh(checkpoint.restore_config(_WORKDIR.value, step), jax.devices())
+    config, params, step = checkpoint.load_params(_WORKDIR.value, step, raw=_RAW.value, mesh=mesh)
+    is_chief = jax.process_index() == 0
     if _INCEPTION.value:
         config.eval_inception_path = _INCEPTION.value
     if _REF_NUM.value is not None:
@@ -111,12 +137,10 @@ def _evaluate() -> None:
     cli_inputs.check_output_directory("--out", str(out), 2**20)  # before hours of sampling
     names = sweep.metric_names(config, _METRICS.value)
     metrics = sweep.build_metrics(
-        config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value
+        config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value, is_chief=is_chief
     )
-    mesh = sharding.make_mesh(config, jax.local_devices())
-    params = state.params if _RAW.value else state.ema_params
     total = _NUM.value * len(budgets) * (1 + len(metrics))
-    with tqdm(total=total, unit="img", desc="sampling + features") as bar:
+    with tqdm(total=total, unit="img", desc="sampling + features", disable=not is_chief) as bar:
         rows, _ = sweep.sweep(
             config,
             params,
@@ -128,8 +152,11 @@ def _evaluate() -> None:
             batch_size=_BATCH.value,
             mesh=mesh,
             pr_num=_PR_NUM.value,
+            is_chief=is_chief,
             progress=bar.update,
         )
+    if not is_chief:
+        return
     settings = {
         "workdir": _WORKDIR.value,
         "ref_num": int(config.eval_ref_num),
@@ -140,6 +167,7 @@ def _evaluate() -> None:
         "guidance": config.sample_guidance if cfg_scale is None else "all (--cfg)",
         "params": "raw" if _RAW.value else "ema",
         "seed": _SEED.value,
+        "processes": jax.process_count(),
     }
     result = report.make_report(
         rows=rows,

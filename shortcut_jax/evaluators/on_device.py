@@ -15,6 +15,7 @@ split over the batch axes (as in the train step).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shortcut_jax import latent_space, objectives, sampling, sharding
-from shortcut_jax.evaluators import features
+from shortcut_jax.evaluators import features, fid
 
 
 def _evaluate_chunk(
@@ -47,13 +48,18 @@ def _evaluate_chunk(
     keep: bool,
     batch: jax.sharding.NamedSharding | None,
     rules: tuple[tuple[str, Any], ...] | None = None,
+    decode_passes: int = 1,
 ) -> tuple[Any, ...]:
     """Examples start .. start + chunk - 1 of `num`: features of every net and non-finite counts.
 
+    The decoder runs over the chunk in `decode_passes` sequential slices (`_in_passes`), so its
+    activations are those of chunk / decode_passes images, not of the whole chunk.
+
     Returns:
       (features, counts) or, with `keep`, (features, counts, images): a tuple of (chunk, D_k)
-      float32 features, (2,) int32 [non-finite values, images holding one] over the examples
-      below `num`, and the (chunk, H, W, C) pixel images. Rows from `num` on are padding.
+      float32 features, (2 + K,) int32 [non-finite pixel values, images holding one, non-finite
+      feature values of each of the K nets] over the examples below `num`, and the
+      (chunk, H, W, C) pixel images. Rows from `num` on are padding.
     """
     indices = start.astype(jnp.uint32) + jnp.arange(chunk, dtype=jnp.uint32)
     if batch is not None:
@@ -65,16 +71,21 @@ def _evaluate_chunk(
         labels = jnp.zeros((chunk,), jnp.int32)
     with sharding.activation_context(None if batch is None else batch.mesh, rules):
         samples = sampling.sample(apply_fn, params, noise, labels, **dict(sample_settings))
-    images = pixels(pixel_params, samples)
+    images = _in_passes(pixels, pixel_params, samples, decode_passes)
     valid = indices < num.astype(jnp.uint32)
     not_finite = ~jnp.isfinite(images).reshape(chunk, -1) & valid[:, None]
-    counts = jnp.stack(
-        [jnp.sum(not_finite, dtype=jnp.int32), jnp.sum(not_finite.any(axis=1), dtype=jnp.int32)]
-    )
     quantized = features.quantize(images)
     feats = tuple(
         _in_passes(fn, p, quantized, passes).astype(jnp.float32)
         for fn, p, passes in zip(feature_fns, net_params, feature_passes, strict=True)
+    )
+    bad_features = [jnp.sum(~jnp.isfinite(f) & valid[:, None], dtype=jnp.int32) for f in feats]
+    counts = jnp.stack(
+        [
+            jnp.sum(not_finite, dtype=jnp.int32),
+            jnp.sum(not_finite.any(axis=1), dtype=jnp.int32),
+            *bad_features,
+        ]
     )
     return (feats, counts, images) if keep else (feats, counts)
 
@@ -155,6 +166,7 @@ def chunk_program(
     mesh: jax.sharding.Mesh | None,
     sharding_rules: Sequence[Sequence[Any]] | None = None,
     keep: bool = False,
+    decode_batch_size: int | None = None,
 ) -> Callable[..., tuple[Any, ...]]:
     """The jitted program that evaluates one chunk, as `sample_features` runs it.
 
@@ -166,6 +178,8 @@ def chunk_program(
       sampler_settings: num_steps, denoise_timesteps, cfg_scale, num_classes, objective.
       shape: per-example sample shape. chunk: examples per call (a multiple of the shards).
       pixels: the decoder's pure function (`PixelDecoder.device_fn`).
+      decode_batch_size: images per device per decoder pass (`config.vae.decode_batch_size`);
+        None or 0 = the whole chunk in one pass.
     """
     shards = 1 if mesh is None else sharding.batch_shards(mesh)
     static = dict(
@@ -177,6 +191,7 @@ def chunk_program(
         pixels=pixels,
         feature_fns=tuple(net.apply for net in nets),
         feature_passes=tuple(feature_passes(chunk, shards, net.batch_size) for net in nets),
+        decode_passes=feature_passes(chunk, shards, decode_batch_size) if decode_batch_size else 1,
         rules=None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules),
         keep=bool(keep),
     )
@@ -187,7 +202,64 @@ def chunk_program(
     return _program(tuple(sorted(static.items())), mesh, treedef, param_shardings)
 
 
-def sample_features(
+@dataclasses.dataclass
+class SampleStatistics:
+    """What `sample_statistics` returns; every process holds all of it.
+
+    Attributes:
+      statistics: per net, the running mean and covariance of the features of all `num`
+        samples (summed over the chunks and over the processes).
+      features: per net, the (min(keep_features, num), D) float32 features of the first samples.
+      images: (min(keep_samples, num), H, W, C) float32 pixel images of the first samples.
+    """
+
+    statistics: list[fid.RunningStatistics]
+    features: list[np.ndarray]
+    images: np.ndarray
+
+
+def _local_rows(array: jax.Array, start: int, num: int) -> np.ndarray:
+    """The rows of a chunk's batch-sharded (chunk, D) array held by this process, below `num`.
+
+    One copy of each row (replica 0 of every shard), so the rows of all processes together are
+    the chunk's rows start .. num - 1, each exactly once; nothing crosses the process boundary.
+    """
+    parts = []
+    for shard in sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0):
+        if shard.replica_id != 0:
+            continue
+        first = start + (shard.index[0].start or 0)
+        data = np.asarray(shard.data)
+        parts.append(data[: max(0, min(len(data), num - first))])
+    return np.concatenate(parts) if parts else np.zeros((0, array.shape[1]), np.float32)
+
+
+def merge_across_processes(
+    statistics: Sequence[fid.RunningStatistics],
+) -> list[fid.RunningStatistics]:
+    """Each accumulator merged over every process (in process order); a no-op in one process.
+
+    The float64 moments travel bit-exact as uint32 words (`process_allgather` would round
+    float64 to float32 without jax_enable_x64). Every process must call this together.
+    """
+    if jax.process_count() == 1:
+        return list(statistics)
+    from jax.experimental import multihost_utils
+
+    merged = []
+    for local in statistics:
+        words = local.to_array().view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(words))  # (processes, words)
+        total = fid.RunningStatistics(local.dim)
+        for row in gathered:
+            total.merge(
+                fid.RunningStatistics.from_array(np.ascontiguousarray(row).view(np.float64))
+            )
+        merged.append(total)
+    return merged
+
+
+def sample_statistics(
     apply_fn: sampling.ApplyFn,
     params: Any,
     nets: Sequence[features.FeatureNet],
@@ -204,13 +276,19 @@ def sample_features(
     batch_size: int = 256,
     mesh: jax.sharding.Mesh | None = None,
     keep_samples: int = 0,
+    keep_features: int = 0,
     progress: Callable[[int], None] | None = None,
     sharding_rules: Sequence[Sequence[Any]] | None = None,
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Features of `num` samples under every net, sampled, decoded and featurized on the device.
+    decode_batch_size: int | None = None,
+) -> SampleStatistics:
+    """Feature statistics of `num` samples, sampled, decoded and featurized on the device.
 
     Example i starts from the noise of fold_in(PRNGKey(seed), i) with label i % num_classes (0
-    when unconditional), as `sampling.sample_batch` with default labels draws it.
+    when unconditional), as `sampling.sample_batch` with default labels draws it. Host memory
+    is bounded whatever `num` is: each process adds the feature rows its own devices computed to
+    float64 running moments (`fid.RunningStatistics`), and the moments of the processes are
+    merged at the end; only the first `keep_features` features (for precision/recall) and
+    `keep_samples` images are gathered.
 
     Args:
       apply_fn: ``apply_fn(params, x, t, d, labels) -> output``; pass the same one on every call
@@ -228,17 +306,16 @@ def sample_features(
       decoder: samples -> pixels in [-1, 1] (`latent_space.PixelDecoder`); None = clip only.
       batch_size: examples per program call (rounded up to a multiple of the batch shards);
         each net runs over a chunk in passes of at most its own `batch_size` per device.
-      mesh: when given, each chunk is split over the mesh's batch axes and the features are
-        gathered to every process; every process must call this together.
+      mesh: when given (it may span processes), each chunk is split over the mesh's batch axes;
+        every process must call this together.
       keep_samples: also return the pixel images of the first this many examples.
+      keep_features: also return the features of the first this many examples.
       progress: called after each chunk with the chunk's examples times (1 + len(nets)), one
         count for the sampling and one per network, as the separate passes reported them.
       sharding_rules: with a mesh, the logical axis rules of the model's activations
         (`sharding.logical_rules(config)`); None = `sharding.ACTIVATION_RULES`.
-
-    Returns:
-      features: one (num, D) float32 host array per net.
-      kept: (min(keep_samples, num), H, W, C) float32 pixel images (empty without keep_samples).
+      decode_batch_size: images per device per VAE-decode pass (`config.vae.decode_batch_size`);
+        None or 0 = the whole chunk at once.
 
     Raises:
       NonFiniteImagesError: a decoded image holds NaN or inf (the counts cover all `num`).
@@ -248,6 +325,8 @@ def sample_features(
         raise ValueError(f"num must be >= 1, got {num!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if decode_batch_size is not None and decode_batch_size < 0:
+        raise ValueError(f"decode_batch_size must be >= 0, got {decode_batch_size!r}")
     sampler_settings = {
         "num_steps": int(num_steps),
         "denoise_timesteps": int(denoise_timesteps),
@@ -268,6 +347,7 @@ def sample_features(
         )
     chunk = sharding.round_up_to_shards(min(int(batch_size), num), mesh)
     keep_samples = min(max(int(keep_samples), 0), num)
+    keep_features = min(max(int(keep_features), 0), num)
     programs = {
         keep: chunk_program(
             apply_fn,
@@ -280,6 +360,7 @@ def sample_features(
             mesh=mesh,
             sharding_rules=sharding_rules,
             keep=keep,
+            decode_batch_size=decode_batch_size if pixel_params is not None else None,
         )
         for keep in (False, True)
     }
@@ -288,17 +369,19 @@ def sample_features(
     rng = _global(mesh, np.asarray(jax.random.PRNGKey(seed)))
     total = _global(mesh, np.asarray(num, np.int32))
 
-    outputs: list[list[np.ndarray]] = [[] for _ in nets]
+    running = [fid.RunningStatistics(net.dim) for net in nets]
+    firsts: list[list[np.ndarray]] = [[] for _ in nets]
     kept: list[np.ndarray] = []
-    bad_values = bad_images = 0
+    bad = np.zeros((2 + len(nets),), np.int64)
 
     def collect(start: int, result: tuple[Any, ...]) -> None:
-        nonlocal bad_values, bad_images
+        nonlocal bad
         valid = min(chunk, num - start)
-        for output, feats in zip(outputs, result[0], strict=True):
-            output.append(sharding.gather(feats)[:valid])
-        values, images = sharding.to_host(result[1])
-        bad_values, bad_images = bad_values + int(values), bad_images + int(images)
+        bad = bad + sharding.to_host(result[1])
+        for stats, first, feats in zip(running, firsts, result[0], strict=True):
+            stats.add(_local_rows(feats, start, num))
+            if start < keep_features:
+                first.append(sharding.gather(feats)[: min(valid, keep_features - start)])
         if len(result) > 2:
             kept.append(sharding.gather(result[2])[: min(valid, keep_samples - start)])
         if progress is not None:
@@ -315,17 +398,47 @@ def sample_features(
         pending = (start, result)
     collect(*pending)
 
-    if bad_values:
+    if bad[0]:
         raise features.NonFiniteImagesError(
             features.non_finite_message(
-                "the sampled images", bad_values, num * math.prod(pixel_shape), bad_images, num
+                "the sampled images", int(bad[0]), num * math.prod(pixel_shape), int(bad[1]), num
             )
         )
-    result_features = [np.concatenate(output, axis=0) for output in outputs]
-    for net, feats in zip(nets, result_features, strict=True):
-        if not np.all(np.isfinite(feats)):
+    for net, count in zip(nets, bad[2:], strict=True):
+        if count:
             raise FloatingPointError(
                 f"the {net.name} features contain NaN or inf; the images or the weights are broken"
             )
     images = np.concatenate(kept) if kept else np.zeros((0, *pixel_shape), np.float32)
-    return result_features, images
+    return SampleStatistics(
+        statistics=merge_across_processes(running),
+        features=[
+            np.concatenate(first) if first else np.zeros((0, net.dim), np.float32)
+            for net, first in zip(nets, firsts, strict=True)
+        ],
+        images=images,
+    )
+
+
+def sample_features(
+    apply_fn: sampling.ApplyFn,
+    params: Any,
+    nets: Sequence[features.FeatureNet],
+    *,
+    num: int,
+    keep_samples: int = 0,
+    **settings: Any,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Features of all `num` samples under every net (`sample_statistics` keeping them all).
+
+    Holds num x D features per net on the host: for scores use `sample_statistics`, whose
+    memory does not grow with `num`. The other arguments are those of `sample_statistics`.
+
+    Returns:
+      features: one (num, D) float32 host array per net.
+      kept: (min(keep_samples, num), H, W, C) float32 pixel images (empty without keep_samples).
+    """
+    result = sample_statistics(
+        apply_fn, params, nets, num=num, keep_samples=keep_samples, keep_features=num, **settings
+    )
+    return result.features, result.images

@@ -307,14 +307,44 @@ def score(
     Returns:
       {name: FD} plus {name/precision, name/recall} when the reference features are known.
     """
-    mu, sigma = fid.feature_statistics(sample_features)
+    sample_features = np.asarray(sample_features)
+    running = fid.RunningStatistics(sample_features.shape[-1])
+    running.add(sample_features)
+    return score_statistics(metric, running, sample_features[:pr_num], pr_num)
+
+
+def score_statistics(
+    metric: Metric,
+    statistics: fid.RunningStatistics,
+    first_features: np.ndarray,
+    pr_num: int = DEFAULT_PR_NUM,
+) -> dict[str, float]:
+    """FD of streamed sample statistics against the reference, with precision/recall if possible.
+
+    Args:
+      metric: a chief's `Metric` (with reference statistics).
+      statistics: the running moments of all the samples' features.
+      first_features: (M, D) features of the first samples (M >= pr_num, or all there are).
+      pr_num: at most this many features of each side enter precision/recall (0 = skip them).
+
+    Returns:
+      {name: FD} plus {name/precision, name/recall} when the reference features are known.
+    """
+    mu, sigma = statistics.statistics()
     result = {metric.name: fid.frechet_distance(mu, sigma, metric.mu, metric.sigma)}
     real = metric.reference_features
     if pr_num > 0 and real is not None:
-        precision, recall = fid.precision_recall(real[:pr_num], sample_features[:pr_num], k=3)
+        precision, recall = fid.precision_recall(real[:pr_num], first_features[:pr_num], k=3)
         result[f"{metric.name}/precision"] = precision
         result[f"{metric.name}/recall"] = recall
     return result
+
+
+def _decode_batch_size(config: ml_collections.ConfigDict) -> int | None:
+    """config.vae.decode_batch_size for runs with a VAE (None = the whole chunk at once)."""
+    if not latent_space.uses_vae(config):
+        return None
+    return int(config.vae.get("decode_batch_size", 0)) or None
 
 
 def uses_guidance(cfg_scale: float, num_classes: int) -> bool:
@@ -356,7 +386,7 @@ def sweep(
         applies it, 1 elsewhere).
       seed: sampling seed.
       batch_size: samples per device program (sampling, decoding and the features of every
-        metric in one call, `on_device.sample_features`).
+        metric in one call, `on_device.sample_statistics`).
       mesh: the mesh to sample and extract features on (every process must call this).
       pr_num: features per side for precision/recall (0 = skip).
       is_chief: whether this process computes the scores (only the chief holds references).
@@ -401,7 +431,7 @@ def sweep(
         scale = latent_space.guidance_scale(config, int(num_steps), cfg_scale)
         guided = uses_guidance(scale, num_classes)
         start = time.perf_counter()
-        sample_features, kept_images = on_device.sample_features(
+        sampled = on_device.sample_statistics(
             apply_fn,
             params,
             [metric.net for metric in metrics],
@@ -417,8 +447,10 @@ def sweep(
             batch_size=batch_size,
             mesh=mesh,
             keep_samples=keep_samples,
+            keep_features=pr_num,
             progress=progress,
             sharding_rules=sharding.logical_rules(config),
+            decode_batch_size=_decode_batch_size(config),
         )
         row: dict[str, float] = {
             "steps": int(num_steps),
@@ -427,10 +459,12 @@ def sweep(
             "seconds": time.perf_counter() - start,
         }
         if keep_samples:
-            kept[int(num_steps)] = kept_images
+            kept[int(num_steps)] = sampled.images
         if is_chief:
-            for metric, feats in zip(metrics, sample_features, strict=True):
-                row.update(score(metric, feats, pr_num))
+            for metric, stats, first in zip(
+                metrics, sampled.statistics, sampled.features, strict=True
+            ):
+                row.update(score_statistics(metric, stats, first, pr_num))
         rows.append(row)
         logging.info("Scored %d samples at %d step(s): %s", num, num_steps, row)
     return rows, kept
