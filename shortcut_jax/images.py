@@ -1,4 +1,5 @@
-"""Image grids and scatter plots for samples: uint8 conversion, grids, labelled grids, PNG files.
+"""Image grids and scatter plots for samples: uint8 conversion, grids, labelled grids, PNG files,
+and the sample files FID tools read (an .npz streamed member by member, a folder of PNGs).
 
 Everything here runs on the host with numpy, PIL and (for scatter plots) matplotlib's Agg canvas.
 The matplotlib figure is built with the object-oriented API (`Figure` + `FigureCanvasAgg`), so no
@@ -7,9 +8,13 @@ pyplot state and no global backend is touched.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,26 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
         return images
     images = np.nan_to_num(images.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def quantize_adm(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats to uint8 as the ADM sample script does: ((x + 1) * 127.5).clip(0, 255),
+    then truncated (openai/guided-diffusion scripts/image_sample.py: `.clamp(0, 255).to(uint8)`).
+
+    It truncates where `to_uint8` rounds, so the files FID tools read hold the pixels an ADM
+    sample file would. NaN becomes 127 (the value of 0.0); uint8 input is returned unchanged.
+
+    Args:
+      images: any shape, float in [-1, 1] (or uint8).
+
+    Returns:
+      uint8 array of the same shape.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    images = np.nan_to_num(images.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip((images + 1.0) * 127.5, 0, 255).astype(np.uint8)
 
 
 def _as_nhwc(images: np.ndarray) -> np.ndarray:
@@ -231,3 +256,144 @@ def scatter_png(
         ax.set_title(name)
     figure.tight_layout()
     _write_png(path, lambda file: figure.savefig(file, format="png"))
+
+
+class NpzMembers:
+    """Writes the arrays of an uncompressed .npz, each streamed into its zip member in chunks.
+
+    The file is what `np.savez` writes (members `NAME.npy`, ZIP_STORED, zip64 for large members),
+    so `np.load` and the ADM evaluator read it, but no whole array is ever held in memory.
+    """
+
+    def __init__(self, archive: zipfile.ZipFile):
+        self._archive = archive
+        self._member: Any = None
+        self._name = ""
+        self._row_shape: tuple[int, ...] = ()
+        self._dtype = np.dtype(np.uint8)
+        self._rows_left = 0
+
+    def begin(self, name: str, shape: Sequence[int], dtype: Any) -> None:
+        """Starts member `name` for an array of `shape` and `dtype`; `write` fills it in order."""
+        if self._member is not None:
+            raise ValueError(f"member {self._name!r} is not finished")
+        dtype = np.dtype(dtype)
+        header = {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": tuple(int(size) for size in shape),
+        }
+        self._member = self._archive.open(f"{name}.npy", mode="w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(self._member, header)
+        self._name, self._dtype = name, dtype
+        self._row_shape, self._rows_left = header["shape"][1:], header["shape"][0]
+
+    def write(self, rows: np.ndarray) -> None:
+        """Appends `rows` (B, *row_shape) of the member's dtype."""
+        rows = np.ascontiguousarray(rows)
+        if rows.dtype != self._dtype or rows.shape[1:] != self._row_shape:
+            raise ValueError(
+                f"member {self._name!r} takes (B, *{self._row_shape}) {self._dtype}, "
+                f"got {rows.shape} {rows.dtype}"
+            )
+        if len(rows) > self._rows_left:
+            raise ValueError(f"member {self._name!r}: {len(rows) - self._rows_left} rows too many")
+        self._member.write(rows.tobytes())
+        self._rows_left -= len(rows)
+
+    def end(self) -> None:
+        """Closes the member; all its rows must have been written."""
+        if self._rows_left:
+            raise ValueError(f"member {self._name!r} is missing {self._rows_left} rows")
+        self._member.close()
+        self._member = None
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """Writes a whole (small) array as member `name`."""
+        array = np.asarray(array)
+        self.begin(name, array.shape, array.dtype)
+        self.write(array.reshape((array.shape[0] if array.ndim else 1, *array.shape[1:])))
+        self.end()
+
+
+@contextlib.contextmanager
+def npz_stream(path: str | os.PathLike) -> Iterator[NpzMembers]:
+    """Yields `NpzMembers` writing the .npz at `path` (local or gs://); it appears only when the
+    block ends without error (`atomic_files.atomic_path`; a bucket object is uploaded from a
+    local temporary file, so it needs local disk, not memory, for the whole file)."""
+    with (
+        atomic_files.atomic_path(path) as temporary,
+        open(temporary, "wb") as handle,
+        zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
+        yield NpzMembers(archive)
+
+
+def png_name(index: int, num: int) -> str:
+    """File name of sample `index` of `num` in a PNG folder: zero-padded, so sorted = in order."""
+    return f"{index:0{max(6, len(str(num - 1)))}d}.png"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One (H, W, C) uint8 image with C in {1, 3, 4} encoded as PNG."""
+    buffer = io.BytesIO()
+    _to_pil(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class PngFolder:
+    """A folder of one PNG per sample (`png_name` order), the input of pytorch-fid and clean-fid.
+
+    Local folders are filled under a temporary sibling name and renamed into place by `finish`
+    (an older folder of that name is replaced), so the folder appears whole or not at all. On a
+    bucket each file is uploaded whole as it is written; a folder that already holds files is
+    refused, so samples of two runs never mix.
+    """
+
+    def __init__(self, path: str | os.PathLike, num: int):
+        self.path = os.fspath(path).rstrip("/")
+        self.num = int(num)
+        self.remote = atomic_files.is_remote(self.path)
+        if self.remote:
+            from etils import epath
+
+            target = epath.Path(self.path)
+            if target.exists() and any(target.iterdir()):
+                raise FileExistsError(f"{self.path} already holds files: give a new folder")
+            self._directory = self.path
+        else:
+            self._directory = atomic_files.temporary_sibling(self.path)
+            os.makedirs(self._directory)
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        """Writes `images` (B, H, W, C) uint8 as the samples numbered start, start + 1, ..."""
+        for offset, image in enumerate(np.asarray(images)):
+            name = os.path.join(self._directory, png_name(start + offset, self.num))
+            if self.remote:
+                atomic_files.write_bytes(name, png_bytes(image))
+            else:
+                with open(name, "wb") as file:
+                    file.write(png_bytes(image))
+
+    def write_text(self, name: str, text: str) -> None:
+        """Writes a text file (e.g. labels.txt) into the folder."""
+        atomic_files.write_text(os.path.join(self._directory, name), text)
+
+    def finish(self) -> None:
+        """Makes a local folder visible under its name (replacing an older one)."""
+        if self.remote:
+            return
+        old = None
+        if os.path.lexists(self.path):
+            old = atomic_files.temporary_sibling(self.path)
+            os.replace(self.path, old)
+        os.replace(self._directory, self.path)
+        if old is not None and os.path.isdir(old):
+            shutil.rmtree(old)
+        elif old is not None:
+            os.remove(old)
+
+    def abandon(self) -> None:
+        """Removes a local folder's temporary files (after an error)."""
+        if not self.remote:
+            shutil.rmtree(self._directory, ignore_errors=True)

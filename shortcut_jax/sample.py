@@ -1,19 +1,34 @@
-"""Sample from a trained run.
+"""Sample from a trained run, in the files FID tools read.
 
-    python -m shortcut_jax.sample --workdir runs/mnist --steps 1 --num 1000 --cfg 1.5 \
-        --out samples.npz
+    python -m shortcut_jax.sample --workdir runs/mnist --steps 1 --num 50000 --out samples.npz
 
-Writes `images` (N, H, W, C) float32 clipped to [-1, 1] (latent runs are decoded to pixels
-first) and `labels` (N,) int32 to the .npz file, and a PNG grid of the first images beside it
-(samples.png). `--out` may be a bucket path (gs://...); both files are written atomically.
-Bad flags or a workdir that is not a run give one line on stderr and exit status 2.
+Only the parameters it samples with are read from the checkpoint (the EMA, or the raw ones with
+--raw_params): `checkpoint.load_params`. Samples are drawn, decoded (latent runs) and written
+chunk by chunk (--batch_size), so --num 50000 needs memory for one chunk, not for all of them.
+
+--format (default: adm for image runs, npz_float for 2-D toy runs):
+  adm        the ADM evaluator's .npz (openai/guided-diffusion evaluations/evaluator.py):
+             `arr_0` (N, H, W, C) uint8 = ((x + 1) * 127.5).clip(0, 255) truncated, as its
+             image_sample.py writes, and `arr_1` (N,) int64 labels for class-conditional runs.
+  npz_float  `images` (N, H, W, C) float32 clipped to [-1, 1] (or (N, 2) toy points) and
+             `labels` (N,) int32.
+  png        a folder --out holding 000000.png, 000001.png, ... (the adm pixels; sorted names
+             are the sample order) and labels.txt (one label a line), for pytorch-fid / clean-fid.
+A PNG grid of the first samples is written beside (samples.npz -> samples.png). Every file
+appears whole or not at all, also on a bucket (gs://...). Bad flags or a workdir that is not a
+run give one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -30,6 +45,8 @@ from shortcut_jax import (
     steps,
 )
 
+FORMATS = ("adm", "npz_float", "png")
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
 _STEPS = flags.DEFINE_integer("steps", 1, "Number of sampling steps, 1..denoise_timesteps.")
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
@@ -39,112 +56,302 @@ _CFG = flags.DEFINE_float(
     "Guidance scale (default: the run's sample_cfg_scale where its sample_guidance policy "
     "applies it at --steps).",
 )
-_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz path.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output .npz path, or folder for --format png (default samples.npz / samples)."
+)
+_FORMAT = flags.DEFINE_enum(
+    "format", None, FORMATS, "Output format (default: adm for images, npz_float for toy points)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
 _LABEL = flags.DEFINE_integer("label", None, "Sample only this class (default: cycle classes).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples per device call.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples per device call and per write.")
 _GRID = flags.DEFINE_integer("grid", 100, "How many samples the PNG grid shows.")
 flags.mark_flags_as_required(["workdir"])
 
+# (pixels (B, ...) float32, labels (B,) int32) -> None, called once per chunk in order.
+ChunkWriter = Callable[[np.ndarray, np.ndarray], None]
 
-def write_samples(
-    out: str, samples: np.ndarray, labels: np.ndarray, *, title: str, grid: int, num_classes: int
-) -> str:
-    """Writes the .npz (images float32, labels int32) and a PNG beside it, each atomically.
+
+def grid_path(out: str) -> str:
+    """The grid PNG beside `out`: samples.npz -> samples.png, folder samples/ -> samples.png."""
+    return os.path.splitext(out.rstrip("/"))[0] + ".png"
+
+
+@contextlib.contextmanager
+def sample_writer(
+    out: str, fmt: str, num: int, shape: tuple[int, ...], labels: np.ndarray, conditional: bool
+) -> Iterator[ChunkWriter]:
+    """Yields a writer taking the samples chunk by chunk; the output appears when the block ends.
 
     Args:
-      out: the .npz path, local or a bucket path (gs://...).
+      out: the .npz path, or the folder for 'png'; local or gs://.
+      fmt: one of FORMATS.
+      num: the number of samples that will be written.
+      shape: one sample's shape, (H, W, C) pixels or (2,) toy points.
+      labels: (num,) the labels of all the samples (written once, after the samples).
+      conditional: whether the run is class-conditional (ADM writes arr_1 only then).
+    """
+    if fmt == "png":
+        with _png_writer(out, num, labels, conditional) as write:
+            yield write
+        return
+    key, dtype, quantize = ("arr_0", np.uint8, images.quantize_adm)
+    if fmt == "npz_float":
+        key, dtype, quantize = ("images", np.float32, lambda x: np.asarray(x, np.float32))
+    with images.npz_stream(out) as members:
+        members.begin(key, (num, *shape), dtype)
+        yield lambda pixels, _: members.write(quantize(pixels))
+        members.end()
+        if fmt == "npz_float":
+            members.add("labels", labels.astype(np.int32))
+        elif conditional:
+            members.add("arr_1", labels.astype(np.int64))  # what ADM's torch labels become
+
+
+@contextlib.contextmanager
+def _png_writer(out: str, num: int, labels: np.ndarray, conditional: bool) -> Iterator[ChunkWriter]:
+    folder = images.PngFolder(out, num)
+    written = [0]
+
+    def write(pixels: np.ndarray, _: np.ndarray) -> None:
+        folder.write(written[0], images.quantize_adm(pixels))
+        written[0] += len(pixels)
+
+    try:
+        yield write
+        if written[0] != num:
+            raise ValueError(f"{out}: {written[0]} of {num} samples written")
+        if conditional:
+            folder.write_text("labels.txt", "".join(f"{int(label)}\n" for label in labels))
+        folder.finish()
+    except BaseException:
+        folder.abandon()
+        raise
+
+
+def write_samples(
+    out: str,
+    samples: np.ndarray,
+    labels: np.ndarray,
+    *,
+    title: str,
+    grid: int,
+    num_classes: int,
+    fmt: str = "npz_float",
+) -> str:
+    """Writes all `samples` at once in format `fmt` and the PNG grid beside, each atomically.
+
+    Args:
+      out: the .npz path (the folder for 'png'), local or a bucket path (gs://...).
       samples: (N, H, W, C) images in [-1, 1], or (N, 2) points of a toy run.
       labels: (N,) class labels.
       title: the scatter plot's panel title (toy runs).
       grid: how many images the PNG grid shows.
       num_classes: the run's classes (one grid column each when there are at most 20).
+      fmt: one of FORMATS.
 
     Returns:
-      The PNG's path.
+      The PNG grid's path.
     """
     if not atomic_files.is_remote(out):
         out = os.path.abspath(out)
-    atomic_files.write_npz(out, images=samples.astype(np.float32), labels=labels.astype(np.int32))
-    png = os.path.splitext(out)[0] + ".png"
+    samples, labels = np.asarray(samples), np.asarray(labels)
+    with sample_writer(out, fmt, len(samples), samples.shape[1:], labels, num_classes > 0) as write:
+        write(samples, labels)
+    return write_grid(out, samples[:grid], title=title, num_classes=num_classes)
+
+
+def write_grid(out: str, samples: np.ndarray, *, title: str, num_classes: int) -> str:
+    """Writes the grid (or the scatter plot of toy points) of `samples` beside `out`."""
+    png = grid_path(out)
     if samples.ndim == 2:
         images.scatter_png(png, {title: samples})
     else:
         columns = num_classes if 0 < num_classes <= 20 else None
-        images.save_grid(png, samples[:grid], ncols=columns)
+        images.save_grid(png, samples, ncols=columns)
     return png
 
 
+def sample_chunks(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    rng: jax.Array,
+    labels: np.ndarray,
+    *,
+    num_steps: int,
+    cfg_scale: float,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (pixels, labels) chunks of at most `batch_size` samples, in order.
+
+    Sample i starts from the noise of fold_in(rng, i), as in `sampling.sample_batch` (so the
+    result equals one `sample_batch` call over all the labels); latent runs are decoded per
+    chunk. Pixels are float32 clipped to [-1, 1] ((B, 2) points for toy runs).
+    """
+    shape = tuple(int(size) for size in latent_space.model_shape(config))
+    sampler = _mesh_sampler(config, params, mesh, num_steps=num_steps, cfg_scale=cfg_scale)
+    decode = latent_space.PixelDecoder.for_config(config, mesh, batch_size)
+    chunk = sharding.round_up_to_shards(min(batch_size, len(labels)), mesh)
+    for start in range(0, len(labels), chunk):
+        chunk_labels = labels[start : start + chunk]
+        valid = len(chunk_labels)
+        indices = jnp.arange(start, start + chunk, dtype=jnp.uint32)
+        noise = np.asarray(sampling.noise_at(rng, indices, shape))
+        padded = np.pad(chunk_labels, (0, chunk - valid))
+        out = sampler(params, sharding.shard_batch(mesh, noise), sharding.shard_batch(mesh, padded))
+        yield decode(sharding.gather(out)[:valid]), chunk_labels
+
+
+def _mesh_sampler(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_steps: int,
+    cfg_scale: float,
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """The run's sampler jitted over `mesh` (the program `sampling.sample_batch` runs).
+
+    `sample_batch` draws the noise of examples 0..num-1 only; chunks of one long run need the
+    noise of examples start..start+chunk, so the sharded program is called here directly.
+    """
+    objective = objectives.ObjectiveConfig.from_config(config)
+    sampling.make_sampler(  # validates the settings before anything compiles
+        steps.make_apply_fn(models.get_model(config)),
+        num_steps=num_steps,
+        denoise_timesteps=int(config.denoise_timesteps),
+        cfg_scale=cfg_scale,
+        num_classes=int(config.data.num_classes),
+        objective=objective,
+    )
+    settings = (
+        ("cfg_scale", float(cfg_scale)),
+        ("denoise_timesteps", int(config.denoise_timesteps)),
+        ("num_classes", int(config.data.num_classes)),
+        ("num_steps", int(num_steps)),
+        ("objective", objective),
+    )
+    shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
+    rules = sharding.with_activation_defaults(sharding.logical_rules(config))
+    return sampling._sharded_sampler(  # noqa: SLF001 - see the docstring
+        steps.make_apply_fn(models.get_model(config)),
+        settings,
+        mesh,
+        treedef,
+        tuple(shardings),
+        rules,
+    )
+
+
 def main(argv: list[str]) -> None:
-    """Checks the flags and the run, samples, writes the .npz and the PNG grid."""
+    """Checks the flags and the run, samples, writes the samples and the PNG grid."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    with cli_inputs.errors_as_one_line(checkpoint.CheckpointError):
+    with cli_inputs.errors_as_one_line(checkpoint.CheckpointError, FileExistsError):
         _sample()
 
 
-def _sample() -> None:
+def _check_flags() -> int:
     num = cli_inputs.check_positive("--num", _NUM.value)
     cli_inputs.check_positive("--batch_size", _BATCH.value)
     if _GRID.value < 1:
         raise cli_inputs.InputError(f"--grid={_GRID.value}: must be a positive integer")
     cli_inputs.check_guidance_scale("--cfg", _CFG.value)
-    if not _OUT.value:
-        raise cli_inputs.InputError("--out is empty: pass the .npz path to write")
+    if _OUT.value is not None and not _OUT.value.strip():
+        raise cli_inputs.InputError("--out is empty: pass the .npz path (or png folder) to write")
+    return num
+
+
+def output_format(config: ml_collections.ConfigDict, fmt: str | None) -> str:
+    """`fmt`, or the default: 'adm' for image runs, 'npz_float' for toy points.
+
+    Raises:
+      InputError: naming --format when an image format is asked of a toy run.
+    """
+    is_image = len(latent_space.model_shape(config)) == 3
+    if fmt is None:
+        return "adm" if is_image else "npz_float"
+    if fmt != "npz_float" and not is_image:
+        raise cli_inputs.InputError(
+            f"--format={fmt}: this run samples 2-D points, not images; use --format npz_float"
+        )
+    return fmt
+
+
+def _output_path(fmt: str) -> str:
+    out = _OUT.value or ("samples" if fmt == "png" else "samples.npz")
+    if fmt == "png" and out.rstrip("/").endswith(".npz"):
+        raise cli_inputs.InputError(f"--out={out}: --format png writes a folder, not an .npz")
+    return out if atomic_files.is_remote(out) else os.path.abspath(out)
+
+
+def _check_space(out: str, fmt: str, num: int, shape: tuple[int, ...]) -> None:
+    """Probes the output directory and the free space (local disk, also for a bucket's upload)."""
+    needed = num * int(np.prod(shape)) * (4 if fmt == "npz_float" else 1) + 1024 * num
+    directory = os.path.dirname(out.rstrip("/"))
+    cli_inputs.check_output_directory("--out", directory, needed)
+    if atomic_files.is_remote(out) and fmt != "png":  # uploaded from a local temporary file
+        import tempfile
+
+        cli_inputs.check_output_directory("--out (local temporary)", tempfile.gettempdir(), needed)
+
+
+def _labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
+    num_classes = int(config.data.num_classes)
+    if _LABEL.value is None:
+        return sampling.default_labels(num, num_classes)
+    if not 0 <= _LABEL.value < max(num_classes, 1):
+        raise cli_inputs.InputError(f"--label={_LABEL.value}: allowed 0..{num_classes - 1}")
+    return np.full((num,), _LABEL.value, np.int32)
+
+
+def _sample() -> None:
+    num = _check_flags()
     step = cli_inputs.checkpoint_step(_WORKDIR.value, _STEP.value)
-    config, state = checkpoint.load_run(_WORKDIR.value, step)
+    mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
+    config, params, step = checkpoint.load_params(_WORKDIR.value, step, raw=_RAW.value, mesh=mesh)
     if not 1 <= _STEPS.value <= config.denoise_timesteps:
         raise cli_inputs.InputError(
             f"--steps={_STEPS.value}: allowed 1..{config.denoise_timesteps} (denoise_timesteps)"
         )
+    fmt = output_format(config, _FORMAT.value)
+    out = _output_path(fmt)
+    labels = _labels(config, num)
+    shape = tuple(latent_space.model_shape(config))
+    if latent_space.uses_vae(config):  # the files hold the decoded images, not the latents
+        shape = tuple(latent_space.pixel_shape(config))
+    _check_space(out, fmt, num, shape)
+    cfg_scale = float(latent_space.guidance_scale(config, _STEPS.value, _CFG.value))
     num_classes = int(config.data.num_classes)
-    labels = None
-    if _LABEL.value is not None:
-        if not 0 <= _LABEL.value < max(num_classes, 1):
-            raise cli_inputs.InputError(f"--label={_LABEL.value}: allowed 0..{num_classes - 1}")
-        labels = np.full((num,), _LABEL.value, np.int32)
-    out = _OUT.value if atomic_files.is_remote(_OUT.value) else os.path.abspath(_OUT.value)
-    shape = latent_space.model_shape(config)
-    if latent_space.uses_vae(config):  # the .npz holds the decoded images, not the latents
-        shape = latent_space.pixel_shape(config)
-    needed = 4 * num * int(np.prod(shape))  # float32 images (any old file stays until replaced)
-    cli_inputs.check_output_directory("--out", os.path.dirname(out), needed)
-    cfg_scale = latent_space.guidance_scale(config, _STEPS.value, _CFG.value)
-    mesh = sharding.make_mesh(config, jax.local_devices())
-    samples, sample_labels = sampling.sample_batch(
-        steps.make_apply_fn(models.get_model(config)),
-        state.params if _RAW.value else state.ema_params,
+    chunks = sample_chunks(
+        config,
+        params,
         jax.random.PRNGKey(_SEED.value),
-        num=num,
-        shape=latent_space.model_shape(config),
-        labels=labels,
+        labels,
         num_steps=_STEPS.value,
-        denoise_timesteps=config.denoise_timesteps,
-        cfg_scale=float(cfg_scale),
-        num_classes=num_classes,
+        cfg_scale=cfg_scale,
         batch_size=_BATCH.value,
         mesh=mesh,
-        objective=objectives.ObjectiveConfig.from_config(config),
-        sharding_rules=sharding.logical_rules(config),
     )
-    # Latent runs decode to pixels here; images are clipped to [-1, 1] only after decoding.
-    samples = latent_space.PixelDecoder.for_config(config, mesh, _BATCH.value)(samples)
-    png = write_samples(
-        out,
-        samples,
-        sample_labels,
-        title=f"{_STEPS.value} step(s)",
-        grid=_GRID.value,
-        num_classes=num_classes,
-    )
+    shown = []
+    with sample_writer(out, fmt, num, shape, labels, num_classes > 0) as write:
+        for done, (pixels, chunk_labels) in enumerate(chunks):
+            write(pixels, chunk_labels)
+            shown.append(pixels[: max(_GRID.value - sum(len(s) for s in shown), 0)])
+            logging.log_every_n_seconds(logging.INFO, "chunk %d: %d samples", 30, done, len(pixels))
+    title = f"{_STEPS.value} step(s)"
+    png = write_grid(out, np.concatenate(shown), title=title, num_classes=num_classes)
     logging.info(
-        "Wrote %d samples (%d steps, cfg %.2f) to %s and %s",
-        len(samples),
+        "Wrote %d samples (step %d, %d sampling steps, cfg %.2f, format %s) to %s and %s",
+        num,
+        step,
         _STEPS.value,
         cfg_scale,
-        _OUT.value,
+        fmt,
+        out,
         png,
     )
 
