@@ -254,12 +254,14 @@ def test_evaluate_cli_writes_json_table_and_plot(trained_run, tmp_path):
 
 def test_fid_stats_tool_writes_the_statistics_of_its_images(tmp_path):
     images = np.random.default_rng(0).uniform(-1, 1, (30, 28, 28, 1)).astype(np.float32)
-    np.savez(tmp_path / "images.npz", images=images)
+    # Compressed, and streamed in 5 chunks of at most 7 rows: the all-at-once statistics.
+    np.savez_compressed(tmp_path / "images.npz", images=images)
     out = tmp_path / "stats.npz"
     result = run_module(
         "shortcut_jax.tools.fid_stats",
         f"--images={tmp_path / 'images.npz'}",
         "--network=fd_mnist",
+        "--chunk=7",
         f"--out={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

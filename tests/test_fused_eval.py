@@ -14,7 +14,7 @@ import pytest
 from tiny import run_on_cpu_devices
 
 from shortcut_jax import latent_space, sampling
-from shortcut_jax.evaluators import fd_mnist, features, on_device
+from shortcut_jax.evaluators import fd_mnist, features, fid, on_device
 from shortcut_jax.models import vae as vae_lib
 
 TINY_VAE = vae_lib.VaeArch(
@@ -131,6 +131,27 @@ def test_fused_features_equal_the_host_composition_through_a_vae():
     assert images.shape == (6, 16, 16, 1) and kept.shape == (2, 16, 16, 1)
     np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kept, images[:2], rtol=1e-5, atol=1e-5)
+    # Decoded one image per pass (4 passes of the decoder over each chunk of 4): the same.
+    in_passes = on_device.sample_statistics(
+        velocity, model_params(), nets, decoder=decoder, decode_batch_size=1, **common
+    )
+    mu, sigma = fid.feature_statistics(expected[0])
+    np.testing.assert_allclose(in_passes.statistics[0].statistics()[0], mu, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(in_passes.statistics[0].statistics()[1], sigma, atol=1e-5)
+
+
+def test_streamed_statistics_equal_those_of_all_features_and_keep_only_the_first():
+    nets = [pooled_net(), mnist_net(batch_size=2)]
+    common = {"seed": 3, "num": 13, "shape": (28, 28, 1), "batch_size": 5, **SETTINGS}
+    all_features, _ = on_device.sample_features(velocity, model_params(), nets, **common)
+    result = on_device.sample_statistics(velocity, model_params(), nets, keep_features=7, **common)
+    assert result.images.shape == (0, 28, 28, 1)
+    for running, first, feats in zip(result.statistics, result.features, all_features, strict=True):
+        assert running.count == 13 and first.shape == (7, feats.shape[1])
+        np.testing.assert_array_equal(first, feats[:7])
+        mu, sigma = fid.feature_statistics(feats)
+        np.testing.assert_allclose(running.statistics()[0], mu, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(running.statistics()[1], sigma, rtol=1e-7, atol=1e-12)
 
 
 def test_non_finite_samples_raise_with_the_counts_of_the_real_examples_only():

@@ -7,7 +7,13 @@
     python -m shortcut_jax.tools.fid_stats --images samples.npz --out samples_stats.npz
 
 The file has keys 'mu' (D,) and 'sigma' (D, D) like published FID statistics, so it can be
-passed to `python -m shortcut_jax.evaluate --ref_stats`. The default network is the FID
+passed to `python -m shortcut_jax.evaluate --ref_stats`. The images are read, featurized and
+added to float64 running moments (`fid.RunningStatistics`) a chunk at a time, so host memory
+does not grow with --num: an --images .npz is read row by row from its archive, and a
+`config.data.latent_dir` is read a chunk of latents at a time and decoded through the run's VAE
+(config.vae.decode_batch_size images per device per pass): its statistics are those of the VAE's
+reconstructions. (TFDS and image-folder configs go through the source's `real_examples`, which
+returns the --num images at once.) The default network is the FID
 Inception (converted weights, see `shortcut_jax.tools.convert_inception`); --network takes any
 metric of `shortcut_jax.evaluators.registry` (fd_mnist: the project's MNIST classifier).
 Features are computed on all local devices. --out may be a bucket path (gs://...); the file is
@@ -16,16 +22,21 @@ written atomically. Bad flags or input files give one line on stderr and exit st
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zipfile
+from collections.abc import Iterator
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from shortcut_jax import atomic_files, cli_inputs, configs, sharding
+from shortcut_jax import atomic_files, cli_inputs, configs, latent_space, sharding
 from shortcut_jax.evaluators import features, fid, registry, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,8 +50,11 @@ _NETWORK = flags.DEFINE_enum(
 _INCEPTION = flags.DEFINE_string("inception", None, "Converted Inception weights .npz.")
 _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
 _SAVE_FEATURES = flags.DEFINE_bool(
-    "save_features", False, "Also store the features (key 'features') for precision/recall."
+    "save_features",
+    False,
+    "Also store the features (key 'features', num x D float32 on the host) for precision/recall.",
 )
+_CHUNK = flags.DEFINE_integer("chunk", 1024, "Images read and featurized at a time.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -50,28 +64,106 @@ def load_images(path: str) -> np.ndarray:
     Raises:
       InputError: naming the file when it is missing, unreadable or holds no usable images.
     """
+    chunks = list(image_chunks(path, num=2**62, chunk=2**62))
+    return np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 1), np.float32)
+
+
+def _to_pixels(images: np.ndarray) -> np.ndarray:
+    """(N, H, W[, C]) uint8 or float images as float32 (N, H, W, C) in [-1, 1]."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images.astype(np.float32)
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of the .npy stream `member` (C order, no objects)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+    if fortran or dtype.hasobject or not shape:
+        raise ValueError(f"an array of shape {shape}, dtype {dtype}, Fortran order {fortran}")
+    return tuple(shape), dtype
+
+
+def image_chunks(path: str, num: int, chunk: int) -> Iterator[np.ndarray]:
+    """The first `num` images of an .npz (key 'images'), `chunk` at a time, float32 in [-1, 1].
+
+    Reads the archive member row by row (compressed or not), so memory holds one chunk. The
+    file, its keys and the array's header are checked at once; a truncated body when the
+    iteration reaches it.
+
+    Raises:
+      InputError: naming the file when it is missing, unreadable or holds no usable images.
+    """
     file = epath.Path(path)
     if not file.is_file():
         raise cli_inputs.InputError(f"--images={path}: no such file")
+    with _images_member(file, path) as (shape, _, _):
+        pass
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise cli_inputs.InputError(
+            f"--images={path}: images must be (N, H, W, C) with C in (1, 3), got {shape}"
+        )
+    return (_to_pixels(block) for block in _read_rows(file, path, min(shape[0], num), chunk))
+
+
+@contextlib.contextmanager
+def _images_member(file: epath.Path, path: str) -> Iterator[tuple[tuple[int, ...], Any, Any]]:
+    """(shape, dtype, stream positioned at the data) of the archive's 'images' array."""
     try:
-        with file.open("rb") as f, np.load(f, allow_pickle=False) as stored:
-            keys = sorted(stored.files)
-            images = np.asarray(stored["images"]) if "images" in keys else None
+        with file.open("rb") as f, zipfile.ZipFile(f) as archive:
+            keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+            if "images" not in keys:
+                raise KeyError(keys)
+            with archive.open("images.npy") as member:
+                shape, dtype = _npy_header(member)
+                yield shape, dtype, member
+    except KeyError as missing:
+        raise cli_inputs.InputError(
+            f"--images={path} has keys {missing.args[0]}; expected 'images'"
+        ) from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise cli_inputs.InputError(
             f"--images={path}: not a readable .npz ({type(error).__name__}: {error})"
         ) from None
-    if images is None:
-        raise cli_inputs.InputError(f"--images={path} has keys {keys}; expected 'images'")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise cli_inputs.InputError(
-            f"--images={path}: images must be (N, H, W, C) with C in (1, 3), got {images.shape}"
-        )
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 127.5 - 1.0
-    return images.astype(np.float32)
+
+
+def _read_rows(file: epath.Path, path: str, total: int, chunk: int) -> Iterator[np.ndarray]:
+    """Rows 0 .. total - 1 of the 'images' array, `chunk` at a time, as stored."""
+    with _images_member(file, path) as (shape, dtype, member):
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        for start in range(0, total, chunk):
+            rows = min(chunk, total - start)
+            data = member.read(rows * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise EOFError(f"the images end after {start} of {shape[0]} rows")
+            yield np.frombuffer(data, dtype).reshape((rows, *shape[1:]))
+
+
+def latent_image_chunks(
+    config: ml_collections.ConfigDict, num: int, chunk: int, mesh: jax.sharding.Mesh
+) -> Iterator[np.ndarray]:
+    """Pixels of the first `num` latents of config.data.latent_dir (in `real_examples` order:
+    scaled posterior means), read `chunk` at a time and decoded through the run's VAE."""
+    from shortcut_jax.data import latents
+
+    source = latents.LatentSource(config)
+    shards = sharding.batch_shards(mesh)
+    per_device = int(config.vae.get("decode_batch_size", 0)) or max(chunk // shards, 1)
+    decoder = latent_space.PixelDecoder.for_config(config, mesh, per_device * shards)
+    order = latents.reference_order(source.count)[:num]
+    readers = latents.ShardReaders(source.latent_dir, source.metadata)
+    try:
+        for start in range(0, len(order), chunk):
+            records = readers.read(order[start : start + chunk])
+            moments = np.stack([latents.decode_record(record)[2][0] for record in records])
+            yield decoder(moments.astype(np.float32) * np.float32(source.scaling_factor))
+    finally:
+        readers.close()
 
 
 def main(argv: list[str]) -> None:
@@ -86,38 +178,53 @@ def main(argv: list[str]) -> None:
         _write_statistics()
 
 
-def _write_statistics() -> None:
-    num = cli_inputs.check_positive("--num", _NUM.value)
-    if not _OUT.value:
-        raise cli_inputs.InputError("--out is empty: pass the .npz path to write")
+def _chunks(
+    num: int, chunk: int, mesh: jax.sharding.Mesh
+) -> tuple[ml_collections.ConfigDict, Iterator[np.ndarray], str]:
+    """(config, image chunks, what they are) for the --config or --images input."""
     if (_CONFIG.value is None) == (_IMAGES.value is None):
         raise cli_inputs.InputError("give exactly one of --config and --images")
-    if _CONFIG.value is not None:
-        from shortcut_jax import data
+    if _IMAGES.value is not None:
+        return configs.base_config(), image_chunks(_IMAGES.value, num, chunk), _IMAGES.value
+    config = _CONFIG.value
+    problem = registry.get(_NETWORK.value).data_problem(config)
+    if problem:
+        raise cli_inputs.InputError(f"--network={_NETWORK.value} and --config: {problem}")
+    if config.data.get("latent_dir"):
+        what = f"config.data.latent_dir ({config.data.latent_dir}) decoded by config.vae"
+        return config, latent_image_chunks(config, num, chunk, mesh), what
+    from shortcut_jax import data
 
-        config = _CONFIG.value
-        problem = registry.get(_NETWORK.value).data_problem(config)
-        if problem:
-            raise cli_inputs.InputError(f"--network={_NETWORK.value} and --config: {problem}")
-        images = data.get_source(config).real_examples(num)["image"]
-        what = f"{len(images)} real examples of config.data ({config.data.name})"
-    else:
-        config = configs.base_config()
-        images = load_images(_IMAGES.value)[:num]
-        what = f"{len(images)} images of {_IMAGES.value}"
-    if len(images) < 2:
-        raise cli_inputs.InputError(f"{what}: at least 2 images are needed for a covariance")
-    features.check_finite_images(images, what)
+    images = data.get_source(config).real_examples(num)["image"]
+    blocks = (images[start : start + chunk] for start in range(0, len(images), chunk))
+    return config, blocks, f"config.data ({config.data.name})"
+
+
+def _write_statistics() -> None:
+    num = cli_inputs.check_positive("--num", _NUM.value)
+    chunk = cli_inputs.check_positive("--chunk", _CHUNK.value)
+    if not _OUT.value:
+        raise cli_inputs.InputError("--out is empty: pass the .npz path to write")
+    mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
+    config, chunks, source = _chunks(num, chunk, mesh)
     if _INCEPTION.value:
         config.eval_inception_path = _INCEPTION.value
     net = sweep.load_feature_net(config, _NETWORK.value)
-    mesh_config = sharding.single_device_config()
-    mesh = sharding.make_mesh(mesh_config, jax.local_devices())
-    with tqdm(total=len(images), unit="img", desc=f"{net.name} features") as bar:
-        feats = features.compute_features(net, images, mesh=mesh, progress=bar.update)
-    mu, sigma = fid.feature_statistics(feats)
+    running, kept = fid.RunningStatistics(net.dim), []
+    with tqdm(total=num, unit="img", desc=f"{net.name} features") as bar:
+        for images in chunks:
+            features.check_finite_images(images, f"images {running.count}.. of {source}")
+            feats = features.compute_features(net, images, mesh=mesh)
+            running.add(feats)
+            if _SAVE_FEATURES.value:
+                kept.append(feats)
+            bar.update(len(images))
+    what = f"{running.count} images of {source}"
+    if running.count < 2:
+        raise cli_inputs.InputError(f"{what}: at least 2 images are needed for a covariance")
+    mu, sigma = running.statistics()
     if _SAVE_FEATURES.value:
-        atomic_files.write_npz(_OUT.value, mu=mu, sigma=sigma, features=feats)
+        atomic_files.write_npz(_OUT.value, mu=mu, sigma=sigma, features=np.concatenate(kept))
     else:
         fid.save_statistics(_OUT.value, mu, sigma)
     logging.info("Wrote %s statistics of %s to %s", net.name, what, _OUT.value)
