@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shortcut_jax import configs, data
-from shortcut_jax.data import mnist, toy2d
+from shortcut_jax.data import image_folder, mnist, toy2d
 
 
 def mnist_config(seed: int = 0, batch_size: int = 32, **data_fields) -> object:
@@ -308,7 +308,10 @@ def tiny_tfds_dir(tfds, tmp_path_factory):
                 yield index, {"image": np.full((8, 8, 3), 5 * index, np.uint8), "label": index % 3}
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    tfds.builder("shortcut_jax_tiny_colors", data_dir=data_dir).download_and_prepare()
+    builder = tfds.builder(
+        "shortcut_jax_tiny_colors", data_dir=data_dir, file_format="array_record"
+    )
+    builder.download_and_prepare()
     return data_dir
 
 
@@ -317,30 +320,33 @@ def tiny_example_ids(batches: list[dict]) -> np.ndarray:
     return np.round((images[:, 0, 0, 0] + 1.0) * 127.5 / 5).astype(int)
 
 
-def test_tfds_processes_read_disjoint_shards_each_covered_once_per_epoch(tiny_tfds_dir):
+def test_tfds_process_slices_concatenate_to_the_same_global_batches_for_any_layout(tiny_tfds_dir):
     config = tfds_config("shortcut_jax_tiny_colors", 8, 3, data_dir=tiny_tfds_dir)
-    config.data.shuffle_buffer = 8
-    config.batch_size = 8  # 4 per process: one epoch of a 20-example shard is 5 steps
-    shards = []
-    for process_index in (0, 1):
-        source = data.get_source(config, process_index, 2)
-        batches = take(source.iterate(0), 10)
-        assert batches[0]["image"].shape == (4, 8, 8, 3)
-        first_epoch, second_epoch = tiny_example_ids(batches[:5]), tiny_example_ids(batches[5:])
-        assert len(set(first_epoch)) == 20 and set(first_epoch) == set(second_epoch)
-        assert not np.array_equal(first_epoch, second_epoch)  # reshuffled every epoch
-        np.testing.assert_array_equal(
-            np.concatenate([batch["label"] for batch in batches]),
-            np.concatenate([first_epoch, second_epoch]) % 3,
-        )
-        assert_same_batches(take(source.iterate(7), 3), batches[7:])
-        shards.append(set(first_epoch))
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(range(40))
+    config.batch_size = 8  # one epoch of the 40 examples is 5 steps
+    whole = take(data.get_source(config).iterate(0), 10)
+    first_epoch, second_epoch = tiny_example_ids(whole[:5]), tiny_example_ids(whole[5:])
+    assert sorted(first_epoch) == list(range(40)) and sorted(second_epoch) == list(range(40))
+    assert not np.array_equal(first_epoch, second_epoch)  # reshuffled every epoch
+    np.testing.assert_array_equal(
+        np.concatenate([batch["label"] for batch in whole]),
+        np.concatenate([first_epoch, second_epoch]) % 3,
+    )
+    halves = [take(data.get_source(config, index, 2).iterate(0), 10) for index in (0, 1)]
+    for step, batch in enumerate(whole):
+        assert halves[0][step]["image"].shape == (4, 8, 8, 3)
+        joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
+        np.testing.assert_array_equal(joined, batch["image"])
+    resumed = data.get_source(config, 1, 2).iterate(7)
+    assert_same_batches(take(resumed, 3), halves[1][7:])
 
 
-def test_tfds_real_examples_are_the_first_unshuffled_examples(tiny_tfds_dir):
+def test_tfds_real_examples_follow_the_fixed_reference_order(tiny_tfds_dir):
     config = tfds_config("shortcut_jax_tiny_colors", 8, 3, data_dir=tiny_tfds_dir)
-    examples = data.get_source(config).real_examples(6)
+    examples = data.get_source(config, 1, 2).real_examples(6)
     assert examples["image"].shape == (6, 8, 8, 3)
-    assert len(set(tiny_example_ids([examples]))) == 6
+    source = data.get_source(config)
+    expected = [
+        int(source.images.load(int(i))[0][0, 0, 0]) // 5
+        for i in image_folder.reference_order(40)[:6]
+    ]
+    np.testing.assert_array_equal(tiny_example_ids([examples]), expected)

@@ -1,6 +1,7 @@
-"""A directory of image files as a training source (`config.data.name = 'image_folder'`).
+"""A directory of image files as a training source (`config.data.name = 'image_folder'`), and the
+step-addressed batching it shares with the TFDS source.
 
-Layout of `config.data.image_dir`:
+Layout of `config.data.image_dir` (a local path or a bucket path such as gs://bucket/imagenet):
 
     image_dir/
       class_a/ img0.jpg, sub/img1.png, ...     one folder per class: labels 0..K-1 in sorted
@@ -8,28 +9,28 @@ Layout of `config.data.image_dir`:
 or
     image_dir/ img0.jpg, img1.png, ...         no subfolders: unconditional (every label 0)
 
-Files are those with a common image extension (case-insensitive; see `IMAGE_EXTENSIONS`); names
-starting with '.' are skipped. Examples are ordered by class, then by relative path: this fixed
-order is the example index used by `shortcut_jax.tools.encode_latents` and by `real_examples`.
+Files are those with a common image extension (case-insensitive; see
+`preprocess.IMAGE_EXTENSIONS`); names starting with '.' are skipped. Examples are ordered by class,
+then by relative path: this fixed order is the example index used by
+`shortcut_jax.tools.encode_latents` and by `real_examples` (`preprocess.scan_image_dir`).
 
 Each image is ADM-center-cropped to `config.data.image_size` (`preprocess.center_crop_adm`), made
 grayscale ('L') or RGB per `config.data.channels`, scaled to [-1, 1], and mirrored with
 probability 1/2 when `config.data.random_flip`.
 
-Batches are addressed by step, like `mnist.MnistSource`: epoch e visits the examples in a
-permutation that is a pure function of (config.seed, e), global step k takes positions
-[k * B, (k + 1) * B) of its epoch (count // B steps per epoch; the remainder is dropped), and
-process p takes its contiguous slice of that global batch. Flips are drawn per (seed, step,
-position in the global batch). Resuming at step k therefore reads nothing before step k, and any
-process layout sees the same global batches. Files are decoded by a thread pool, a few batches
-ahead of the consumer.
+`IndexedImageSource` serves batches of any `preprocess.IndexedImages` by step (image folders here,
+TFDS in `tfds_source`): epoch e visits the examples in a permutation that is a pure function of
+(config.seed, e), global step k takes positions [k * B, (k + 1) * B) of its epoch (count // B steps
+per epoch; the remainder is dropped), and process p takes its contiguous slice of that global
+batch. Flips are drawn per (seed, step, position in the global batch). Resuming at step k therefore
+reads nothing before step k, and any process layout sees the same global batches. Images are read
+and decoded by a thread pool, a few batches ahead of the consumer.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 from collections.abc import Iterator
 
 import ml_collections
@@ -37,13 +38,6 @@ import numpy as np
 
 from shortcut_jax.data import check_seed, local_batch_size, preprocess
 
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-)  # fmt: skip
-LAYOUT = (
-    "expected image_dir/<class_name>/**/<image> (one folder per class) or image files directly "
-    "in image_dir (unconditional)"
-)
 # Last entries of numpy seed sequences: keep the streams of each use of config.seed apart.
 _EPOCH_TAG = 0x6966  # 'if'
 _FLIP_TAG = 0x666C  # 'fl'
@@ -54,7 +48,7 @@ _PREFETCH_BATCHES = 2
 class StepOrder:
     """Which examples global step k uses: seeded per-epoch permutations, sliced per process.
 
-    Shared by the image-folder and latent sources.
+    Shared by the image-folder, TFDS and latent sources.
 
     Attributes:
       count: Number of examples.
@@ -83,10 +77,11 @@ class StepOrder:
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """(count,) int64 permutation of the example indices: a pure function of (seed, epoch)."""
-        if self._cached is None or self._cached[0] != epoch:
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch, self._epoch_tag])
-            self._cached = (epoch, rng.permutation(self.count))
-        return self._cached[1]
+            cached = self._cached = (epoch, rng.permutation(self.count))
+        return cached[1]
 
     def global_indices(self, step: int) -> np.ndarray:
         """(B,) int64 example indices of the whole global batch of `step`."""
@@ -113,214 +108,98 @@ def reference_order(count: int) -> np.ndarray:
     """A fixed permutation of [0, count) (independent of config.seed): `real_examples` order.
 
     Taking the first n of it spreads reference examples over all classes of a class-sorted
-    dataset; the image-folder and latent sources of the same data use the same order.
+    dataset; the image-folder, TFDS and latent sources of the same data use the same order.
     """
     return np.random.default_rng(_REFERENCE_SEED).permutation(count)
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+def check_image_size(config: ml_collections.ConfigDict) -> int:
+    """Returns config.data.image_size after checking it is a positive int."""
+    size = config.data.image_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"config.data.image_size={size!r} must be a positive int.")
+    return size
 
 
-def _images_under(root: str, folder: str) -> list[str]:
-    """Sorted image paths (relative to `root`, '/'-separated) found recursively in `folder`."""
-    found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
-        relative = os.path.relpath(directory, root).replace(os.sep, "/")
-        found.extend(f"{relative}/{name}" for name in files if _is_image(name))
-    return sorted(found)
-
-
-def scan_image_dir(image_dir: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
-    """Lists the examples of an image folder in their fixed order.
-
-    Args:
-      image_dir: The folder (see the module docstring for the layout).
-
-    Returns:
-      files: Paths relative to `image_dir` ('/'-separated), class by class, sorted within a class.
-      labels: (N,) int32 class index of every file (all 0 without class folders).
-      class_names: Sorted class folder names; () for an unconditional folder.
-
-    Raises:
-      FileNotFoundError: If the folder does not exist or holds no images.
-      ValueError: If images sit beside class folders, or a class folder has no images.
-    """
-    if not image_dir or not os.path.isdir(image_dir):
-        raise FileNotFoundError(
-            f"config.data.image_dir={image_dir!r} is not a directory; {LAYOUT}."
-        )
-    with os.scandir(image_dir) as entries:
-        entries = sorted(entries, key=lambda entry: entry.name)
-        class_names = tuple(
-            entry.name
-            for entry in entries
-            if entry.is_dir(follow_symlinks=True) and not entry.name.startswith(".")
-        )
-        top_images = [entry.name for entry in entries if entry.is_file() and _is_image(entry.name)]
-    if not class_names:
-        if not top_images:
-            raise FileNotFoundError(
-                f"config.data.image_dir={image_dir!r} has no image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}); {LAYOUT}."
-            )
-        return sorted(top_images), np.zeros(len(top_images), np.int32), ()
-    if top_images:
-        raise ValueError(
-            f"config.data.image_dir={image_dir!r} has both class folders {list(class_names[:3])} "
-            f"and image files at the top level ({top_images[0]!r}, ...); {LAYOUT}."
-        )
-    files: list[str] = []
-    labels: list[np.ndarray] = []
-    for label, class_name in enumerate(class_names):
-        found = _images_under(image_dir, os.path.join(image_dir, class_name))
-        if not found:
-            raise ValueError(
-                f"Class folder {os.path.join(image_dir, class_name)!r} in config.data.image_dir "
-                f"has no image files ({', '.join(IMAGE_EXTENSIONS)}); {LAYOUT}."
-            )
-        files.extend(found)
-        labels.append(np.full(len(found), label, np.int32))
-    return files, np.concatenate(labels), class_names
-
-
-def _check_channels(channels: int) -> None:
-    if channels not in (1, 3):
-        raise ValueError(
-            f"config.data.channels={channels} must be 1 (grayscale) or 3 (RGB) for "
-            "config.data.name='image_folder'."
-        )
-
-
-def describe(image_dir: str, files: list[str], class_names: tuple[str, ...]) -> dict:
-    """JSON-able identity of an image folder: path, count, classes and a file-list fingerprint."""
-    return {
-        "name": "image_folder",
-        "image_dir": os.path.abspath(image_dir),
-        "count": len(files),
-        "num_classes": len(class_names),
-        "file_list_sha256": preprocess.fingerprint(files),
-    }
-
-
-def indexed_images(
-    config: ml_collections.ConfigDict, channels: int = 3
-) -> preprocess.IndexedImages:
-    """`config.data.image_dir` enumerated once in its fixed order (for encoding latents).
-
-    Args:
-      config: Reads data.image_dir and data.image_size.
-      channels: 1 (grayscale) or 3 (RGB).
-
-    Returns:
-      `preprocess.IndexedImages` of ADM-center-cropped uint8 images and folder labels.
-    """
-    _check_channels(channels)
-    image_dir, size = config.data.image_dir, config.data.image_size
-    files, labels, class_names = scan_image_dir(image_dir)
-
-    def load(index: int) -> preprocess.Example:
-        path = os.path.join(image_dir, files[index])
-        return index, preprocess.load_image(path, size, channels), int(labels[index])
-
-    def read_range(start: int, stop: int) -> Iterator[preprocess.Example]:
-        return preprocess.parallel_map(load, range(start, stop), preprocess.default_workers())
-
-    return preprocess.IndexedImages(
-        count=len(files),
-        class_names=class_names,
-        description=describe(image_dir, files, class_names),
-        image_size=size,
-        channels=channels,
-        read_range=read_range,
-    )
-
-
-class ImageFolderSource:
-    """`config.data.image_dir` as a `DataSource` (see the module docstring).
+class IndexedImageSource:
+    """Training batches of a `preprocess.IndexedImages`, addressed by step (module docstring).
 
     Attributes:
+      images: The dataset read by index.
       element_shape: (image_size, image_size, channels).
-      num_classes: `config.data.num_classes` (0 = unconditional; labels then all 0).
-      class_names: Sorted class folder names (() without class folders).
-      files: Relative paths of all examples, in index order.
-      steps_per_epoch: Global batches per pass over the folder.
+      num_classes: Classes of the labels (0 = unconditional; labels then all 0).
+      class_names: The dataset's class names (() when unlabelled).
+      steps_per_epoch: Global batches per pass over the dataset.
+      order: The `StepOrder` (which indices each step and process reads).
     """
 
     def __init__(
-        self, config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+        self,
+        config: ml_collections.ConfigDict,
+        images: preprocess.IndexedImages,
+        where: str,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
-        """Scans the folder (no image is read yet) and checks the config.
+        """Checks the batch against the dataset (no image is read).
 
         Args:
-          config: Experiment config; reads seed, batch_size and config.data.*.
+          config: Experiment config; reads seed, batch_size, data.num_classes, data.random_flip.
+          images: The dataset, with images already at the configured size and channels.
+          where: Names the dataset in errors, e.g. "config.data.image_dir='/data/x'".
           process_index: Index of this process in [0, process_count).
           process_count: Number of processes sharing each global batch.
 
         Raises:
-          FileNotFoundError: If config.data.image_dir is missing or has no images.
-          ValueError: On a class-count or channel mismatch, a bad layout or image size, or a
-            batch that does not fit the folder or split across processes.
+          ValueError: If the batch does not fit the dataset or split across processes.
         """
-        data = config.data
-        _check_channels(data.channels)
-        if not isinstance(data.image_size, int) or data.image_size < 1:
-            raise ValueError(f"config.data.image_size={data.image_size!r} must be a positive int.")
-        self.image_dir = data.image_dir
-        self.files, self.labels, self.class_names = scan_image_dir(data.image_dir)
-        self.num_classes = int(data.num_classes)
-        if self.num_classes and self.num_classes != len(self.class_names):
+        if config.batch_size > images.count:
             raise ValueError(
-                f"config.data.num_classes={self.num_classes} but config.data.image_dir="
-                f"{data.image_dir!r} has {len(self.class_names)} class folders; set it to "
-                f"{len(self.class_names)} (class-conditional) or 0 (unconditional)."
+                f"config.batch_size={config.batch_size} exceeds the {images.count} images in "
+                f"{where}."
             )
-        count = len(self.files)
-        if config.batch_size > count:
-            raise ValueError(
-                f"config.batch_size={config.batch_size} exceeds the {count} images in "
-                f"config.data.image_dir={data.image_dir!r}."
-            )
+        self.images = images
         self.seed = check_seed(config)
-        self.image_size = data.image_size
-        self.channels = data.channels
-        self.random_flip = bool(data.random_flip)
-        self.element_shape = (data.image_size, data.image_size, data.channels)
+        self.num_classes = int(config.data.num_classes)
+        self.class_names = images.class_names
+        self.random_flip = bool(config.data.random_flip)
+        self.element_shape = (images.image_size, images.image_size, images.channels)
         self.order = StepOrder(
             self.seed,
-            count,
+            images.count,
             config.batch_size,
             process_index,
             local_batch_size(config, process_index, process_count),
             _EPOCH_TAG,
         )
         self.steps_per_epoch = self.order.steps_per_epoch
+        self.local_batch_size = self.order.local_batch_size
         self.workers = preprocess.default_workers()
 
-    def _load(self, index: int, flip: bool) -> np.ndarray:
-        """(S, S, C) float32 in [-1, 1] of example `index`, mirrored if `flip`."""
-        path = os.path.join(self.image_dir, self.files[index])
-        image = preprocess.load_image(path, self.image_size, self.channels)
+    def _load(self, index: int, flip: bool) -> tuple[np.ndarray, int]:
+        """(S, S, C) float32 in [-1, 1] of example `index` (mirrored if `flip`), and its label."""
+        image, label = self.images.load(index)
         if flip:
             image = image[:, ::-1]
-        return preprocess.to_float(image)
-
-    def _labels(self, indices: np.ndarray) -> np.ndarray:
-        if self.num_classes:
-            return self.labels[indices].astype(np.int32)
-        return np.zeros(len(indices), np.int32)
+        return preprocess.to_float(image), label if self.num_classes else 0
 
     def _submit(
         self, executor: concurrent.futures.Executor, step: int
-    ) -> tuple[np.ndarray, list[concurrent.futures.Future]]:
+    ) -> list[concurrent.futures.Future]:
         indices = self.order.local_indices(step)
         flips = self.order.local_flips(step) if self.random_flip else np.zeros(len(indices), bool)
-        futures = [
+        return [
             executor.submit(self._load, int(index), bool(flip))
             for index, flip in zip(indices, flips, strict=True)
         ]
-        return indices, futures
+
+    @staticmethod
+    def _collect(futures: list[concurrent.futures.Future]) -> dict[str, np.ndarray]:
+        examples = [future.result() for future in futures]
+        return {
+            "image": np.stack([image for image, _ in examples]),
+            "label": np.array([label for _, label in examples], np.int32),
+        }
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's batch of global step `step` (read synchronously).
@@ -329,18 +208,18 @@ class ImageFolderSource:
           {'image': (B_local, S, S, C) float32 in [-1, 1], 'label': (B_local,) int32}.
         """
         with concurrent.futures.ThreadPoolExecutor(self.workers) as executor:
-            indices, futures = self._submit(executor, step)
-            images = np.stack([future.result() for future in futures])
-        return {"image": images, "label": self._labels(indices)}
+            return self._collect(self._submit(executor, step))
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yields this process's batches from global step `start_step` on (endless).
+
+        Only the examples of steps >= start_step are read (O(1) in start_step).
 
         Yields:
           {'image': (B_local, S, S, C) float32 in [-1, 1], 'label': (B_local,) int32}.
 
         Raises:
-          ValueError: If start_step < 0, or naming an image file that cannot be read.
+          ValueError: If start_step < 0, or naming an image that cannot be read.
         """
         if start_step < 0:
             raise ValueError(f"start_step={start_step} must be >= 0.")
@@ -355,11 +234,9 @@ class ImageFolderSource:
                 while len(pending) <= _PREFETCH_BATCHES:
                     pending.append(self._submit(executor, step))
                     step += 1
-                indices, futures = pending.popleft()
-                images = np.stack([future.result() for future in futures])
-                yield {"image": images, "label": self._labels(indices)}
+                yield self._collect(pending.popleft())
         finally:
-            for _, futures in pending:
+            for futures in pending:
                 for future in futures:
                     future.cancel()
             executor.shutdown(wait=False)
@@ -370,14 +247,57 @@ class ImageFolderSource:
         Returns:
           {'image': (N, S, S, C) float32 in [-1, 1], 'label': (N,) int32}, N = min(n, count).
         """
-        indices = reference_order(len(self.files))[: max(0, n)]
+        indices = reference_order(self.images.count)[: max(0, n)]
+        examples = list(
+            preprocess.parallel_map(
+                lambda index: self._load(int(index), False), indices, self.workers
+            )
+        )
+        if not examples:
+            return {
+                "image": np.zeros((0, *self.element_shape), np.float32),
+                "label": np.zeros((0,), np.int32),
+            }
+        return {
+            "image": np.stack([image for image, _ in examples]),
+            "label": np.array([label for _, label in examples], np.int32),
+        }
 
-        def load(index: int) -> np.ndarray:
-            return self._load(int(index), False)
 
-        images = list(preprocess.parallel_map(load, indices, self.workers))
-        if not images:
-            images_array = np.zeros((0, *self.element_shape), np.float32)
-        else:
-            images_array = np.stack(images)
-        return {"image": images_array, "label": self._labels(indices)}
+class ImageFolderSource(IndexedImageSource):
+    """`config.data.image_dir` as a `DataSource` (see the module docstring).
+
+    Attributes:
+      image_dir: The folder (local or gs://).
+      (and those of `IndexedImageSource`)
+    """
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+    ):
+        """Lists the folder (no image is read yet) and checks the config.
+
+        Args:
+          config: Experiment config; reads seed, batch_size and config.data.*.
+          process_index: Index of this process in [0, process_count).
+          process_count: Number of processes sharing each global batch.
+
+        Raises:
+          FileNotFoundError: If config.data.image_dir is missing or has no images.
+          ValueError: On a class-count or channel mismatch, a bad layout or image size, or a
+            batch that does not fit the folder or split across processes.
+        """
+        data = config.data
+        preprocess.check_folder_channels(data.channels)
+        check_image_size(config)
+        images = preprocess.folder_images(config, data.channels)
+        classes = len(images.class_names)
+        if data.num_classes and data.num_classes != classes:
+            raise ValueError(
+                f"config.data.num_classes={data.num_classes} but config.data.image_dir="
+                f"{data.image_dir!r} has {classes} class folders; set it to {classes} "
+                "(class-conditional) or 0 (unconditional)."
+            )
+        self.image_dir = data.image_dir
+        where = f"config.data.image_dir={data.image_dir!r}"
+        super().__init__(config, images, where, process_index, process_count)

@@ -1,16 +1,27 @@
-"""Image preprocessing shared by the image sources and the latent encoder.
+"""Image datasets enumerated by index, and the pixel preprocessing every image source shares.
 
-`center_crop_adm` is the ImageNet preprocessing of ADM (Dhariwal & Nichol 2021) that DiT and the
-shortcut-model paper reuse: while the short side is at least twice the target size, halve the
-image with a box filter; then resize so the short side equals the target size with a bicubic
-filter; then crop the center square. Images smaller than the target are upscaled by the bicubic
-step. Grayscale, palette, RGBA and CMYK images are converted to RGB first (PIL's `convert`, which
-drops alpha), as ADM does.
+This module owns what the image sources have in common, and imports none of them (only the leaf
+`mnist` module), so there is no import circle:
 
-`indexed_images(config)` enumerates the configured image dataset ('tfds', 'image_folder' or
-'mnist_embedded') exactly once in a fixed order, for `shortcut_jax.tools.encode_latents`: every
-example has a global index in [0, count), and any range [a, b) can be read on its own, so the
-work splits into independent shards.
+  * Pixels. `center_crop_adm` is the ImageNet preprocessing of ADM (Dhariwal & Nichol 2021) that
+    DiT and the shortcut-model paper reuse: while the short side is at least twice the target size,
+    halve the image with a box filter; then resize so the short side equals the target size with a
+    bicubic filter; then crop the center square. Images smaller than the target are upscaled by the
+    bicubic step. Grayscale, palette, RGBA and CMYK images are converted to RGB first (PIL's
+    `convert`, which drops alpha), as ADM does.
+  * Random access. `indexed_images(config)` opens the configured image dataset ('tfds',
+    'image_folder' or 'mnist_embedded') as an `IndexedImages`: `count` examples with a fixed global
+    index, `load(i)` reads any one of them. Precomputed latents (`tools/encode_latents`, through
+    `read`) and online training (`image_folder.IndexedImageSource`, which serves both the
+    image-folder and the TFDS source) read the same `load`, so one image gives one array whichever
+    way it is read.
+  * Threads. `parallel_map` and `in_background`: PIL and numpy release the GIL, so decoding scales
+    over cores with threads.
+
+Image folders may live in a bucket (`gs://...`): listing and reading go through `etils.epath`
+(fsspec/gcsfs; the package sets EPATH_USE_TF=false). TFDS datasets are read with
+`tfds.data_source` random access, which needs an ArrayRecord (or Parquet) build; a TFRecord build
+is refused with the command that converts it.
 """
 
 from __future__ import annotations
@@ -28,10 +39,27 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from shortcut_jax.data import mnist
 
 # (global index, uint8 (S, S, C) image, label) as yielded by `IndexedImages.read`.
 Example = tuple[int, np.ndarray, int]
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)  # fmt: skip
+FOLDER_LAYOUT = (
+    "expected image_dir/<class_name>/**/<image> (one folder per class) or image files directly "
+    "in image_dir (unconditional)"
+)
+# Datasets whose source files must be downloaded by hand before `tfds build` (plus any builder
+# declaring MANUAL_DOWNLOAD_INSTRUCTIONS).
+MANUAL_TFDS_DATASETS = ("imagenet2012", "celeb_a_hq")
+
+
+# --- Pixels ------------------------------------------------------------------------------------
 
 
 def center_crop_adm(pil_image: Image.Image, size: int, channels: int = 3) -> np.ndarray:
@@ -72,7 +100,7 @@ def center_crop_adm(pil_image: Image.Image, size: int, channels: int = 3) -> np.
 
 
 def load_image(path: str, size: int, channels: int = 3) -> np.ndarray:
-    """Reads an image file and applies `center_crop_adm`.
+    """Reads an image file (local or gs://, through etils.epath) and applies `center_crop_adm`.
 
     Args:
       path: Image file (any format PIL reads).
@@ -86,11 +114,10 @@ def load_image(path: str, size: int, channels: int = 3) -> np.ndarray:
       ValueError: Naming the file if it cannot be read or decoded.
     """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return center_crop_adm(image, size, channels)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        encoded = epath.Path(path).read_bytes()
+    except OSError as error:
         raise ValueError(f"Cannot read image file {path}: {error}") from error
+    return decode_image_bytes(encoded, size, channels, f"file {path}")
 
 
 def decode_image_bytes(encoded: bytes, size: int, channels: int = 3, name: str = "") -> np.ndarray:
@@ -99,8 +126,11 @@ def decode_image_bytes(encoded: bytes, size: int, channels: int = 3, name: str =
         with Image.open(io.BytesIO(encoded)) as image:
             image.load()
             return center_crop_adm(image, size, channels)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"Cannot decode image {name or '(bytes)'}: {error}") from error
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ValueError(f"Cannot read image {name or '(bytes)'}: {error}") from error
+
+
+# --- Threads -----------------------------------------------------------------------------------
 
 
 def parallel_map(
@@ -202,9 +232,12 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
+# --- Datasets by index -------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexedImages:
-    """A dataset enumerated once in a fixed order, readable by index range.
+    """A dataset enumerated once in a fixed order, readable at any index.
 
     Attributes:
       count: Number of examples.
@@ -213,7 +246,7 @@ class IndexedImages:
         fingerprint), stored in the latent directory's plan and metadata.
       image_size: Side of every image.
       channels: Channels of every image (1 or 3).
-      read_range: read_range(a, b) yields the examples with indices a, a+1, ..., b-1 in order.
+      load: load(i) -> (uint8 (S, S, C) image, label) of example i in [0, count); thread-safe.
     """
 
     count: int
@@ -221,21 +254,25 @@ class IndexedImages:
     description: dict[str, Any]
     image_size: int
     channels: int
-    read_range: Callable[[int, int], Iterator[Example]]
+    load: Callable[[int], tuple[np.ndarray, int]]
 
     def read(self, start: int, stop: int) -> Iterator[Example]:
-        """Yields (index, uint8 (S, S, C) image, label) for index in [start, stop).
+        """Yields (index, uint8 (S, S, C) image, label) for index in [start, stop), on threads.
 
         Raises:
           ValueError: If the range is not inside [0, count].
         """
         if not 0 <= start <= stop <= self.count:
             raise ValueError(f"Range [{start}, {stop}) is not inside [0, {self.count}].")
-        return self.read_range(start, stop)
+        return parallel_map(self._example, range(start, stop), default_workers())
+
+    def _example(self, index: int) -> Example:
+        image, label = self.load(index)
+        return index, image, label
 
 
 def indexed_images(config: ml_collections.ConfigDict, channels: int = 3) -> IndexedImages:
-    """The configured image dataset, enumerated once (for encoding latents).
+    """The configured image dataset, enumerated once (for encoding latents and for training).
 
     Args:
       config: Experiment config; reads config.data (name, image_size, and the source's fields).
@@ -251,122 +288,311 @@ def indexed_images(config: ml_collections.ConfigDict, channels: int = 3) -> Inde
     """
     name = config.data.name
     size = config.data.image_size
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"config.data.image_size={size!r} must be a positive int.")
     if name == "image_folder":
-        from shortcut_jax.data import image_folder
-
-        return image_folder.indexed_images(config, channels)
+        return folder_images(config, channels)
     if name == "tfds":
-        return _tfds_indexed_images(config, channels)
+        return tfds_images(config, channels)
     if name == "mnist_embedded":
-        return _mnist_indexed_images(size, channels)
+        return _mnist_images(size, channels)
     raise ValueError(
         f"config.data.name={name!r} cannot be enumerated for encoding; allowed: "
         "('tfds', 'image_folder', 'mnist_embedded')."
     )
 
 
-def _mnist_indexed_images(size: int, channels: int) -> IndexedImages:
-    from shortcut_jax.data import mnist
-
+def _mnist_images(size: int, channels: int) -> IndexedImages:
     images, labels = mnist.load_mnist(size)
     pixels = to_uint8(images)  # (5000, S, S, 1)
     if channels == 3:
         pixels = np.repeat(pixels, 3, axis=-1)
 
-    def read_range(start: int, stop: int) -> Iterator[Example]:
-        for index in range(start, stop):
-            yield index, pixels[index], int(labels[index])
+    def load(index: int) -> tuple[np.ndarray, int]:
+        return pixels[index], int(labels[index])
 
-    description = {"name": "mnist_embedded", "count": mnist.NUM_EXAMPLES}
     return IndexedImages(
         count=mnist.NUM_EXAMPLES,
         class_names=tuple(str(digit) for digit in range(mnist.NUM_CLASSES)),
-        description=description,
+        description={"name": "mnist_embedded", "count": mnist.NUM_EXAMPLES},
         image_size=size,
         channels=channels,
-        read_range=read_range,
+        load=load,
     )
 
 
-def _tfds_indexed_images(config: ml_collections.ConfigDict, channels: int) -> IndexedImages:
-    """A prepared TFDS split read by index slices (never downloads)."""
+# --- Image folders (local or gs://) ------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk(image_dir: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk (following symlinks) for local folders, etils.epath's walk for bucket paths."""
+    if "://" not in image_dir:
+        yield from os.walk(image_dir, followlinks=True)
+        return
+    for root, directories, names in epath.Path(image_dir).walk():
+        yield str(root), directories, names
+
+
+def _list_tree(image_dir: str) -> tuple[list[str], list[str]]:
+    """Sorted top-level folder names and sorted '/'-relative paths of every image below."""
+    top: str | None = None
+    folders: list[str] = []
+    files: list[str] = []
+    for root, directories, names in _walk(image_dir):
+        directories[:] = sorted(name for name in directories if not name.startswith("."))
+        root = root.replace(os.sep, "/").rstrip("/")
+        if top is None:  # walks are top-down: the first root is image_dir (as the backend names it)
+            top, folders = root, list(directories)
+        relative = root[len(top) :].strip("/")
+        files.extend(
+            f"{relative}/{name}" if relative else name for name in names if _is_image(name)
+        )
+    return folders, sorted(files)
+
+
+def scan_image_dir(image_dir: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    """Lists the examples of an image folder (a local path or gs://...) in their fixed order.
+
+    Args:
+      image_dir: The folder (see `image_folder` for the layout).
+
+    Returns:
+      files: Paths relative to `image_dir` ('/'-separated), class by class, sorted within a class.
+      labels: (N,) int32 class index of every file (all 0 without class folders).
+      class_names: Sorted class folder names; () for an unconditional folder.
+
+    Raises:
+      FileNotFoundError: If the folder does not exist or holds no images.
+      ValueError: If images sit beside class folders, or a class folder has no images.
+    """
+    if not image_dir or not epath.Path(image_dir).is_dir():
+        raise FileNotFoundError(
+            f"config.data.image_dir={image_dir!r} is not a directory; {FOLDER_LAYOUT}."
+        )
+    class_names, files = _list_tree(image_dir)
+    top_images = [path for path in files if "/" not in path]
+    if not class_names:
+        if not top_images:
+            raise FileNotFoundError(
+                f"config.data.image_dir={image_dir!r} has no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}."
+            )
+        return top_images, np.zeros(len(top_images), np.int32), ()
+    if top_images:
+        raise ValueError(
+            f"config.data.image_dir={image_dir!r} has both class folders {class_names[:3]} "
+            f"and image files at the top level ({top_images[0]!r}, ...); {FOLDER_LAYOUT}."
+        )
+    by_class: dict[str, list[str]] = {name: [] for name in class_names}
+    for path in files:
+        by_class[path.split("/", 1)[0]].append(path)
+    ordered: list[str] = []
+    labels: list[np.ndarray] = []
+    for label, class_name in enumerate(class_names):
+        if not by_class[class_name]:
+            raise ValueError(
+                f"Class folder {class_name!r} in config.data.image_dir={image_dir!r} has no image "
+                f"files ({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}."
+            )
+        ordered.extend(by_class[class_name])
+        labels.append(np.full(len(by_class[class_name]), label, np.int32))
+    return ordered, np.concatenate(labels), tuple(class_names)
+
+
+def check_folder_channels(channels: int) -> None:
+    """Raises ValueError naming config.data.channels unless it is 1 or 3."""
+    if channels not in (1, 3):
+        raise ValueError(
+            f"config.data.channels={channels} must be 1 (grayscale) or 3 (RGB) for "
+            "config.data.name='image_folder'."
+        )
+
+
+def describe_folder(image_dir: str, files: list[str], class_names: tuple[str, ...]) -> dict:
+    """JSON-able identity of an image folder: path, count, classes and a file-list fingerprint."""
+    return {
+        "name": "image_folder",
+        "image_dir": image_dir if "://" in image_dir else os.path.abspath(image_dir),
+        "count": len(files),
+        "num_classes": len(class_names),
+        "file_list_sha256": fingerprint(files),
+    }
+
+
+def folder_images(config: ml_collections.ConfigDict, channels: int = 3) -> IndexedImages:
+    """`config.data.image_dir` as `IndexedImages` (ADM-center-cropped uint8, folder labels).
+
+    Args:
+      config: Reads data.image_dir and data.image_size.
+      channels: 1 (grayscale) or 3 (RGB).
+
+    Raises:
+      FileNotFoundError, ValueError: As `scan_image_dir`, or on bad channels.
+    """
+    check_folder_channels(channels)
+    image_dir, size = config.data.image_dir, config.data.image_size
+    files, labels, class_names = scan_image_dir(image_dir)
+    root = image_dir.rstrip("/")
+
+    def load(index: int) -> tuple[np.ndarray, int]:
+        return load_image(f"{root}/{files[index]}", size, channels), int(labels[index])
+
+    description = describe_folder(image_dir, files, class_names)
+    return IndexedImages(len(files), class_names, description, size, channels, load)
+
+
+# --- TFDS (random access: ArrayRecord builds) --------------------------------------------------
+
+
+def prepare_instructions(config: ml_collections.ConfigDict, manual: bool = False) -> str:
+    """How to prepare `config.data.tfds_name` as ArrayRecord (a shell command and its Python form).
+
+    Args:
+      config: Experiment config; reads data.tfds_name, data.data_dir, data.manual_dir.
+      manual: Whether the dataset needs a manual download into a manual_dir.
+
+    Returns:
+      A human-readable, multi-line instruction string.
+    """
+    name = config.data.tfds_name
+    data_dir = config.data.data_dir or "~/tensorflow_datasets"
+    manual_dir = config.data.manual_dir or "MANUAL_DIR"
+    build = f"tfds build {name} --data_dir {data_dir} --file_format array_record"
+    python = f"tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record')"
+    if manual:
+        return (
+            f"{name!r} needs a manual download: put its source archives in {manual_dir} "
+            "(see https://www.tensorflow.org/datasets/catalog/"
+            f"{name.split('/')[0]}), then run\n"
+            f"  {build} --manual_dir {manual_dir}\n"
+            f"or in Python: {python}.download_and_prepare("
+            f"download_config=tfds.download.DownloadConfig(manual_dir={manual_dir!r}))\n"
+            "and set config.data.data_dir (and config.data.manual_dir) accordingly."
+        )
+    return (
+        "Prepare it once on a machine with network access:\n"
+        f"  {build}\n"
+        f"or in Python: {python}.download_and_prepare()\n"
+        "and set config.data.data_dir to that directory."
+    )
+
+
+def tfds_builder(config: ml_collections.ConfigDict) -> Any:
+    """The TFDS builder of `config.data.tfds_name` in `config.data.data_dir` (nothing is read).
+
+    Raises:
+      ValueError: If config.data.tfds_name is empty or not a TFDS dataset.
+    """
+    import tensorflow_datasets as tfds  # TensorFlow-heavy: only when TFDS is used
+
+    name = config.data.tfds_name
+    if not name:
+        raise ValueError(
+            "config.data.tfds_name is empty; with config.data.name='tfds' set it to a TFDS "
+            "dataset such as 'imagenet2012', 'celeb_a_hq/256' or 'cifar10'."
+        )
+    try:
+        return tfds.builder(name, data_dir=config.data.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f"config.data.tfds_name={name!r} is not a TFDS dataset: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def needs_manual_download(config: ml_collections.ConfigDict, builder: Any) -> bool:
+    """Whether `config.data.tfds_name`'s source files must be downloaded by hand."""
+    base_name = config.data.tfds_name.split("/")[0]
+    return base_name in MANUAL_TFDS_DATASETS or bool(builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+
+def _tfrecord_message(config: ml_collections.ConfigDict, builder: Any) -> str:
+    name, data_dir = config.data.tfds_name, config.data.data_dir or "~/tensorflow_datasets"
+    return (
+        f"config.data.tfds_name={name!r}: the build in {builder.data_dir} is stored as TFRecord, "
+        "which has no random access. Training reads TFDS by index so that resuming at step k "
+        "reads nothing before k; a TFRecord stream would re-read k * batch_size records on every "
+        "restart. Convert it once to ArrayRecord, in place (the TFRecord files stay):\n"
+        "  pip install apache-beam   # the tfds command-line tool imports it\n"
+        f"  tfds convert_format --dataset_version_dir={builder.data_dir} "
+        "--out_file_format=array_record\n"
+        f"or rebuild it: tfds build {name} --data_dir {data_dir} --file_format array_record"
+        + (" --manual_dir MANUAL_DIR" if needs_manual_download(config, builder) else "")
+    )
+
+
+def tfds_data_source(config: ml_collections.ConfigDict, builder: Any) -> Any:
+    """`config.data.tfds_split` as a random-access TFDS data source (images left encoded).
+
+    Raises:
+      ValueError: If the build is TFRecord (saying how to convert it) or the split is unknown.
+      FileNotFoundError: If the dataset is not prepared (saying how to prepare it; nothing is
+        ever downloaded).
+    """
     import tensorflow_datasets as tfds
 
-    from shortcut_jax.data import tfds_source
-
     data = config.data
-    name, split, size = data.tfds_name, data.tfds_split, data.image_size
-    if not name:
-        raise ValueError("config.data.tfds_name is empty; set it to a prepared TFDS dataset.")
-    if "[" in split or "+" in split:
-        raise ValueError(
-            f"config.data.tfds_split={split!r}: encode_latents reads whole splits by index "
-            "ranges; use a plain split name such as 'train' or 'validation'."
+    try:
+        return builder.as_data_source(
+            split=data.tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
         )
-    builder = tfds.builder(name, data_dir=data.data_dir or None)
+    except (NotImplementedError, AssertionError) as error:
+        if not builder.is_prepared():  # never downloads here
+            raise FileNotFoundError(
+                f"TFDS dataset {data.tfds_name!r} is not prepared in {builder.data_dir_root} "
+                f"(config.data.data_dir={data.data_dir!r}; nothing is downloaded at run time).\n"
+                + prepare_instructions(config, needs_manual_download(config, builder))
+            ) from error
+        if isinstance(error, NotImplementedError):  # "Random access ... is not supported"
+            raise ValueError(_tfrecord_message(config, builder)) from error
+        raise
+    except KeyError as error:
+        raise ValueError(
+            f"config.data.tfds_split={data.tfds_split!r} is not a split of {data.tfds_name!r} "
+            f"({sorted(builder.info.splits.keys())})."
+        ) from error
+
+
+def tfds_images(config: ml_collections.ConfigDict, channels: int = 3) -> IndexedImages:
+    """A prepared TFDS split as `IndexedImages`: random access, decoded and cropped with PIL.
+
+    Args:
+      config: Reads data.tfds_name, data.tfds_split, data.data_dir and data.image_size.
+      channels: 1 or 3 (grayscale datasets are converted to RGB for 3).
+
+    Raises:
+      ValueError, FileNotFoundError: As `tfds_builder` and `tfds_data_source`, or if the dataset
+        has no 'image' feature.
+    """
+    data = config.data
+    builder = tfds_builder(config)
     features = builder.info.features
     if "image" not in features:
-        raise ValueError(f"config.data.tfds_name={name!r} has no 'image' feature.")
-    manual = name.split("/")[0] in tfds_source._MANUAL_DATASETS or bool(
-        builder.MANUAL_DOWNLOAD_INSTRUCTIONS
-    )
+        raise ValueError(
+            f"config.data.tfds_name={data.tfds_name!r} has no 'image' feature "
+            f"(features: {sorted(features.keys())})."
+        )
+    source = tfds_data_source(config, builder)
     has_label = "label" in features and hasattr(features["label"], "names")
-    class_names = tuple(features["label"].names) if has_label else ()
+    name, split, size = data.tfds_name, data.tfds_split, data.image_size
 
-    def dataset(split_spec: str) -> Any:
-        try:
-            return builder.as_dataset(
-                split=split_spec,
-                shuffle_files=False,
-                decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(add_tfds_id=False),
-            )
-        except AssertionError as error:  # not prepared: TFDS never downloads here
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root} "
-                f"(config.data.data_dir={data.data_dir!r}).\n"
-                + tfds_source.prepare_instructions(config, manual=manual)
-            ) from error
-
-    known_splits = builder.info.splits
-    exact = split in known_splits and known_splits[split].num_examples > 0
-    # Without split metadata (e.g. tfds.testing.mock_data) count by reading the split once.
-    count = int(known_splits[split].num_examples) if exact else sum(1 for _ in dataset(split))
-
-    def read_range(start: int, stop: int) -> Iterator[Example]:
-        if start == stop:
-            return
-        if exact:
-            examples = dataset(f"{split}[{start}:{stop}]")
-        else:  # slices are not available without split metadata
-            examples = dataset(split).skip(start).take(stop - start)
-
-        def decode(item: tuple[int, dict[str, Any]]) -> Example:
-            index, example = item
-            image = decode_image_bytes(example["image"], size, channels, f"{name}/{split}[{index}]")
-            return index, image, int(example["label"]) if has_label else 0
-
-        index = start
-        numbered = enumerate(tfds.as_numpy(examples), start)
-        for example in parallel_map(decode, numbered, default_workers()):
-            yield example
-            index += 1
-        if index != stop:
-            raise ValueError(
-                f"TFDS {name!r} split {split!r} gave {index - start} examples for [{start}, "
-                f"{stop}); expected {stop - start}."
-            )
+    def load(index: int) -> tuple[np.ndarray, int]:
+        example = source[index]
+        image = decode_image_bytes(example["image"], size, channels, f"{name}/{split}[{index}]")
+        return image, int(example["label"]) if has_label else 0
 
     description = {
         "name": "tfds",
         "tfds_name": name,
         "tfds_split": split,
         "version": str(builder.info.version),
-        "count": count,
+        "count": len(source),
     }
-    return IndexedImages(count, class_names, description, size, channels, read_range)
+    class_names = tuple(features["label"].names) if has_label else ()
+    return IndexedImages(len(source), class_names, description, size, channels, load)
 
 
 def fingerprint(lines: list[str]) -> str:
