@@ -311,3 +311,26 @@ def test_eval_report_script_combines_runs_into_one_table_and_plot(tmp_path):
         text=True,
     )
     assert missing.returncode != 0 and "results.json" in missing.stderr
+
+
+def test_fid_stats_reads_a_latent_dir_in_chunks_decoded_like_its_real_examples(tmp_path):
+    from test_latents import ARCH, encode, encode_config, make_folder
+
+    from shortcut_jax import data, latent_space, sharding
+    from shortcut_jax.models import vae as vae_lib
+    from shortcut_jax.tools import fid_stats
+
+    make_folder(tmp_path / "images")
+    vae_lib.save_vae(tmp_path / "vae.npz", vae_lib.random_vae(ARCH, seed=0))
+    config = encode_config({"images": tmp_path / "images", "vae": tmp_path / "vae.npz"})
+    encode(config, tmp_path / "latents")
+    config.data.latent_dir = str(tmp_path / "latents")
+    config.vae.decode_batch_size = 2
+    config.batch_size = 4  # the source refuses a training batch larger than its 15 examples
+    mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
+    chunks = list(fid_stats.latent_image_chunks(config, 11, 4, mesh))
+    assert [len(chunk) for chunk in chunks] == [4, 4, 3]
+    latents = data.get_source(config).real_examples(11)["image"]
+    expected = latent_space.PixelDecoder.for_config(config, mesh, 11)(latents)
+    assert expected.shape == (11, 16, 16, 3)
+    np.testing.assert_allclose(np.concatenate(chunks), expected, rtol=1e-5, atol=1e-5)

@@ -151,7 +151,9 @@ def latent_image_chunks(
     scaled posterior means), read `chunk` at a time and decoded through the run's VAE."""
     from shortcut_jax.data import latents
 
-    source = latents.LatentSource(config)
+    reading = config.copy_and_resolve_references()
+    reading.batch_size = 1  # the source checks a training batch against the count: none here
+    source = latents.LatentSource(reading)
     shards = sharding.batch_shards(mesh)
     per_device = int(config.vae.get("decode_batch_size", 0)) or max(chunk // shards, 1)
     decoder = latent_space.PixelDecoder.for_config(config, mesh, per_device * shards)
