@@ -20,6 +20,7 @@ from tiny import run_module, tiny_mnist_config
 from shortcut_jax import (
     checkpoint,
     compiled_step,
+    config_lib,
     latent_space,
     models,
     optim,
@@ -129,6 +130,42 @@ def test_train_step_is_given_only_the_encoder_and_sampling_only_the_decoder(mnis
     latents = np.random.default_rng(0).normal(size=(3, 7, 7, 4)).astype(np.float32)
     full = vae_lib.decode(vae.arch, vae.params, latents, scaling_factor=vae.scaling_factor)
     np.testing.assert_allclose(pixels(params, latents), np.clip(full, -1, 1), atol=1e-6)
+
+
+def test_config_vae_dtype_sets_the_compute_dtype_of_encode_and_decode(mnist_vae_path):
+    config = latent_mnist_config(mnist_vae_path)
+    config.vae.sample_posterior = False
+    images = np.random.default_rng(1).uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        config.vae.dtype = dtype
+        config_lib.validate(config)
+        vae = latent_space.load_run_vae(config)
+        assert vae.dtype == dtype
+        encode = latent_space.online_encode_step(config, lambda state, batch: batch["image"], vae)
+        latents = encode(None, {"image": images}, vae.encoder_params)
+        expected = vae_lib.encode(
+            vae.arch, vae.params, images, scaling_factor=vae.scaling_factor, dtype=dtype
+        )
+        np.testing.assert_array_equal(latents, expected)
+        pixels = latent_space.pixel_fn(vae)(vae.decoder_params, latents)
+        decoded = vae_lib.decode(
+            vae.arch, vae.params, latents, scaling_factor=vae.scaling_factor, dtype=dtype
+        )
+        np.testing.assert_array_equal(pixels, np.clip(decoded, -1, 1))
+        # PixelDecoder runs it jitted on a padded chunk: other fusions, other roundings.
+        chunked = latent_space.PixelDecoder(vae)(np.asarray(latents))
+        np.testing.assert_allclose(chunked, pixels, atol=1e-5 if dtype == "float32" else 5e-2)
+        assert latents.dtype == pixels.dtype == np.float32
+        outputs[dtype] = (np.asarray(latents), pixels)
+    for ours, reference in zip(outputs["bfloat16"], outputs["float32"], strict=True):
+        relative = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
+        assert 1e-4 < relative < 0.1  # bfloat16 really used, and still close
+    config.vae.dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match="vae.dtype"):
+        config_lib.validate(config)
+    with pytest.raises(ValueError, match="config.vae.dtype"):
+        vae_lib.load_vae(mnist_vae_path, dtype="float16")
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,14 @@ _SIZE = 32
 # 2.3e-4 / 1.2e-4 (decode); a missing 1/sqrt(C) attention scale 9.5e-2 / 0.14 and 0.78 / 0.43;
 # symmetric instead of (0, 1, 0, 1) downsample padding 0.50 / 0.45 on the mean.
 _ENCODE_ATOL, _DECODE_ATOL, _RTOL_NORM = 1e-5, 1e-4, 2e-5
+# bfloat16 parity (config.vae.dtype = 'bfloat16'), against diffusers in float32, full SD
+# structure at 32x32. bfloat16 keeps 8 significant bits, so the error is set by rounding, not by
+# mistakes: the yardstick is diffusers' own bfloat16 (model.to(torch.bfloat16)) on the same
+# weights and inputs. Measured (max |diff| / relative Frobenius), ours vs diffusers bf16:
+# mean 6.0e-3 / 6.8e-3 vs 5.9e-3 / 6.9e-3; std 4.0e-3 / 1.2e-3 vs 7.6e-3 / 2.5e-3; decode
+# 3.3e-2 / 1.8e-2 vs 4.4e-2 / 2.2e-2 (GroupNorm statistics and the softmax stay float32 here).
+# Bounds: about 3x our measured error, and at most twice diffusers' own bfloat16 error.
+_BF16_BOUNDS = {"mean": (2e-2, 2e-2), "std": (1.5e-2, 5e-3), "decoded": (0.1, 6e-2)}
 
 
 def _assert_parity(ours, reference, atol: float, what: str) -> None:
@@ -54,6 +62,14 @@ def _assert_parity(ours, reference, atol: float, what: str) -> None:
     print(f"{what}: max |diff| {difference.max():.2e}, relative Frobenius {relative:.2e}")
     assert difference.max() <= atol, (what, difference.max())
     assert relative <= _RTOL_NORM, (what, relative)
+
+
+def _errors(ours, reference) -> tuple[float, float]:
+    """(max |ours - reference|, relative Frobenius norm of the difference)."""
+    difference = np.asarray(ours, np.float64) - np.asarray(reference, np.float64)
+    return float(np.abs(difference).max()), float(
+        np.linalg.norm(difference) / np.linalg.norm(reference)
+    )
 
 
 def _images(batch: int = 2, size: int = _SIZE, seed: int = 0) -> np.ndarray:
@@ -83,8 +99,13 @@ def torch():
     return torch
 
 
-def _diffusers_case(torch, arch: vae_lib.VaeArch, seed: int) -> dict:
-    """A diffusers AutoencoderKL of ``arch``, its numpy state dict and its outputs on _images()."""
+def _diffusers_case(torch, arch: vae_lib.VaeArch, seed: int, bfloat16: bool = False) -> dict:
+    """A diffusers AutoencoderKL of ``arch``, its numpy state dict and its outputs on _images().
+
+    With ``bfloat16`` also diffusers' own bfloat16 outputs (``model.to(torch.bfloat16)``; the
+    decode is of the float32 posterior mean), keyed ``mean_bf16``, ``std_bf16``,
+    ``decoded_bf16``.
+    """
     from diffusers import AutoencoderKL
 
     blocks = len(arch.block_out_channels)
@@ -108,9 +129,22 @@ def _diffusers_case(torch, arch: vae_lib.VaeArch, seed: int) -> dict:
     with torch.no_grad():
         posterior = model.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
         decoded = model.decode(posterior.mean).sample
+    outputs = {}
+    if bfloat16:
+        state = {name: value.numpy().copy() for name, value in model.state_dict().items()}
+        model = model.to(torch.bfloat16)
+        with torch.no_grad():
+            inputs = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.bfloat16)
+            half = model.encode(inputs).latent_dist
+            decoded_half = model.decode(posterior.mean.to(torch.bfloat16)).sample
+        for name, value in (("mean", half.mean), ("std", half.std), ("decoded", decoded_half)):
+            outputs[f"{name}_bf16"] = value.float().permute(0, 2, 3, 1).numpy()
+    else:
+        state = {name: value.numpy() for name, value in model.state_dict().items()}
     return {
+        **outputs,
         "config": config,
-        "state": {name: value.numpy() for name, value in model.state_dict().items()},
+        "state": state,
         "num_params": sum(p.numel() for p in model.parameters()),
         "images": images,
         "mean": posterior.mean.permute(0, 2, 3, 1).numpy(),
@@ -123,7 +157,7 @@ def _diffusers_case(torch, arch: vae_lib.VaeArch, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def full(torch, tmp_path_factory) -> dict:
     """The full SD structure, saved in diffusers names and loaded with ours."""
-    case = _diffusers_case(torch, _FULL, seed=0)
+    case = _diffusers_case(torch, _FULL, seed=0, bfloat16=True)
     path = str(tmp_path_factory.mktemp("vae_full") / "diffusion_pytorch_model.safetensors")
     save_file(case["state"], path)
     case["vae"] = vae_lib.load_vae(path)
@@ -279,6 +313,28 @@ def test_full_sd_vae_matches_diffusers_encode_and_decode(full, encode_jit, decod
     scale = vae.scaling_factor
     decoded = decode_jit(vae.arch, vae.params, full["mean"] * scale, scaling_factor=scale)
     _assert_parity(decoded, full["decoded"], _DECODE_ATOL, "full decode")
+
+
+def test_full_sd_vae_in_bfloat16_is_as_close_to_diffusers_as_diffusers_own_bfloat16(
+    full, encode_jit, decode_jit
+):
+    vae, scale = full["vae"], full["vae"].scaling_factor
+    mean, std = encode_jit(vae.arch, vae.params, full["images"], "bfloat16")
+    decoded = decode_jit(
+        vae.arch, vae.params, full["mean"] * scale, scaling_factor=scale, dtype="bfloat16"
+    )
+    for name, ours in (("mean", mean), ("std", std), ("decoded", decoded)):
+        reference = np.asarray(full[name], np.float64)
+        ours_max, ours_rel = _errors(ours, reference)
+        theirs_max, theirs_rel = _errors(full[f"{name}_bf16"], reference)
+        print(
+            f"bf16 {name} vs diffusers float32: ours max {ours_max:.2e} rel {ours_rel:.2e}; "
+            f"diffusers bf16 max {theirs_max:.2e} rel {theirs_rel:.2e}"
+        )
+        most, relative = _BF16_BOUNDS[name]
+        assert ours_max <= most and ours_rel <= relative, (name, ours_max, ours_rel)
+        assert ours_rel <= 2 * theirs_rel, (name, ours_rel, theirs_rel)
+        assert ours_rel > 1e-4, name  # really computed in bfloat16 (float32: ~1e-6)
 
 
 def test_ldm_and_full_checkpoint_files_load_the_same_weights_as_diffusers_names(
