@@ -59,8 +59,12 @@ def quantize_adm(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return images
-    images = np.nan_to_num(images.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip((images + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    scaled = np.array(images, dtype=np.float32)  # the one float copy (chunks can be large)
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+    scaled += 1.0
+    scaled *= 127.5
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _as_nhwc(images: np.ndarray) -> np.ndarray:
@@ -303,10 +307,15 @@ class NpzMembers:
 
     def end(self) -> None:
         """Closes the member; all its rows must have been written."""
+        self.close_member()
         if self._rows_left:
             raise ValueError(f"member {self._name!r} is missing {self._rows_left} rows")
-        self._member.close()
-        self._member = None
+
+    def close_member(self) -> None:
+        """Closes the open member, if any (after an error too, so the zip file can be closed)."""
+        member, self._member = self._member, None
+        if member is not None:
+            member.close()
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Writes a whole (small) array as member `name`."""
@@ -326,7 +335,11 @@ def npz_stream(path: str | os.PathLike) -> Iterator[NpzMembers]:
         open(temporary, "wb") as handle,
         zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
     ):
-        yield NpzMembers(archive)
+        members = NpzMembers(archive)
+        try:
+            yield members
+        finally:  # an error inside: the temporary file is removed, the error kept
+            members.close_member()
 
 
 def png_name(index: int, num: int) -> str:

@@ -46,29 +46,38 @@ from shortcut_jax import (
 )
 
 FORMATS = ("adm", "npz_float", "png")
+FLAGS = flags.FLAGS
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
-_STEPS = flags.DEFINE_integer("steps", 1, "Number of sampling steps, 1..denoise_timesteps.")
-_NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
-_CFG = flags.DEFINE_float(
-    "cfg",
-    None,
-    "Guidance scale (default: the run's sample_cfg_scale where its sample_guidance policy "
-    "applies it at --steps).",
-)
-_OUT = flags.DEFINE_string(
-    "out", None, "Output .npz path, or folder for --format png (default samples.npz / samples)."
-)
-_FORMAT = flags.DEFINE_enum(
-    "format", None, FORMATS, "Output format (default: adm for images, npz_float for toy points)."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
-_LABEL = flags.DEFINE_integer("label", None, "Sample only this class (default: cycle classes).")
-_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples per device call and per write.")
-_GRID = flags.DEFINE_integer("grid", 100, "How many samples the PNG grid shows.")
-flags.mark_flags_as_required(["workdir"])
+
+def _define_flags() -> None:
+    """The command-line flags; defined only when this module runs as a script, so importing it
+    (tests, notebooks) never clashes with another CLI's flags of the same name (--num)."""
+    flags.DEFINE_string("workdir", None, "Run directory (written by shortcut_jax.main).")
+    flags.DEFINE_integer("steps", 1, "Number of sampling steps, 1..denoise_timesteps.")
+    flags.DEFINE_integer("num", 64, "Number of samples.")
+    flags.DEFINE_float(
+        "cfg",
+        None,
+        "Guidance scale (default: the run's sample_cfg_scale where its sample_guidance policy "
+        "applies it at --steps).",
+    )
+    flags.DEFINE_string(
+        "out", None, "Output .npz path, or folder for --format png (default samples.npz / samples)."
+    )
+    flags.DEFINE_enum(
+        "format",
+        None,
+        FORMATS,
+        "Output format (default: adm for images, npz_float for toy points).",
+    )
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: newest).")
+    flags.DEFINE_integer("label", None, "Sample only this class (default: cycle classes).")
+    flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA.")
+    flags.DEFINE_integer("batch_size", 256, "Samples per device call and per write.")
+    flags.DEFINE_integer("grid", 100, "How many samples the PNG grid shows.")
+    flags.mark_flags_as_required(["workdir"])
+
 
 # (pixels (B, ...) float32, labels (B,) int32) -> None, called once per chunk in order.
 ChunkWriter = Callable[[np.ndarray, np.ndarray], None]
@@ -255,12 +264,12 @@ def main(argv: list[str]) -> None:
 
 
 def _check_flags() -> int:
-    num = cli_inputs.check_positive("--num", _NUM.value)
-    cli_inputs.check_positive("--batch_size", _BATCH.value)
-    if _GRID.value < 1:
-        raise cli_inputs.InputError(f"--grid={_GRID.value}: must be a positive integer")
-    cli_inputs.check_guidance_scale("--cfg", _CFG.value)
-    if _OUT.value is not None and not _OUT.value.strip():
+    num = cli_inputs.check_positive("--num", FLAGS.num)
+    cli_inputs.check_positive("--batch_size", FLAGS.batch_size)
+    if FLAGS.grid < 1:
+        raise cli_inputs.InputError(f"--grid={FLAGS.grid}: must be a positive integer")
+    cli_inputs.check_guidance_scale("--cfg", FLAGS.cfg)
+    if FLAGS.out is not None and not FLAGS.out.strip():
         raise cli_inputs.InputError("--out is empty: pass the .npz path (or png folder) to write")
     return num
 
@@ -282,7 +291,7 @@ def output_format(config: ml_collections.ConfigDict, fmt: str | None) -> str:
 
 
 def _output_path(fmt: str) -> str:
-    out = _OUT.value or ("samples" if fmt == "png" else "samples.npz")
+    out = FLAGS.out or ("samples" if fmt == "png" else "samples.npz")
     if fmt == "png" and out.rstrip("/").endswith(".npz"):
         raise cli_inputs.InputError(f"--out={out}: --format png writes a folder, not an .npz")
     return out if atomic_files.is_remote(out) else os.path.abspath(out)
@@ -301,54 +310,56 @@ def _check_space(out: str, fmt: str, num: int, shape: tuple[int, ...]) -> None:
 
 def _labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray:
     num_classes = int(config.data.num_classes)
-    if _LABEL.value is None:
+    if FLAGS.label is None:
         return sampling.default_labels(num, num_classes)
-    if not 0 <= _LABEL.value < max(num_classes, 1):
-        raise cli_inputs.InputError(f"--label={_LABEL.value}: allowed 0..{num_classes - 1}")
-    return np.full((num,), _LABEL.value, np.int32)
+    if not 0 <= FLAGS.label < max(num_classes, 1):
+        raise cli_inputs.InputError(f"--label={FLAGS.label}: allowed 0..{num_classes - 1}")
+    return np.full((num,), FLAGS.label, np.int32)
 
 
 def _sample() -> None:
     num = _check_flags()
-    step = cli_inputs.checkpoint_step(_WORKDIR.value, _STEP.value)
+    step = cli_inputs.checkpoint_step(FLAGS.workdir, FLAGS.checkpoint_step)
     mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
-    config, params, step = checkpoint.load_params(_WORKDIR.value, step, raw=_RAW.value, mesh=mesh)
-    if not 1 <= _STEPS.value <= config.denoise_timesteps:
+    config, params, step = checkpoint.load_params(
+        FLAGS.workdir, step, raw=FLAGS.raw_params, mesh=mesh
+    )
+    if not 1 <= FLAGS.steps <= config.denoise_timesteps:
         raise cli_inputs.InputError(
-            f"--steps={_STEPS.value}: allowed 1..{config.denoise_timesteps} (denoise_timesteps)"
+            f"--steps={FLAGS.steps}: allowed 1..{config.denoise_timesteps} (denoise_timesteps)"
         )
-    fmt = output_format(config, _FORMAT.value)
+    fmt = output_format(config, FLAGS.format)
     out = _output_path(fmt)
     labels = _labels(config, num)
     shape = tuple(latent_space.model_shape(config))
     if latent_space.uses_vae(config):  # the files hold the decoded images, not the latents
         shape = tuple(latent_space.pixel_shape(config))
     _check_space(out, fmt, num, shape)
-    cfg_scale = float(latent_space.guidance_scale(config, _STEPS.value, _CFG.value))
+    cfg_scale = float(latent_space.guidance_scale(config, FLAGS.steps, FLAGS.cfg))
     num_classes = int(config.data.num_classes)
     chunks = sample_chunks(
         config,
         params,
-        jax.random.PRNGKey(_SEED.value),
+        jax.random.PRNGKey(FLAGS.seed),
         labels,
-        num_steps=_STEPS.value,
+        num_steps=FLAGS.steps,
         cfg_scale=cfg_scale,
-        batch_size=_BATCH.value,
+        batch_size=FLAGS.batch_size,
         mesh=mesh,
     )
     shown = []
     with sample_writer(out, fmt, num, shape, labels, num_classes > 0) as write:
         for done, (pixels, chunk_labels) in enumerate(chunks):
             write(pixels, chunk_labels)
-            shown.append(pixels[: max(_GRID.value - sum(len(s) for s in shown), 0)])
+            shown.append(pixels[: max(FLAGS.grid - sum(len(s) for s in shown), 0)])
             logging.log_every_n_seconds(logging.INFO, "chunk %d: %d samples", 30, done, len(pixels))
-    title = f"{_STEPS.value} step(s)"
+    title = f"{FLAGS.steps} step(s)"
     png = write_grid(out, np.concatenate(shown), title=title, num_classes=num_classes)
     logging.info(
         "Wrote %d samples (step %d, %d sampling steps, cfg %.2f, format %s) to %s and %s",
         num,
         step,
-        _STEPS.value,
+        FLAGS.steps,
         cfg_scale,
         fmt,
         out,
@@ -357,4 +368,5 @@ def _sample() -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
