@@ -348,3 +348,30 @@ def test_prepared_tfds_split_is_read_by_index_slices(tfds, tmp_path):
     half = preprocess.indexed_images(config)
     assert half.count == 6
     np.testing.assert_array_equal(half.load(2)[0], everything[2][1])
+
+
+# --- A folder in a bucket (fake-gcs-server) ----------------------------------------------------
+
+
+def test_image_folder_in_a_bucket_gives_the_same_batches_as_the_local_copy(folder, gcs_bucket):
+    from etils import epath
+
+    root, _ = folder
+    image_dir = f"{gcs_bucket}/images"
+    for path in root.rglob("*"):
+        if path.is_file():
+            (epath.Path(image_dir) / path.relative_to(root).as_posix()).write_bytes(
+                path.read_bytes()
+            )
+    local = data.get_source(folder_config(root, random_flip=True))
+    remote = data.get_source(folder_config(image_dir, random_flip=True))
+    assert remote.class_names == CLASSES and remote.images.count == 15
+    assert (
+        remote.images.description["file_list_sha256"]
+        == (local.images.description["file_list_sha256"])
+    )
+    for local_batch, remote_batch in zip(
+        take(local.iterate(4), 2), take(remote.iterate(4), 2), strict=True
+    ):
+        np.testing.assert_array_equal(local_batch["image"], remote_batch["image"])
+        np.testing.assert_array_equal(local_batch["label"], remote_batch["label"])
