@@ -164,11 +164,13 @@ def test_toy2d_batches_are_deterministic_unconditional_points(toy_name):
     assert np.all((points.std(axis=0) > 0.3) & (points.std(axis=0) < 1.0))
 
 
-def test_toy2d_processes_draw_different_points():
+def test_toy2d_process_slices_concatenate_to_the_one_process_global_batch():
     config = toy_config(batch_size=64)
-    first, second = (next(data.get_source(config, index, 2).iterate(0)) for index in (0, 1))
+    whole = next(data.get_source(config).iterate(3))
+    first, second = (next(data.get_source(config, index, 2).iterate(3)) for index in (0, 1))
     assert first["image"].shape == (32, 2)
     assert not np.array_equal(first["image"], second["image"])
+    np.testing.assert_array_equal(np.concatenate([first["image"], second["image"]]), whole["image"])
 
 
 def test_eight_gaussians_has_eight_tight_modes_on_the_unit_circle():

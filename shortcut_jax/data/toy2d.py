@@ -1,8 +1,10 @@
 """2-D toy distributions for fast tests and teaching (pure numpy).
 
-Every step's batch is a fresh sample from a numpy Generator seeded by
-(config.seed, step, process_index), so batches are deterministic and resuming is exact. Points are
-scaled to roughly [-1, 1] (per-coordinate std about 0.5-0.7). Unconditional: labels are all 0.
+Every step's global batch is a fresh sample from a numpy Generator seeded by (config.seed, step),
+and process p takes its contiguous slice of it: batches are deterministic, resuming at step k
+computes step k directly (nothing before it), and any process layout sees the same global
+batches. Points are scaled to roughly [-1, 1] (per-coordinate std about 0.5-0.7). Unconditional:
+labels are all 0.
 
 Distributions (`config.data.toy_name`):
   * 'checkerboard': uniform on the 8 dark cells of a 4x4 board covering [-1, 1]^2.
@@ -120,17 +122,19 @@ class Toy2dSource:
             )
         self.name = config.data.toy_name
         self.seed = check_seed(config)
-        self.process_index = process_index
+        self.batch_size = config.batch_size
         self.local_batch_size = local_batch_size(config, process_index, process_count)
+        self.local_start = process_index * self.local_batch_size
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's batch of global step `step` (a fresh, deterministic sample).
+        """This process's slice of the global batch of step `step` (fresh, deterministic).
 
         Returns:
           {'image': (B_local, 2) float32, 'label': (B_local,) int32 zeros}.
         """
-        rng = np.random.default_rng([self.seed, step, self.process_index, _TRAIN_TAG])
-        points = sample_toy(self.name, self.local_batch_size, rng)
+        rng = np.random.default_rng([self.seed, step, _TRAIN_TAG])
+        points = sample_toy(self.name, self.batch_size, rng)  # the global batch (cheap: 2-D)
+        points = points[self.local_start : self.local_start + self.local_batch_size]
         return {"image": points, "label": np.zeros(self.local_batch_size, np.int32)}
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
