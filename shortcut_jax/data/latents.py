@@ -37,22 +37,33 @@ random access by index into the shards, so resuming at step k reads nothing befo
 with eps ~ N(0, I) drawn per block of 32 global-batch positions from PCG64 seeded with (seed, k,
 block): the same for any process layout. Batches are assembled a few steps ahead in a background
 thread, with decoding and noise spread over a thread pool (numpy releases the GIL there).
+
+A latent directory may live in a bucket (gs://..., any etils.epath filesystem). ArrayRecord reads
+local files only, so training then reads shards through a `shard_cache.ShardCache` of at most
+`config.data.latent_cache_bytes` in `config.data.latent_cache_dir`, which downloads the shards of
+the next steps ahead of the reader; batches are the same as from a local copy.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
+import glob
 import json
 import os
+import shutil
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
-from shortcut_jax.data import check_seed, local_batch_size, preprocess
+from shortcut_jax.atomic_files import is_remote
+from shortcut_jax.data import check_seed, local_batch_size, preprocess, shard_cache
 from shortcut_jax.data.image_folder import StepOrder, reference_order
 
 FORMAT_VERSION = 1
@@ -75,6 +86,8 @@ _FLIP_TAG = 0x6C66  # 'lf'
 _NOISE_TAG = 0x6C6E  # 'ln'
 _PREFETCH_BATCHES = 3
 _NOISE_BLOCK = 32  # global-batch positions per noise generator (and per worker task)
+DEFAULT_CACHE_BYTES = 4 << 30  # config.data.latent_cache_bytes when a config lacks the field
+_CACHE_LOOKAHEAD_STEPS = 8
 
 
 class LatentFormatError(ValueError):
@@ -149,35 +162,54 @@ def shard_name(shard: int, num_shards: int) -> str:
 
 
 class ShardWriter:
-    """Writes one shard to a temporary name; `commit` renames it to its final name.
+    """Writes one shard to a temporary file; `commit` makes it appear under its final name.
 
-    An exception (or a crash) before `commit` leaves only the temporary file, which the next run
-    of encode_latents deletes and redoes; a final file therefore always holds a complete shard.
+    Local: the temporary is '.<name>.tmp' beside the shard and `commit` renames it, so an exception
+    (or a crash) before `commit` leaves only that file, which the next run deletes and redoes.
+    Bucket (gs://...): the temporary is a local scratch file and `commit` uploads it as one object,
+    so nothing of an unfinished shard is ever visible in the bucket. Either way a shard under its
+    final name is complete.
     """
 
     def __init__(self, path: str):
         from array_record.python import array_record_module
 
-        self.path = path
-        self.temporary = temporary_shard_path(path)
-        if os.path.exists(self.temporary):
-            os.remove(self.temporary)
+        self.path = str(path)
+        self._scratch = None
+        if is_remote(self.path):
+            self._scratch = tempfile.mkdtemp(prefix="shortcut_jax_shard-")
+            self.temporary = os.path.join(self._scratch, os.path.basename(self.path))
+        else:
+            self.temporary = temporary_shard_path(self.path)
+            for stale in glob.glob(self.temporary + "*"):
+                os.remove(stale)
         self._writer = array_record_module.ArrayRecordWriter(self.temporary, WRITER_OPTIONS)
         self.count = 0
 
     def write(self, record: bytes) -> None:
+        """Appends one record."""
         self._writer.write(record)
         self.count += 1
 
     def close(self) -> None:
-        """Closes the file without committing it (the temporary file stays)."""
+        """Closes the file without committing it (a local temporary stays; a scratch goes)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     def commit(self) -> None:
-        """Closes the temporary file, flushes it to disk and renames it to the final name."""
-        self.close()
+        """Closes the temporary file and makes it the shard: fsync and rename, or one upload."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._scratch is not None:
+            try:
+                shard_cache.upload_file(self.temporary, self.path)
+            finally:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+            return
         with open(self.temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(self.temporary, self.path)
@@ -204,35 +236,32 @@ def read_metadata(latent_dir: str) -> dict[str, Any]:
         finished), or a shard file it lists is missing; the message has the encode command.
       LatentFormatError: If the metadata has another format version.
     """
-    path = os.path.join(latent_dir, METADATA_FILE)
+    directory = epath.Path(latent_dir)
+    path = directory / METADATA_FILE
     command = ENCODE_COMMAND.format(dir=latent_dir)
-    if not os.path.isdir(latent_dir):
+    if not directory.is_dir():
         raise FileNotFoundError(
             f"config.data.latent_dir={latent_dir!r} does not exist. Encode the dataset first:\n"
             f"  {command}"
         )
-    if not os.path.isfile(path):
+    names = {entry.name for entry in directory.iterdir()}  # one listing, also on a bucket
+    if METADATA_FILE not in names:
         state = (
             "encoding has not finished (plan.json exists, metadata.json does not)"
-            if os.path.isfile(os.path.join(latent_dir, PLAN_FILE))
+            if PLAN_FILE in names
             else "it was not written by encode_latents"
         )
         raise FileNotFoundError(
             f"config.data.latent_dir={latent_dir!r} has no {METADATA_FILE}: {state}. Run (or "
             f"rerun, it resumes):\n  {command}"
         )
-    with open(path) as file:
-        metadata = json.load(file)
+    metadata = json.loads(path.read_text())
     if metadata.get("format_version") != FORMAT_VERSION:
         raise LatentFormatError(
             f"{path} has format_version={metadata.get('format_version')!r}; this code reads "
             f"version {FORMAT_VERSION}. Re-encode with:\n  {command}"
         )
-    missing = [
-        shard["file"]
-        for shard in metadata["shards"]
-        if not os.path.isfile(os.path.join(latent_dir, shard["file"]))
-    ]
+    missing = [shard["file"] for shard in metadata["shards"] if shard["file"] not in names]
     if missing:
         raise FileNotFoundError(
             f"config.data.latent_dir={latent_dir!r}: {len(missing)} shard files listed in "
@@ -244,50 +273,94 @@ def read_metadata(latent_dir: str) -> dict[str, Any]:
 class ShardReaders:
     """Random access to the examples of a latent directory by global index.
 
-    Readers are opened on first use; every call is serialized by a lock (one instance per
-    consumer thread keeps them independent).
+    Local shards are opened on first use and stay open. With a `cache` (bucket directories), each
+    read pins the shards it needs in the cache and opens them for that read only (the cache may
+    evict them afterwards). Every call is serialized by a lock (one instance per consumer thread
+    keeps them independent).
     """
 
-    def __init__(self, latent_dir: str, metadata: dict[str, Any]):
+    def __init__(
+        self,
+        latent_dir: str,
+        metadata: dict[str, Any],
+        cache: shard_cache.ShardCache | None = None,
+    ):
         self.latent_dir = latent_dir
         self.shard_size = int(metadata["shard_size"])
         self.shards = metadata["shards"]
         self.count = int(metadata["count"])
+        self.cache = cache
+        if cache is None and is_remote(latent_dir):
+            raise ValueError(
+                f"{latent_dir} is in a bucket: ArrayRecord reads local files only, so pass a "
+                "shard_cache.ShardCache."
+            )
         self._readers: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def _reader(self, shard: int) -> Any:
+    def _open(self, shard: int, path: str) -> Any:
         from array_record.python import array_record_module
 
-        reader = self._readers.get(shard)
-        if reader is None:
-            info = self.shards[shard]
-            path = os.path.join(self.latent_dir, info["file"])
-            reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
-            if not reader.ok() or reader.num_records() != info["count"]:
-                raise LatentFormatError(
-                    f"{path} has {reader.num_records()} records; {METADATA_FILE} says "
-                    f"{info['count']}. Delete it and rerun encode_latents."
-                )
-            self._readers[shard] = reader
+        info = self.shards[shard]
+        reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
+        if not reader.ok() or reader.num_records() != info["count"]:
+            found = reader.num_records()
+            reader.close()
+            where = os.path.join(self.latent_dir, info["file"])
+            raise LatentFormatError(
+                f"{where} has {found} records; {METADATA_FILE} says {info['count']}. Delete it "
+                "and rerun encode_latents."
+            )
         return reader
 
-    def read(self, indices: Sequence[int]) -> list[bytes]:
-        """The records of global example `indices`, in that order."""
+    def _reader(self, shard: int) -> Any:
+        reader = self._readers.get(shard)
+        if reader is None:
+            path = os.path.join(self.latent_dir, self.shards[shard]["file"])
+            reader = self._readers[shard] = self._open(shard, path)
+        return reader
+
+    def read(self, indices: Sequence[int], step: int | None = None) -> list[bytes]:
+        """The records of global example `indices`, in that order.
+
+        Args:
+          indices: Global example indices.
+          step: The training step they belong to (moves a cache's prefetch window on).
+        """
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.count):
             raise IndexError(f"Example indices must be in [0, {self.count}).")
         shards, offsets = np.divmod(indices, self.shard_size)
         records: list[bytes] = [b""] * len(indices)
         with self._lock:
-            for shard in np.unique(shards):
+            needed = [int(shard) for shard in np.unique(shards)]
+            for rank, shard in enumerate(needed):
                 positions = np.flatnonzero(shards == shard)
-                values = self._reader(int(shard)).read([int(o) for o in offsets[positions]])
+                values = self._read_shard(shard, offsets[positions], step, needed[rank + 1 :])
                 for position, value in zip(positions, values, strict=True):
                     records[position] = value
         return records
 
+    def _read_shard(
+        self, shard: int, offsets: np.ndarray, step: int | None, later: list[int]
+    ) -> list[bytes]:
+        """Records at `offsets` of `shard`; through the cache one shard at a time (any budget
+        that holds one shard serves any read, e.g. `real_examples` over every shard)."""
+        offsets = [int(offset) for offset in offsets]
+        if self.cache is None:
+            return self._reader(shard).read(offsets)
+        path = self.cache.acquire([shard], step, keep=later)[shard]
+        try:
+            reader = self._open(shard, path)
+            try:
+                return reader.read(offsets)
+            finally:
+                reader.close()
+        finally:
+            self.cache.release([shard])
+
     def close(self) -> None:
+        """Closes the open local readers (a cache is closed by its owner)."""
         with self._lock:
             for reader in self._readers.values():
                 reader.close()
@@ -312,15 +385,17 @@ class LatentSource:
 
         Args:
           config: Experiment config; reads seed, batch_size, data.latent_dir, data.random_flip,
-            data.num_classes, data.image_size, vae.scaling_factor, vae.latent_channels and
-            vae.sample_posterior.
+            data.num_classes, data.image_size, vae.scaling_factor, vae.latent_channels,
+            vae.sample_posterior, and for a bucket directory data.latent_cache_bytes and
+            data.latent_cache_dir.
           process_index: Index of this process in [0, process_count).
           process_count: Number of processes sharing each global batch.
 
         Raises:
           FileNotFoundError: If the directory or its metadata is missing or incomplete.
           ValueError: If the config disagrees with the metadata (scaling factor, latent channels,
-            image size, classes) or the batch does not fit.
+            image size, classes), the batch does not fit, or (bucket directory) the cache budget
+            cannot hold the shards of one batch.
         """
         self.latent_dir = config.data.latent_dir
         self.metadata = read_metadata(self.latent_dir)
@@ -331,7 +406,8 @@ class LatentSource:
         if abs(self.scaling_factor - stored) > 1e-6 * abs(stored):
             raise ValueError(
                 f"config.vae.scaling_factor={self.scaling_factor} but {where} was encoded for "
-                f"scaling factor {stored}; set config.vae.scaling_factor={stored}."
+                f"scaling factor {stored} (scaling_factor in {self.latent_dir}/{METADATA_FILE}); "
+                f"set config.vae.scaling_factor={stored}."
             )
         self.element_shape = tuple(int(side) for side in metadata["latent_shape"])
         if int(config.vae.latent_channels) != self.element_shape[-1]:
@@ -372,6 +448,54 @@ class LatentSource:
         self.steps_per_epoch = self.order.steps_per_epoch
         self.local_batch_size = self.order.local_batch_size
         self.workers = max(1, min(16, os.cpu_count() or 1))
+        self.cache_bytes = config.data.get("latent_cache_bytes", DEFAULT_CACHE_BYTES)
+        self.cache_dir = str(config.data.get("latent_cache_dir", "") or "")
+        self.remote = is_remote(self.latent_dir)
+        if self.remote:
+            self._check_cache_budget()
+
+    def _check_cache_budget(self) -> None:
+        """Refuses a config.data.latent_cache_bytes that cannot hold one batch's shards."""
+        shards = self.metadata["shards"]
+        shards_per_batch = min(self.local_batch_size, len(shards))
+        largest = int((epath.Path(self.latent_dir) / shards[0]["file"]).stat().length)
+        shard_cache.check_budget(
+            self.cache_bytes,
+            shards_per_batch,
+            largest,
+            "config.data.latent_cache_bytes",
+            self.latent_dir,
+        )
+
+    def _readers(self, prefetch_from: int | None = None) -> ShardReaders:
+        """Readers of the directory; through a fresh shard cache for a bucket directory.
+
+        Args:
+          prefetch_from: With a cache, fetch the shards of steps prefetch_from, ... ahead.
+        """
+        if not self.remote:
+            return ShardReaders(self.latent_dir, self.metadata)
+        cache = shard_cache.ShardCache(
+            self.latent_dir,
+            [shard["file"] for shard in self.metadata["shards"]],
+            self.cache_bytes,
+            self.cache_dir,
+        )
+        if prefetch_from is not None:
+            order = copy.copy(self.order)  # its own permutation memo: no thrash with the reader
+            shard_size = int(self.metadata["shard_size"])
+
+            def shards_of_step(step: int) -> np.ndarray:
+                return np.unique(order.local_indices(step) // shard_size)
+
+            cache.start_prefetch(shards_of_step, prefetch_from, _CACHE_LOOKAHEAD_STEPS)
+        return ShardReaders(self.latent_dir, self.metadata, cache)
+
+    @staticmethod
+    def _close(readers: ShardReaders) -> None:
+        readers.close()
+        if readers.cache is not None:
+            readers.cache.close()
 
     def _noise(self, step: int, start: int, stop: int) -> np.ndarray:
         """N(0, 1) noise of global-batch positions [start, stop) (inside one block).
@@ -420,7 +544,7 @@ class LatentSource:
             flips = self.order.local_flips(step, _FLIP_TAG)
         else:
             flips = np.zeros(len(indices), bool)
-        records = readers.read(indices)
+        records = readers.read(indices, step)
         # Work items: this process's positions cut at the global noise-block boundaries.
         first_boundary = -(-local.start // _NOISE_BLOCK) * _NOISE_BLOCK
         bounds = sorted({local.start, local.stop, *range(first_boundary, local.stop, _NOISE_BLOCK)})
@@ -443,11 +567,11 @@ class LatentSource:
         Returns:
           {'image': (B_local, h, w, c) float32 scaled latents, 'label': (B_local,) int32}.
         """
-        readers = ShardReaders(self.latent_dir, self.metadata)
+        readers = self._readers()
         try:
             return self._batch(step, readers, None)
         finally:
-            readers.close()
+            self._close(readers)
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yields this process's batches from global step `start_step` on (endless).
@@ -466,7 +590,7 @@ class LatentSource:
 
     def _produce(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches from `start_step` on, with their own readers and worker threads."""
-        readers = ShardReaders(self.latent_dir, self.metadata)
+        readers = self._readers(prefetch_from=start_step)
         executor = concurrent.futures.ThreadPoolExecutor(self.workers)
         try:
             step = start_step
@@ -475,7 +599,7 @@ class LatentSource:
                 step += 1
         finally:
             executor.shutdown(wait=False)
-            readers.close()
+            self._close(readers)
 
     def real_examples(self, n: int) -> dict[str, np.ndarray]:
         """Scaled posterior means (no flip, no sampling) of up to `n` examples in the fixed
@@ -485,11 +609,11 @@ class LatentSource:
           {'image': (N, h, w, c) float32, 'label': (N,) int32}, N = min(n, count).
         """
         indices = reference_order(self.count)[: max(0, n)]
-        readers = ShardReaders(self.latent_dir, self.metadata)
+        readers = self._readers()
         try:
             records = readers.read(indices)
         finally:
-            readers.close()
+            self._close(readers)
         images = np.empty((len(indices), *self.element_shape), np.float32)
         labels = np.zeros(len(indices), np.int32)
         for row, record in enumerate(records):

@@ -16,8 +16,10 @@ What it does:
   * splits the examples into shards of --shard_size; shard s is encoded by process
     s % process_count, in batches split over that process's local devices (a 1-D local mesh,
     parameters replicated, batches padded to a multiple of the device count);
-  * writes each shard to a temporary name in --out and renames it when complete. A rerun skips
-    the shards that exist and redoes an interrupted one, so an interrupted job just restarts;
+  * writes each shard to a temporary name in --out and renames it when complete (--out in a
+    bucket, gs://...: to a local scratch file, uploaded as one object when complete, so a killed
+    encode leaves no partial object). A rerun skips the shards that exist and redoes an
+    interrupted one, so an interrupted job just restarts;
   * first writes (or checks) --out/plan.json: a directory begun with another VAE, source,
     preprocessing, shard size or storage dtype is refused, naming every differing field;
   * when every shard exists (after a barrier across processes), process 0 writes
@@ -33,7 +35,6 @@ negligible for your VAE: it is the largest |float16(x) - x| / std over all laten
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shortcut_jax import atomic_files
@@ -130,10 +132,9 @@ def check_or_write_plan(out_dir: str, plan: dict[str, Any]) -> None:
     Raises:
       PlanMismatchError: Naming every differing field.
     """
-    path = os.path.join(out_dir, latents.PLAN_FILE)
-    if os.path.exists(path):
-        with open(path) as file:
-            stored = json.load(file)
+    path = epath.Path(out_dir) / latents.PLAN_FILE
+    if path.exists():
+        stored = json.loads(path.read_text())
         differences = plan_differences(stored, plan)
         if differences:
             raise PlanMismatchError(
@@ -339,18 +340,19 @@ def encode_dataset(
     if images.count == 0:
         raise ValueError("The dataset has no examples.")
     plan = make_plan(config, vae, images, shard_size, storage_dtype)
-    os.makedirs(out_dir, exist_ok=True)
+    directory = epath.Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
     check_or_write_plan(out_dir, plan)
 
     process_index, process_count = jax.process_index(), jax.process_count()
     num_shards = math.ceil(images.count / shard_size)
+    existing = {entry.name for entry in directory.iterdir()}  # one listing, also on a bucket
     todo = [
         shard
         for shard in range(process_index, num_shards, process_count)
-        if not os.path.exists(os.path.join(out_dir, latents.shard_name(shard, num_shards)))
+        if latents.shard_name(shard, num_shards) not in existing
     ]
-    metadata_path = os.path.join(out_dir, latents.METADATA_FILE)
-    if todo or not os.path.exists(metadata_path):
+    if todo or latents.METADATA_FILE not in existing:
         _encode_shards(
             vae, images, out_dir, todo, num_shards, shard_size, batch_size, storage_dtype,
             interrupt_after_shards, progress and process_index == 0,
@@ -394,9 +396,7 @@ def _encode_shards(
     try:
         for done, shard in enumerate(todo):
             interrupt = interrupt_after_shards is not None and done >= interrupt_after_shards
-            path = os.path.join(out_dir, latents.shard_name(shard, num_shards))
-            for stale in glob.glob(latents.temporary_shard_path(path) + "*"):
-                os.remove(stale)
+            path = str(epath.Path(out_dir) / latents.shard_name(shard, num_shards))
             start, stop = shard * shard_size, min(images.count, (shard + 1) * shard_size)
             writer = latents.ShardWriter(path)
             stats = MomentStats()
@@ -466,27 +466,23 @@ def _write_metadata(
     shard_size: int,
 ) -> dict[str, Any]:
     """Checks that every shard is complete, then writes metadata.json atomically."""
-    from array_record.python import array_record_module
-
+    directory = epath.Path(out_dir)
+    existing = {entry.name for entry in directory.iterdir()}
     shards, stats = [], []
     for shard in range(num_shards):
         name = latents.shard_name(shard, num_shards)
-        path = os.path.join(out_dir, name)
+        path = directory / name
         expected = min(shard_size, images.count - shard * shard_size)
-        if not os.path.exists(path):
+        if name not in existing:
             raise FileNotFoundError(f"{path} is missing after encoding; rerun encode_latents.")
-        reader = array_record_module.ArrayRecordReader(path)
-        try:
-            found = reader.num_records()
-        finally:
-            reader.close()
+        info_name = name.removesuffix(".arrayrecord") + ".json"
+        info = json.loads((directory / info_name).read_text()) if info_name in existing else None
+        found = _record_count(str(path), info)
         if found != expected:
             raise RuntimeError(f"{path} has {found} records, expected {expected}; delete it.")
         shards.append({"file": name, "start": shard * shard_size, "count": expected})
-        info_path = path.removesuffix(".arrayrecord") + ".json"
-        if os.path.exists(info_path):
-            with open(info_path) as file:
-                stats.append(json.load(file)["stats"])
+        if info is not None:
+            stats.append(info["stats"])
     side = images.image_size // vae.arch.downsample_factor
     metadata = {
         **plan,
@@ -504,8 +500,27 @@ def _write_metadata(
         "vae_source": vae.source,
         "moment_stats": _combine_stats(stats) if len(stats) == num_shards else None,
     }
-    atomic_files.write_json(os.path.join(out_dir, latents.METADATA_FILE), metadata, indent=1)
+    atomic_files.write_json(directory / latents.METADATA_FILE, metadata, indent=1)
     return metadata
+
+
+def _record_count(path: str, info: dict[str, Any] | None) -> int:
+    """Records in the shard at `path`: counted by ArrayRecord locally; in a bucket (ArrayRecord
+    reads local files only), the count its `.json` recorded before the shard was uploaded."""
+    if atomic_files.is_remote(path):
+        if info is None:
+            raise FileNotFoundError(
+                f"{path} has no .json beside it (written before every shard): delete the shard "
+                "and rerun encode_latents."
+            )
+        return int(info["count"])
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -1,0 +1,246 @@
+"""Latent directories in a bucket (the GCS emulator): encode, resume, read through the shard cache.
+
+The same tiny VAE and 15-image folder as tests/test_latents.py, encoded once to a local directory
+(the reference) and once straight to gs://; every object must equal its local file and every batch
+read from the bucket must equal the batch read locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from etils import epath
+
+from shortcut_jax import configs, data
+from shortcut_jax.data import latents, shard_cache
+from shortcut_jax.models import vae as vae_lib
+from shortcut_jax.tools import encode_latents
+from tests.test_image_folder import make_folder, take
+
+ARCH = vae_lib.VaeArch(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+IMAGE_SIZE = 16  # latents 8 x 8 x 4
+COUNT = 15
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("latents_gcs")
+    paths = {"images": root / "images", "vae": root / "vae.npz", "root": root}
+    make_folder(paths["images"])
+    vae_lib.save_vae(paths["vae"], vae_lib.random_vae(ARCH, seed=0))
+    return paths
+
+
+def encode_config(workspace: dict[str, Path]) -> object:
+    config = configs.base_config()
+    config.data.name = "image_folder"
+    config.data.image_dir = str(workspace["images"])
+    config.data.image_size = IMAGE_SIZE
+    config.data.channels = 3
+    config.data.num_classes = 3
+    config.vae.path = str(workspace["vae"])
+    config.vae.downsample_factor = ARCH.downsample_factor
+    return config
+
+
+def encode(workspace, out: str, shard_size: int, **kwargs) -> dict | None:
+    return encode_latents.encode_dataset(
+        encode_config(workspace), out, batch_size=4, shard_size=shard_size, progress=False, **kwargs
+    )
+
+
+def latent_config(latent_dir: str, batch_size: int = 4, **data_fields) -> object:
+    config = configs.base_config()
+    config.batch_size = batch_size
+    config.data.latent_dir = latent_dir
+    config.data.image_size = IMAGE_SIZE
+    config.data.num_classes = 3
+    config.data.random_flip = True
+    config.vae.sample_posterior = True
+    config.data.update(data_fields)
+    return config
+
+
+@pytest.fixture(scope="module")
+def local_encoded(workspace) -> dict[int, Path]:
+    """Local reference encodes: {shard_size: directory}."""
+    out = {}
+    for shard_size in (6, 2):
+        out[shard_size] = workspace["root"] / f"local_{shard_size}"
+        encode(workspace, str(out[shard_size]), shard_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bucket_encoded(gcs, workspace) -> dict[int, str]:
+    """The same encodes written straight to a bucket: {shard_size: 'gs://...'}."""
+    bucket = gcs.bucket()
+    out = {}
+    for shard_size in (6, 2):
+        out[shard_size] = f"{bucket}/latents_{shard_size}"
+        encode(workspace, out[shard_size], shard_size)
+    return out
+
+
+def objects_under(gcs, directory: str) -> dict[str, bytes]:
+    """{name relative to `directory`: content} of every object under it."""
+    bucket, prefix = directory.removeprefix("gs://").split("/", 1)
+    names = [name for name in gcs.list_objects(bucket) if name.startswith(prefix + "/")]
+    return {
+        name[len(prefix) + 1 :]: (epath.Path(f"gs://{bucket}") / name).read_bytes()
+        for name in names
+    }
+
+
+def steps(source, start: int, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` batches from `start`; then closes the iterator (and so its shard cache)."""
+    iterator = source.iterate(start)
+    try:
+        return take(iterator, count)
+    finally:
+        iterator.close()
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Polls `condition` (the iterator closes its producer thread asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def assert_same_batches(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second)
+    for got, want in zip(first, second, strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+
+# --- encode_latents --out gs://... ----------------------------------------------------------------
+
+
+def test_an_encode_to_a_bucket_writes_the_objects_a_local_encode_writes(
+    gcs, local_encoded, bucket_encoded
+):
+    for shard_size in (6, 2):
+        objects = objects_under(gcs, bucket_encoded[shard_size])
+        local = local_encoded[shard_size]
+        assert sorted(objects) == sorted(os.listdir(local))  # no temporary objects
+        for name, content in objects.items():
+            assert content == (local / name).read_bytes(), name
+    assert latents.read_metadata(bucket_encoded[6]) == latents.read_metadata(str(local_encoded[6]))
+
+
+def test_an_interrupted_encode_to_a_bucket_leaves_no_partial_shard_and_resumes(
+    gcs, gcs_bucket, workspace, local_encoded
+):
+    out = f"{gcs_bucket}/resumed"
+    with pytest.raises(encode_latents.EncodingInterruptedError):
+        encode(workspace, out, 6, interrupt_after_shards=1)
+    assert sorted(objects_under(gcs, out)) == [
+        "plan.json",
+        "shard-00000-of-00003.arrayrecord",
+        "shard-00000-of-00003.json",
+    ]  # the shard being written when it stopped is not in the bucket, not even in part
+    with pytest.raises(FileNotFoundError, match="encoding has not finished"):
+        latents.read_metadata(out)
+    first = f"{out}/shard-00000-of-00003.arrayrecord"
+    filesystem, path = shard_cache.filesystem(first)
+    generation = filesystem.info(path)["generation"]
+    metadata = encode(workspace, out, 6)
+    assert filesystem.info(path, refresh=True)["generation"] == generation  # not uploaded again
+    objects = objects_under(gcs, out)
+    assert sorted(objects) == sorted(os.listdir(local_encoded[6]))
+    for name, content in objects.items():
+        assert content == (local_encoded[6] / name).read_bytes(), name
+    assert metadata == latents.read_metadata(out)
+
+
+# --- LatentSource on gs:// -----------------------------------------------------------------------
+
+
+def test_bucket_batches_equal_local_batches(local_encoded, bucket_encoded, tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    remote = data.get_source(latent_config(bucket_encoded[6], latent_cache_dir=cache_dir))
+    local = data.get_source(latent_config(str(local_encoded[6])))
+    assert remote.remote and not local.remote
+    assert_same_batches(steps(remote, 0, 6), steps(local, 0, 6))
+    assert_same_batches(steps(remote, 4, 2), steps(local, 4, 2))  # resume
+    assert_same_batches([remote.batch(5)], [local.batch(5)])
+    assert_same_batches([remote.real_examples(9)], [local.real_examples(9)])
+    assert wait_until(lambda: os.listdir(cache_dir) == [])  # each cache removed its directory
+
+
+def test_a_cache_smaller_than_the_set_stays_in_budget_and_serves_the_same_batches(
+    local_encoded, bucket_encoded, tmp_path, monkeypatch
+):
+    latent_dir = bucket_encoded[2]  # 8 shards of 2 examples (the last holds 1)
+    shard_bytes = epath.Path(f"{latent_dir}/shard-00000-of-00008.arrayrecord").stat().length
+    budget = 3 * shard_bytes  # a batch of 2 reads at most 2 shards; the set is 8
+    cache_dir = tmp_path / "cache"
+    closed = []
+    close = shard_cache.ShardCache.close
+    monkeypatch.setattr(
+        shard_cache.ShardCache, "close", lambda self: (closed.append(self), close(self))
+    )
+    config = latent_config(
+        latent_dir, batch_size=2, latent_cache_bytes=budget, latent_cache_dir=str(cache_dir)
+    )
+    source = data.get_source(config)
+    stop, peak = threading.Event(), [0]
+
+    def size_on_disk() -> int:
+        total = 0
+        for directory, _, files in os.walk(cache_dir):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # evicted or renamed meanwhile
+                    total += os.stat(os.path.join(directory, name)).st_size
+        return total
+
+    def watch() -> None:  # what is on disk, sampled while it trains
+        while not stop.is_set():
+            peak[0] = max(peak[0], size_on_disk())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        count = 3 * source.steps_per_epoch  # 21 steps: every shard is needed again and again
+        remote = steps(source, 0, count)
+        assert wait_until(lambda: closed)
+    finally:
+        stop.set()
+        watcher.join()
+    local_source = data.get_source(latent_config(str(local_encoded[2]), batch_size=2))
+    assert_same_batches(remote, steps(local_source, 0, count))
+    (cache,) = closed
+    assert 0 < peak[0] <= budget and cache.peak_bytes <= budget
+    assert cache.downloads > 8  # shards were evicted and fetched again, never all at once
+
+
+def test_a_cache_budget_below_one_batch_is_refused_naming_the_field(bucket_encoded):
+    config = latent_config(bucket_encoded[2], batch_size=4, latent_cache_bytes=1000)
+    with pytest.raises(
+        ValueError, match=r"config\.data\.latent_cache_bytes=1000 cannot hold .* up to 4 shards"
+    ):
+        data.get_source(config)
+
+
+def test_another_scaling_factor_than_the_bucket_metadata_is_refused(bucket_encoded):
+    config = latent_config(bucket_encoded[6])
+    config.vae.scaling_factor = 0.13025
+    with pytest.raises(ValueError) as error:
+        data.get_source(config)
+    message = str(error.value)
+    assert "config.vae.scaling_factor=0.13025" in message and "0.18215" in message
+    assert f"{bucket_encoded[6]}/metadata.json" in message
+
+
+def test_a_missing_bucket_directory_names_the_encode_command(gcs_bucket):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*encode_latents"):
+        latents.read_metadata(f"{gcs_bucket}/nothing_here")
