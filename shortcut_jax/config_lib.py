@@ -481,6 +481,14 @@ def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> N
             "a finished latent directory (with metadata.json): make it with `python -m "
             f"shortcut_jax.tools.encode_latents --config <this config> --out {latent_dir}`",
         )
+        if "latent_cache_bytes" in config.data:
+            check(
+                "data.latent_cache_bytes",
+                lambda v: _is_int(v) and v > 0,
+                "a positive integer (bytes of local disk for shards of a bucket latent_dir)",
+            )
+        if "latent_cache_dir" in config.data:
+            check("data.latent_cache_dir", lambda v: isinstance(v, str), "a path string")
 
 
 def _dir_exists(path: str) -> bool:

@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Precomputed latents (python -m shortcut_jax.tools.encode_latents): when set, training reads
     # them instead of encoding the images above; requires config.vae.path.
     config.data.latent_dir = ""
+    # A latent_dir in a bucket (gs://...) is read through a local cache of its shards, fetched
+    # ahead of the reader: at most latent_cache_bytes on disk (it must hold the shards of one
+    # batch), in a fresh directory under latent_cache_dir ('' = the system temporary directory).
+    config.data.latent_cache_bytes = 4 << 30
+    config.data.latent_cache_dir = ""
     # Noise/sample pairs (python -m shortcut_jax.tools.reflow_pairs) for objective 'reflow': when
     # set, training reads them instead of the data above (which must describe the same shape).
     config.data.pairs_dir = ""
