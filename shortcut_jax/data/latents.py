@@ -273,27 +273,36 @@ def read_metadata(latent_dir: str) -> dict[str, Any]:
 class ShardReaders:
     """Random access to the examples of a latent directory by global index.
 
-    Local shards are opened on first use and stay open. With a `cache` (bucket directories), each
-    read pins the shards it needs in the cache and opens them for that read only (the cache may
-    evict them afterwards). Every call is serialized by a lock (one instance per consumer thread
-    keeps them independent).
+    Local shards are opened on first use and stay open. A bucket directory is read through its own
+    `shard_cache.ShardCache` (`self.cache`; ArrayRecord reads local files only): each read pins
+    the shards it needs one at a time and opens them for that read only (the cache may evict them
+    afterwards). Every call is serialized by a lock (one instance per consumer thread keeps them
+    independent). `close` closes the readers and the cache.
     """
 
     def __init__(
         self,
         latent_dir: str,
         metadata: dict[str, Any],
-        cache: shard_cache.ShardCache | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_dir: str = "",
     ):
+        """Opens nothing yet.
+
+        Args:
+          latent_dir: The latent directory (local or bucket).
+          metadata: Its `read_metadata`.
+          cache_bytes: Budget of the shard cache of a bucket directory.
+          cache_dir: Parent of that cache's directory ('' = the system temporary directory).
+        """
         self.latent_dir = latent_dir
         self.shard_size = int(metadata["shard_size"])
         self.shards = metadata["shards"]
         self.count = int(metadata["count"])
-        self.cache = cache
-        if cache is None and is_remote(latent_dir):
-            raise ValueError(
-                f"{latent_dir} is in a bucket: ArrayRecord reads local files only, so pass a "
-                "shard_cache.ShardCache."
+        self.cache = None
+        if is_remote(latent_dir):
+            self.cache = shard_cache.ShardCache(
+                latent_dir, [shard["file"] for shard in self.shards], cache_bytes, cache_dir
             )
         self._readers: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -360,11 +369,13 @@ class ShardReaders:
             self.cache.release([shard])
 
     def close(self) -> None:
-        """Closes the open local readers (a cache is closed by its owner)."""
+        """Closes the open readers and deletes the shard cache (if any)."""
         with self._lock:
             for reader in self._readers.values():
                 reader.close()
             self._readers.clear()
+            if self.cache is not None:
+                self.cache.close()
 
 
 class LatentSource:
@@ -473,29 +484,16 @@ class LatentSource:
         Args:
           prefetch_from: With a cache, fetch the shards of steps prefetch_from, ... ahead.
         """
-        if not self.remote:
-            return ShardReaders(self.latent_dir, self.metadata)
-        cache = shard_cache.ShardCache(
-            self.latent_dir,
-            [shard["file"] for shard in self.metadata["shards"]],
-            self.cache_bytes,
-            self.cache_dir,
-        )
-        if prefetch_from is not None:
+        readers = ShardReaders(self.latent_dir, self.metadata, self.cache_bytes, self.cache_dir)
+        if readers.cache is not None and prefetch_from is not None:
             order = copy.copy(self.order)  # its own permutation memo: no thrash with the reader
             shard_size = int(self.metadata["shard_size"])
 
             def shards_of_step(step: int) -> np.ndarray:
                 return np.unique(order.local_indices(step) // shard_size)
 
-            cache.start_prefetch(shards_of_step, prefetch_from, _CACHE_LOOKAHEAD_STEPS)
-        return ShardReaders(self.latent_dir, self.metadata, cache)
-
-    @staticmethod
-    def _close(readers: ShardReaders) -> None:
-        readers.close()
-        if readers.cache is not None:
-            readers.cache.close()
+            readers.cache.start_prefetch(shards_of_step, prefetch_from, _CACHE_LOOKAHEAD_STEPS)
+        return readers
 
     def _noise(self, step: int, start: int, stop: int) -> np.ndarray:
         """N(0, 1) noise of global-batch positions [start, stop) (inside one block).
@@ -571,7 +569,7 @@ class LatentSource:
         try:
             return self._batch(step, readers, None)
         finally:
-            self._close(readers)
+            readers.close()
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yields this process's batches from global step `start_step` on (endless).
@@ -599,7 +597,7 @@ class LatentSource:
                 step += 1
         finally:
             executor.shutdown(wait=False)
-            self._close(readers)
+            readers.close()
 
     def real_examples(self, n: int) -> dict[str, np.ndarray]:
         """Scaled posterior means (no flip, no sampling) of up to `n` examples in the fixed
@@ -613,7 +611,7 @@ class LatentSource:
         try:
             records = readers.read(indices)
         finally:
-            self._close(readers)
+            readers.close()
         images = np.empty((len(indices), *self.element_shape), np.float32)
         labels = np.zeros(len(indices), np.int32)
         for row, record in enumerate(records):
