@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -352,3 +357,27 @@ def test_tfds_real_examples_follow_the_fixed_reference_order(tiny_tfds_dir):
         for i in image_folder.reference_order(40)[:6]
     ]
     np.testing.assert_array_equal(tiny_example_ids([examples]), expected)
+
+
+# --- The resume benchmark ----------------------------------------------------------------------
+
+
+def test_resume_benchmark_quick_times_every_start_step_of_each_source(tmp_path):
+    out = tmp_path / "resume.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "resume_benchmark.py"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["matmul_start"]["gflops_median"] > 0
+    assert set(results["sources"]) == {"mnist_embedded", "toy2d", "image_folder"}
+    for source in results["sources"].values():
+        for step in ("0", "10000", "1000000"):
+            assert source["first_batch"][step]["median"] > 0

