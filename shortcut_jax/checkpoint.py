@@ -339,11 +339,13 @@ def load_params(
       workdir: the run directory (local or gs://...).
       step: the checkpoint step; None = the newest.
       raw: restore `params` instead of `ema_params`.
-      mesh: where to place the parameters; None = a data-parallel mesh over this process's
-        devices (parameters replicated). Any mesh works, whatever mesh the run was saved from.
+      mesh: where to place the parameters (laid out by the run's sharding rules); None = a
+        data-parallel mesh over this process's devices (parameters replicated). Any mesh works,
+        whatever mesh the run was saved from.
 
     Returns:
-      (config saved with the checkpoint, parameters, step).
+      (config saved with the checkpoint, its `mesh` field set to the mesh the parameters are on;
+      the parameters; the step).
 
     Raises:
       FileNotFoundError: when the workdir holds no checkpoint.
@@ -364,6 +366,8 @@ def load_params(
         if mesh is None:
             config.mesh = sharding.single_device_config().mesh
             mesh = sharding.make_mesh(config, jax.local_devices())
+        for axis, size in mesh.shape.items():
+            config.mesh[axis] = int(size)
         model = models.get_model(config)
         abstract_state, _ = sharded_abstract_state(
             config, model, optim.make_optimizer(config), mesh

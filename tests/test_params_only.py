@@ -175,7 +175,7 @@ for name, sizes in {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}.items(
     config = tiny_mnist_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
     mesh = sharding.make_mesh(config)
-    _, params, _ = checkpoint.load_params(workdir, mesh=mesh)
+    restored, params, _ = checkpoint.load_params(workdir, mesh=mesh)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     result[name] = {
         "equal": all(
@@ -185,6 +185,7 @@ for name, sizes in {"fsdp8": (1, 8, 1), "data2_fsdp2_tensor2": (2, 2, 2)}.items(
         "sharded": sum(not leaf.sharding.is_fully_replicated for _, leaf in leaves),
         "on_mesh": all(leaf.sharding.mesh == mesh for _, leaf in leaves),
         "leaves": len(leaves),
+        "config_mesh": (restored.mesh.data, restored.mesh.fsdp, restored.mesh.tensor) == sizes,
     }
 print(json.dumps(result))
 """
@@ -204,5 +205,5 @@ def test_params_saved_on_one_device_restore_onto_other_meshes(tmp_path):
     result = json.loads(output.strip().splitlines()[-1])
     for name, checks in result.items():
         assert checks["leaves"] == len(expected), name
-        assert checks["equal"] and checks["on_mesh"], (name, checks)
+        assert checks["equal"] and checks["on_mesh"] and checks["config_mesh"], (name, checks)
         assert checks["sharded"] > 0, (name, checks)  # really split, not replicated
