@@ -197,3 +197,35 @@ def test_a_bucket_png_folder_that_holds_files_is_refused(gcs_bucket):
     assert sorted(path.name for path in epath.Path(out).iterdir()) == ["000000.png", "000001.png"]
     with pytest.raises(FileExistsError, match="already holds files"):
         sample.write_samples(out, pixels, np.zeros(2), title="", grid=2, num_classes=0, fmt="png")
+
+
+def test_chunks_are_the_samples_of_one_sample_batch_call(run):
+    from shortcut_jax import objectives, sampling, sharding, steps
+
+    mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
+    config, params, _ = checkpoint.load_params(run, mesh=mesh)
+    labels = sampling.default_labels(NUM, 10)
+    rng = jax.random.PRNGKey(3)
+    settings = {"num_steps": 2, "cfg_scale": 1.5}
+    chunks = list(
+        sample.sample_chunks(config, params, rng, labels, batch_size=4, mesh=mesh, **settings)
+    )
+    assert [len(pixels) for pixels, _ in chunks] == [4, 4, 2]
+    expected, _ = sampling.sample_batch(
+        steps.make_apply_fn(models.get_model(config)),
+        params,
+        rng,
+        num=NUM,
+        shape=(28, 28, 1),
+        labels=labels,
+        num_steps=2,
+        denoise_timesteps=config.denoise_timesteps,
+        cfg_scale=1.5,
+        num_classes=10,
+        mesh=mesh,
+        sharding_rules=sharding.logical_rules(config),
+        objective=objectives.ObjectiveConfig.from_config(config),
+    )
+    got = np.concatenate([pixels for pixels, _ in chunks])
+    np.testing.assert_allclose(got, np.clip(expected, -1, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in chunks]), labels)
