@@ -229,3 +229,12 @@ def test_chunks_are_the_samples_of_one_sample_batch_call(run):
     got = np.concatenate([pixels for pixels, _ in chunks])
     np.testing.assert_allclose(got, np.clip(expected, -1, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in chunks]), labels)
+
+
+def test_an_unconditional_adm_file_holds_arr_0_alone(tmp_path):
+    out = str(tmp_path / "s.npz")
+    pixels = np.linspace(-1, 1, 3 * 4 * 4 * 3, dtype=np.float32).reshape(3, 4, 4, 3)
+    sample.write_samples(out, pixels, np.zeros(3), title="", grid=3, num_classes=0, fmt="adm")
+    with np.load(out) as stored:
+        assert stored.files == ["arr_0"]
+        np.testing.assert_array_equal(stored["arr_0"], images.quantize_adm(pixels))
