@@ -195,6 +195,8 @@ def test_online_latent_run_decodes_its_grids_and_samples(online_run, mnist_vae_p
         "5",
         "--out",
         str(out),
+        "--format",
+        "npz_float",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(out) as saved:
