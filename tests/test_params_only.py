@@ -207,3 +207,22 @@ def test_params_saved_on_one_device_restore_onto_other_meshes(tmp_path):
         assert checks["leaves"] == len(expected), name
         assert checks["equal"] and checks["on_mesh"] and checks["config_mesh"], (name, checks)
         assert checks["sharded"] > 0, (name, checks)  # really split, not replicated
+
+
+def test_at_dit_xl2_the_ema_is_a_quarter_of_the_train_state():
+    import runpy
+
+    from tiny import REPO
+
+    config = runpy.run_path(str(REPO / "experiments" / "imagenet256.py"))["get_config"]("xl")
+    model, optimizer = models.get_model(config), optim.make_optimizer(config)
+    state = jax.eval_shape(functools.partial(init_state, config, model, optimizer))
+
+    def size(tree) -> int:
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+    assert sum(leaf.size for leaf in jax.tree.leaves(state.ema_params)) == 676_440_592
+    assert size(state.ema_params) == 2_705_762_368  # 2.52 GiB read by load_params
+    assert state.teacher_params is None  # the paper config's EMA teacher is ema_params
+    assert size(state.opt_state) == 2 * size(state.params) + 8  # Adam's moments and a count
+    assert size(state) == 10_823_049_492  # 10.08 GiB read by load_run: 4 copies + step, rng
