@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +159,21 @@ def test_tfrecord_builds_are_refused_with_the_command_that_converts_them(
     version_dir = f"{data_dir}/shortcut_jax_random_shapes/1.0.0"
     assert f"--dataset_version_dir={version_dir} --out_file_format=array_record" in message
     assert "--file_format array_record" in message
+
+
+def test_a_tfrecord_build_converted_in_place_is_read_by_index(
+    tfds, builder_class, array_record_dir, tmp_path
+):
+    """What `tfds convert_format` does in place: add the ArrayRecord shards, list the format."""
+    data_dir = build(tfds, builder_class, tmp_path, "tfrecord")
+    version = "shortcut_jax_random_shapes/1.0.0"
+    for shard in Path(array_record_dir, version).glob("*.array_record-*"):
+        shutil.copy(shard, Path(data_dir, version))
+    info_path = Path(data_dir, version, "dataset_info.json")
+    info = json.loads(info_path.read_text())
+    info["alternativeFileFormats"] = ["array_record"]
+    info_path.write_text(json.dumps(info))
+    converted = take(data.get_source(tfds_config(data_dir)).iterate(5), 2)
+    native = take(data.get_source(tfds_config(array_record_dir)).iterate(5), 2)
+    for converted_batch, native_batch in zip(converted, native, strict=True):
+        np.testing.assert_array_equal(converted_batch["image"], native_batch["image"])

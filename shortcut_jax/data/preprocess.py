@@ -516,12 +516,18 @@ def _tfrecord_message(config: ml_collections.ConfigDict, builder: Any) -> str:
         "which has no random access. Training reads TFDS by index so that resuming at step k "
         "reads nothing before k; a TFRecord stream would re-read k * batch_size records on every "
         "restart. Convert it once to ArrayRecord, in place (the TFRecord files stay):\n"
-        "  pip install apache-beam   # the tfds command-line tool imports it\n"
+        "  pip install apache-beam mlcroissant   # the tfds command-line tool imports both\n"
         f"  tfds convert_format --dataset_version_dir={builder.data_dir} "
         "--out_file_format=array_record\n"
         f"or rebuild it: tfds build {name} --data_dir {data_dir} --file_format array_record"
         + (" --manual_dir MANUAL_DIR" if needs_manual_download(config, builder) else "")
     )
+
+
+def _converted_in_place(builder: Any) -> bool:
+    """Whether the build's dataset_info lists a random-access alternative format."""
+    alternatives = set(builder.info.as_proto.alternative_file_formats)
+    return bool(alternatives & {"array_record", "parquet"})
 
 
 def tfds_data_source(config: ml_collections.ConfigDict, builder: Any) -> Any:
@@ -546,9 +552,16 @@ def tfds_data_source(config: ml_collections.ConfigDict, builder: Any) -> Any:
                 f"(config.data.data_dir={data.data_dir!r}; nothing is downloaded at run time).\n"
                 + prepare_instructions(config, needs_manual_download(config, builder))
             ) from error
-        if isinstance(error, NotImplementedError):  # "Random access ... is not supported"
+        if not isinstance(error, NotImplementedError):
+            raise
+        if not _converted_in_place(builder):  # "Random access ... is not supported"
             raise ValueError(_tfrecord_message(config, builder)) from error
-        raise
+        # TFDS 4.9 restores a code-defined builder without the formats `tfds convert_format`
+        # added in place; the builder read from the directory has them.
+        from_directory = tfds.builder_from_directory(builder.data_dir)
+        return from_directory.as_data_source(
+            split=data.tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
     except KeyError as error:
         raise ValueError(
             f"config.data.tfds_split={data.tfds_split!r} is not a split of {data.tfds_name!r} "
