@@ -273,11 +273,11 @@ def read_metadata(latent_dir: str) -> dict[str, Any]:
 class ShardReaders:
     """Random access to the examples of a latent directory by global index.
 
-    Local shards are opened on first use and stay open. A bucket directory is read through its own
+    Shards are opened on first use and stay open. A bucket directory is read through its own
     `shard_cache.ShardCache` (`self.cache`; ArrayRecord reads local files only): each read pins
-    the shards it needs one at a time and opens them for that read only (the cache may evict them
-    afterwards). Every call is serialized by a lock (one instance per consumer thread keeps them
-    independent). `close` closes the readers and the cache.
+    the shards it needs one at a time, and a shard's reader is closed when the cache evicts it.
+    Every call is serialized by a lock (one instance per consumer thread keeps them independent).
+    `close` closes the readers and the cache.
     """
 
     def __init__(
@@ -302,7 +302,11 @@ class ShardReaders:
         self.cache = None
         if is_remote(latent_dir):
             self.cache = shard_cache.ShardCache(
-                latent_dir, [shard["file"] for shard in self.shards], cache_bytes, cache_dir
+                latent_dir,
+                [shard["file"] for shard in self.shards],
+                cache_bytes,
+                cache_dir,
+                on_evict=self._forget,
             )
         self._readers: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -322,12 +326,17 @@ class ShardReaders:
             )
         return reader
 
-    def _reader(self, shard: int) -> Any:
+    def _reader(self, shard: int, path: str) -> Any:
         reader = self._readers.get(shard)
         if reader is None:
-            path = os.path.join(self.latent_dir, self.shards[shard]["file"])
             reader = self._readers[shard] = self._open(shard, path)
         return reader
+
+    def _forget(self, shard: int) -> None:
+        """Closes the reader of `shard` (the cache is evicting it; it is not pinned)."""
+        reader = self._readers.pop(shard, None)
+        if reader is not None:
+            reader.close()
 
     def read(self, indices: Sequence[int], step: int | None = None) -> list[bytes]:
         """The records of global example `indices`, in that order.
@@ -357,25 +366,22 @@ class ShardReaders:
         that holds one shard serves any read, e.g. `real_examples` over every shard)."""
         offsets = [int(offset) for offset in offsets]
         if self.cache is None:
-            return self._reader(shard).read(offsets)
+            path = os.path.join(self.latent_dir, self.shards[shard]["file"])
+            return self._reader(shard, path).read(offsets)
         path = self.cache.acquire([shard], step, keep=later)[shard]
-        try:
-            reader = self._open(shard, path)
-            try:
-                return reader.read(offsets)
-            finally:
-                reader.close()
+        try:  # pinned: the cache cannot evict it (nor close its reader) meanwhile
+            return self._reader(shard, path).read(offsets)
         finally:
             self.cache.release([shard])
 
     def close(self) -> None:
         """Closes the open readers and deletes the shard cache (if any)."""
         with self._lock:
-            for reader in self._readers.values():
+            if self.cache is not None:
+                self.cache.close()  # first: its prefetcher may evict (and close readers)
+            for reader in list(self._readers.values()):
                 reader.close()
             self._readers.clear()
-            if self.cache is not None:
-                self.cache.close()
 
 
 class LatentSource:

@@ -117,6 +117,7 @@ class ShardCache:
         budget_bytes: int,
         cache_root: str = "",
         field: str = "config.data.latent_cache_bytes",
+        on_evict: Callable[[int], None] | None = None,
     ):
         """Makes the (empty) cache directory; downloads nothing yet.
 
@@ -126,6 +127,8 @@ class ShardCache:
           budget_bytes: Most bytes on local disk.
           cache_root: Parent of the cache directory ('' = `default_cache_root()`).
           field: The config field that sets the budget (named in errors).
+          on_evict: Called with a shard just before its file is deleted (close open handles:
+            a deleted file that is still open keeps its disk space).
         """
         if budget_bytes <= 0:
             raise CacheBudgetError(f"{field}={budget_bytes} must be > 0.")
@@ -133,6 +136,7 @@ class ShardCache:
         self.names = list(names)
         self.budget_bytes = int(budget_bytes)
         self.field = field
+        self._on_evict = on_evict
         root = cache_root or default_cache_root()
         os.makedirs(root, exist_ok=True)
         self.directory = tempfile.mkdtemp(prefix="shards-", dir=root)
@@ -277,6 +281,8 @@ class ShardCache:
         if self._used - freed + size > self.budget_bytes:
             return False
         for shard in victims:
+            if self._on_evict is not None:
+                self._on_evict(shard)
             os.remove(self.local_path(shard))
             self._used -= self._resident.pop(shard)
         return True
