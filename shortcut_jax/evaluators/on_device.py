@@ -2,10 +2,15 @@
 
 For each chunk of `batch_size` examples one jitted program (sharded over the mesh's batch axes
 when a mesh is given) draws the chunk's noise on the device (`sampling.noise_at`: the numbers of
-`sampling.example_noise`), runs the sampler, decodes to pixels (`latent_space.PixelDecoder`),
-counts the non-finite pixel values, quantizes to 8 bits (`features.quantize`) and applies every
-feature network. Only the (chunk, D) features and two counts come back to the host, instead of
-every image crossing the host boundary after sampling, after decoding and before the features.
+`sampling.example_noise`), runs the sampler, decodes to pixels (`latent_space.PixelDecoder`, in
+passes of `decode_batch_size` images per device so the decoder's activations stay bounded),
+counts the non-finite pixel and feature values, quantizes to 8 bits (`features.quantize`) and
+applies every feature network. Only the (chunk, D) features and the counts leave the device.
+
+`sample_statistics` turns them into float64 running moments (`fid.RunningStatistics`) as the
+chunks arrive: each process adds the rows its own devices computed and the moments of the
+processes are merged once at the end, so neither host memory nor cross-host traffic grows with
+the sample count (only the first `keep_features` features are gathered, for precision/recall).
 
 The result equals the composition ``sampling.sample_batch`` -> decoder ->
 ``features.compute_features`` for the same seed (up to float32 round-off of the fused program).

@@ -4,8 +4,9 @@
 `sweep` samples `num` images at each step budget and scores them against every metric. Both
 are used by the evaluation CLI (`python -m shortcut_jax.evaluate`), by the train loop's periodic
 evaluation and by the notebooks. Sampling, decoding and feature extraction run fused on the
-devices of a mesh (`on_device`: every process takes part, only the features reach the host); the
-scores are computed on the host of process 0, which holds the reference.
+devices of a mesh (`on_device`: every process takes part, each adds its own features to float64
+running moments, merged across the processes; only `pr_num` features are gathered); the scores
+are computed on the host of process 0, which holds the reference.
 
 Every score is printed next to its *floor* (two disjoint halves of the real reference set: what
 real data scores) and *ceiling* (N(0, I) noise clipped to the image range), so a reading can be
