@@ -89,6 +89,7 @@ def main(argv: list[str]) -> None:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     with cli_inputs.errors_as_one_line(
         checkpoint.CheckpointError,
+        sharding.ShardingError,
         sweep.EvaluationError,
         features.WeightsError,
         features.NonFiniteImagesError,
