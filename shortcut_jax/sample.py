@@ -172,6 +172,24 @@ def write_samples(
     return write_grid(out, samples[:grid], title=title, num_classes=num_classes)
 
 
+def write_chunks(
+    chunks: Iterator[tuple[np.ndarray, np.ndarray]], write: ChunkWriter, num: int, grid: int
+) -> np.ndarray:
+    """Passes every (pixels, labels) chunk to `write`, holding no chunk after it is written.
+
+    Returns:
+      A copy of the first `grid` samples (for the PNG grid).
+    """
+    shown, done = [], 0
+    for pixels, labels in chunks:
+        write(pixels, labels)
+        if done < grid:
+            shown.append(pixels[: grid - done].copy())  # a copy: a view would keep the chunk
+        done += len(pixels)
+        logging.log_every_n_seconds(logging.INFO, "%d of %d samples", 30, done, num)
+    return np.concatenate(shown)
+
+
 def write_grid(out: str, samples: np.ndarray, *, title: str, num_classes: int) -> str:
     """Writes the grid (or the scatter plot of toy points) of `samples` beside `out`."""
     png = grid_path(out)
@@ -347,14 +365,10 @@ def _sample() -> None:
         batch_size=FLAGS.batch_size,
         mesh=mesh,
     )
-    shown = []
     with sample_writer(out, fmt, num, shape, labels, num_classes > 0) as write:
-        for done, (pixels, chunk_labels) in enumerate(chunks):
-            write(pixels, chunk_labels)
-            shown.append(pixels[: max(FLAGS.grid - sum(len(s) for s in shown), 0)])
-            logging.log_every_n_seconds(logging.INFO, "chunk %d: %d samples", 30, done, len(pixels))
+        shown = write_chunks(chunks, write, num, FLAGS.grid)
     title = f"{FLAGS.steps} step(s)"
-    png = write_grid(out, np.concatenate(shown), title=title, num_classes=num_classes)
+    png = write_grid(out, shown, title=title, num_classes=num_classes)
     logging.info(
         "Wrote %d samples (step %d, %d sampling steps, cfg %.2f, format %s) to %s and %s",
         num,
