@@ -1,9 +1,10 @@
 """Named, already prepared TFDS image datasets (ImageNet, CelebA-HQ, CIFAR-10, MNIST, ...).
 
 `config.data.tfds_name` / `config.data.tfds_split` pick the dataset, read from
-`config.data.data_dir` (or the TFDS default). Nothing is ever downloaded: a dataset that is not
-prepared raises `FileNotFoundError` at once, saying how to prepare it (ImageNet and CelebA-HQ need
-their files downloaded by hand into `config.data.manual_dir` first).
+`config.data.data_dir` (or the TFDS default; a gs:// bucket works: metadata through etils.epath,
+ArrayRecord shards through array_record's own GCS client). Nothing is ever downloaded: a dataset
+that is not prepared raises `FileNotFoundError` at once, saying how to prepare it (ImageNet and
+CelebA-HQ need their files downloaded by hand into `config.data.manual_dir` first).
 
 The split is read by index (`tfds.data_source`), so the build must be ArrayRecord (or Parquet):
 `tfds build NAME --file_format array_record`. A TFRecord build is refused at startup with the
