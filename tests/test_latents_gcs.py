@@ -244,3 +244,33 @@ def test_another_scaling_factor_than_the_bucket_metadata_is_refused(bucket_encod
 def test_a_missing_bucket_directory_names_the_encode_command(gcs_bucket):
     with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*encode_latents"):
         latents.read_metadata(f"{gcs_bucket}/nothing_here")
+
+
+def test_config_refuses_a_cache_budget_that_is_no_positive_integer(bucket_encoded, workspace):
+    from shortcut_jax import config_lib
+
+    config = latent_config(bucket_encoded[6], latent_cache_bytes=0)
+    config.vae.path = str(workspace["vae"])
+    config.vae.downsample_factor = ARCH.downsample_factor
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.latent_cache_bytes = 0"):
+        config_lib.validate(config, device_count=1)
+
+
+# --- tiny_latent assets in a bucket ---------------------------------------------------------------
+
+
+def test_tiny_latent_assets_are_written_to_a_bucket_and_completed_after_an_interruption(
+    gcs, gcs_bucket
+):
+    from shortcut_jax.tools import tiny_latent
+
+    directory = f"{gcs_bucket}/tiny"
+    assets = tiny_latent.ensure_assets(directory)
+    assert assets == {"image_dir": f"{directory}/images", "vae_path": f"{directory}/vae.npz"}
+    expected = sorted(["tiny/vae.npz", *(f"tiny/images/{n}" for n in tiny_latent.image_names())])
+    assert sorted(gcs.list_objects(gcs_bucket)) == expected
+    image = epath.Path(directory) / "images" / tiny_latent.image_names()[5]
+    content = image.read_bytes()
+    image.unlink()  # as if the upload had stopped before this image
+    assert tiny_latent.ensure_assets(directory) == assets
+    assert sorted(gcs.list_objects(gcs_bucket)) == expected and image.read_bytes() == content

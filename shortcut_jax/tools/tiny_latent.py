@@ -8,7 +8,9 @@ of the Stable Diffusion block structure (same downsampling factor 8 and 4 latent
     python -m shortcut_jax.tools.tiny_latent --out DIR   # makes them explicitly (else on first use)
 
 Both are deterministic and written atomically (a temporary sibling, then a rename), so processes
-that start together never see half an asset and agree on the VAE checksum.
+that start together never see half an asset and agree on the VAE checksum. The directory may be in
+a bucket (gs://...): there every file is uploaded whole, and a folder missing any of its images
+(an interrupted upload) is completed on the next use.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import tempfile
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 from PIL import Image, ImageDraw
+
+from shortcut_jax import atomic_files
 
 CLASS_NAMES = ("disc", "square")
 IMAGES_PER_CLASS = 24
@@ -54,22 +59,52 @@ def _draw(rng: np.random.Generator, class_index: int) -> Image.Image:
     return image
 
 
+def image_names() -> list[str]:
+    """Paths of the generated images relative to the folder ('disc/disc_000.png', ...)."""
+    return [f"{name}/{name}_{i:03d}.png" for name in CLASS_NAMES for i in range(IMAGES_PER_CLASS)]
+
+
+def _render(directory: str, seed: int) -> None:
+    """Draws every image of the dataset into the local `directory` (one subfolder per class)."""
+    rng = np.random.default_rng(seed)
+    for class_index, name in enumerate(CLASS_NAMES):
+        os.makedirs(os.path.join(directory, name))
+        for i in range(IMAGES_PER_CLASS):
+            _draw(rng, class_index).save(os.path.join(directory, name, f"{name}_{i:03d}.png"))
+
+
+def _is_complete(path: str) -> bool:
+    """Whether `path` (local or bucket) holds every generated image (two listings)."""
+    root = epath.Path(path)
+    if not root.is_dir():
+        return False
+    present = {
+        f"{folder.name}/{entry.name}"
+        for folder in root.iterdir()
+        if folder.name in CLASS_NAMES
+        for entry in folder.iterdir()
+    }
+    return present.issuperset(image_names())
+
+
 def make_image_folder(path: str, seed: int = 0) -> str:
-    """Writes the generated dataset to `path` (one subfolder per class) unless it exists."""
-    if os.path.isdir(path):
+    """Writes the generated dataset to `path` (one subfolder per class) unless it is there."""
+    if _is_complete(path):
+        return path
+    if atomic_files.is_remote(path):
+        with tempfile.TemporaryDirectory() as scratch:
+            _render(os.path.join(scratch, "images"), seed)
+            for name in image_names():  # deterministic: rewriting a present image is harmless
+                with open(os.path.join(scratch, "images", name), "rb") as file:
+                    atomic_files.write_bytes(epath.Path(path) / name, file.read())
         return path
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".images-", dir=parent)
     try:
-        rng = np.random.default_rng(seed)
-        for class_index, name in enumerate(CLASS_NAMES):
-            os.makedirs(os.path.join(staging, name))
-            for i in range(IMAGES_PER_CLASS):
-                image = _draw(rng, class_index)
-                image.save(os.path.join(staging, name, f"{name}_{i:03d}.png"))
+        _render(os.path.join(staging, "images"), seed)
         try:
-            os.rename(staging, path)
+            os.rename(os.path.join(staging, "images"), path)
         except OSError:  # another process finished first: its folder is identical
             if not os.path.isdir(path):
                 raise
@@ -79,8 +114,8 @@ def make_image_folder(path: str, seed: int = 0) -> str:
 
 
 def make_vae(path: str, seed: int = 0) -> str:
-    """Writes the tiny random-weight VAE (our .npz) to `path` unless it exists."""
-    if os.path.isfile(path):
+    """Writes the tiny random-weight VAE (our .npz) to `path` (local or bucket) unless it exists."""
+    if epath.Path(path).is_file():
         return path
     from shortcut_jax.models import vae as vae_lib
 
@@ -88,8 +123,7 @@ def make_vae(path: str, seed: int = 0) -> str:
         block_out_channels=TINY_VAE_CHANNELS, layers_per_block=1, norm_num_groups=TINY_VAE_GROUPS
     )
     vae = vae_lib.random_vae(arch, seed=seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    vae_lib.save_vae(path, vae)
+    vae_lib.save_vae(path, vae)  # atomic; makes the parent directories
     return path
 
 
@@ -97,8 +131,8 @@ def ensure_assets(directory: str | None = None) -> dict[str, str]:
     """Makes (once) and returns {'image_dir': ..., 'vae_path': ...} under `directory`."""
     directory = default_dir() if directory is None else directory
     return {
-        "image_dir": make_image_folder(os.path.join(directory, "images")),
-        "vae_path": make_vae(os.path.join(directory, "vae.npz")),
+        "image_dir": make_image_folder(str(epath.Path(directory) / "images")),
+        "vae_path": make_vae(str(epath.Path(directory) / "vae.npz")),
     }
 
 
