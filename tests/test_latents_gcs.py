@@ -274,3 +274,33 @@ def test_tiny_latent_assets_are_written_to_a_bucket_and_completed_after_an_inter
     image.unlink()  # as if the upload had stopped before this image
     assert tiny_latent.ensure_assets(directory) == assets
     assert sorted(gcs.list_objects(gcs_bucket)) == expected and image.read_bytes() == content
+
+
+# --- reflow pairs in a bucket --------------------------------------------------------------------
+
+
+def test_pairs_in_a_bucket_load_like_local_pairs(gcs_bucket, tmp_path):
+    from shortcut_jax import atomic_files
+    from shortcut_jax.data import pairs
+
+    rng = np.random.default_rng(0)
+    metadata = {"num": 5, "num_shards": 2, "element_shape": [2, 2, 1], "num_classes": 0}
+    shards = [
+        {
+            "noise": rng.standard_normal((n, 2, 2, 1), np.float32),
+            "sample": rng.standard_normal((n, 2, 2, 1), np.float32),
+            "label": np.zeros(n, np.int32),
+        }
+        for n in (3, 2)
+    ]
+    for directory in (f"{gcs_bucket}/pairs", str(tmp_path / "pairs")):
+        atomic_files.write_json(epath.Path(directory) / pairs.METADATA_NAME, metadata)
+        for index, arrays in enumerate(shards):
+            atomic_files.write_npz(epath.Path(directory) / pairs.shard_name(index), **arrays)
+    remote_metadata, remote = pairs.load_pairs(f"{gcs_bucket}/pairs")
+    local_metadata, local = pairs.load_pairs(str(tmp_path / "pairs"))
+    assert remote_metadata == local_metadata == metadata
+    for key in ("noise", "sample", "label"):
+        np.testing.assert_array_equal(remote[key], local[key])
+    with pytest.raises(FileNotFoundError, match=r"pairs_dir = 'gs://.*' holds no pairs\.json"):
+        pairs.read_metadata(f"{gcs_bucket}/no_pairs")
