@@ -161,6 +161,11 @@ def test_tfrecord_builds_are_refused_with_the_command_that_converts_them(
     assert "--file_format array_record" in message
 
 
+def test_an_unknown_split_names_the_field_and_the_splits(array_record_dir):
+    with pytest.raises(ValueError, match=r"config\.data\.tfds_split='nope'.*'train'"):
+        data.get_source(tfds_config(array_record_dir, tfds_split="nope"))
+
+
 def test_a_tfrecord_build_converted_in_place_is_read_by_index(
     tfds, builder_class, array_record_dir, tmp_path
 ):

@@ -562,10 +562,10 @@ def tfds_data_source(config: ml_collections.ConfigDict, builder: Any) -> Any:
         return from_directory.as_data_source(
             split=data.tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
         )
-    except KeyError as error:
+    except (KeyError, ValueError) as error:  # e.g. "Unknown split 'x'. Should be one of [...]"
         raise ValueError(
-            f"config.data.tfds_split={data.tfds_split!r} is not a split of {data.tfds_name!r} "
-            f"({sorted(builder.info.splits.keys())})."
+            f"config.data.tfds_split={data.tfds_split!r} of {data.tfds_name!r}: {error} "
+            f"(splits: {sorted(builder.info.splits.keys())})."
         ) from error
 
 
