@@ -36,8 +36,11 @@ from etils import epath
 
 from shortcut_jax import atomic_files, checkpoint, config_lib, resume_policy
 from shortcut_jax.workdir_lock import (  # noqa: F401 - the errors of a refused start, in one place
+    BucketLease,
+    LeaseLostError,
     RunGuardError,
     WorkdirBusyError,
+    WorkdirLock,
     WorkdirUnusableError,
     lock_for,
 )
@@ -274,9 +277,33 @@ def _check_checkpoint_room(workdir: str, state: Any, config: ml_collections.Conf
 # ----------------------------------------------------------------------- the start sequence
 
 
+class HeldWorkdir:
+    """The workdir lock of a running training job, as the train loop sees it."""
+
+    def __init__(self, lock: WorkdirLock | BucketLease | None):
+        self._lock = lock
+
+    def confirm(self) -> None:
+        """Raises `LeaseLostError` on every process if process 0 lost its bucket lease.
+
+        Call it on every process before writing into the workdir (a collective when there is
+        more than one process). Local flocks cannot be lost: this only agrees then.
+        """
+        lost: RunGuardError | None = None
+        if isinstance(self._lock, BucketLease):
+            try:
+                self._lock.confirm()
+            except LeaseLostError as error:
+                lost = error
+        agree(lost, LeaseLostError("process 0 lost the workdir's lease: its log says why"))
+
+
 @contextlib.contextmanager
-def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[None]:
+def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[HeldWorkdir]:
     """Checks 1-3 of the module docstring, holds the workdir lock for the body, then releases it.
+
+    Yields:
+      The held workdir: `confirm()` it before each checkpoint (a bucket lease can be lost).
 
     Raises:
       WorkdirUnusableError, WorkdirBusyError, ResumeMismatchError (on every process).
@@ -294,14 +321,14 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Non
     try:
         agree(refusal)
         check_resume(config, workdir, jax.process_count())
-        yield
+        yield HeldWorkdir(lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def agree(refusal: RunGuardError | None) -> None:
-    """Raises `refusal` on process 0 and a pointer to it on the others, if process 0 refused.
+def agree(refusal: RunGuardError | None, elsewhere: RunGuardError | None = None) -> None:
+    """Raises `refusal` on process 0 and `elsewhere` on the others, if process 0 raised.
 
     Every process must call it (a collective when there is more than one process).
     """
@@ -316,4 +343,4 @@ def agree(refusal: RunGuardError | None) -> None:
     if refusal is not None:
         raise refusal
     if refused:
-        raise RunGuardError("process 0 refused to start this run: its log says why")
+        raise elsewhere or RunGuardError("process 0 refused to start this run: its log says why")

@@ -53,12 +53,12 @@ def train_and_evaluate(
       {step: metric averages} for every step this call logged (also written to the CLU writers).
     """
     config_lib.validate(config)
-    with run_guard.guard_start(config, workdir):
-        return _train_and_evaluate(config, workdir)
+    with run_guard.guard_start(config, workdir) as held:
+        return _train_and_evaluate(config, workdir, held)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
+    config: ml_collections.ConfigDict, workdir: str, held: run_guard.HeldWorkdir
 ) -> dict[int, dict[str, float]]:
     """`train_and_evaluate` once the start checks passed."""
     # ----------------------------------------------------------------- config and workdir
@@ -135,6 +135,7 @@ def _train_and_evaluate(
             is_last = step == config.total_steps
 
             if step % config.log_every_steps == 0 or is_last:
+                held.confirm()  # a run that lost its bucket lease stops here, on every process
                 summary = steps.summarize(jax.tree.map(sharding.to_host, sums))
                 sums = train_step.zero_sums(state, batch)
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
@@ -145,6 +146,7 @@ def _train_and_evaluate(
             if step % config.checkpoint_every_steps == 0 or is_last or preempted:
                 total, count = (float(sharding.to_host(value)) for value in loss)
                 _raise_if_not_finite(total / max(count, 1.0), step, manager, workdir)
+                held.confirm()  # never write a checkpoint into a workdir another run took over
                 checkpoint.save(manager, state, config, step)  # refuses a non-finite state
                 last_saved = step
             if preempted:

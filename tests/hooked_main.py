@@ -9,7 +9,8 @@ Hooks (environment variables, all optional), none of which touches the library's
   SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS: hold every async checkpoint this long after its arrays
     are written and before Orbax renames its temporary directory into place, so a SIGKILL can
     land inside a save.
-Each finished step prints `step N` to stdout, which the tests read to time their signals.
+Each finished step prints `step N` to stdout, which the tests read to time their signals, and
+each checkpoint save that starts prints `save N`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
-from shortcut_jax import data, main  # noqa: E402
+from shortcut_jax import checkpoint, data, main  # noqa: E402
 
 
 class _SlowSource:
@@ -45,6 +46,14 @@ class _SlowSource:
 
 
 def _install_hooks() -> None:
+    real_save = checkpoint.save
+
+    def announced_save(manager, state, config, step, *args, **kwargs):
+        print(f"save {step}", flush=True)
+        return real_save(manager, state, config, step, *args, **kwargs)
+
+    checkpoint.save = announced_save
+
     step_seconds = float(os.environ.get("SHORTCUT_JAX_TEST_STEP_SECONDS", "0"))
     if step_seconds > 0:
         real_get_source = data.get_source

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax.numpy as jnp
@@ -263,9 +262,7 @@ def test_a_bucket_lease_refuses_a_live_run_and_is_taken_over_once_stale(tmp_path
     now = [1000.0]
 
     def lease() -> workdir_lock.BucketLease:
-        return workdir_lock.BucketLease(
-            str(tmp_path), renew=3600, stale=180, settle=0, clock=lambda: now[0]
-        )
+        return workdir_lock.BucketLease(str(tmp_path), renew=3600, stale=180, clock=lambda: now[0])
 
     first = lease().acquire()
     now[0] += 60
@@ -276,29 +273,42 @@ def test_a_bucket_lease_refuses_a_live_run_and_is_taken_over_once_stale(tmp_path
         lease().acquire()
     now[0] += 200  # the first run stopped renewing (killed): its lease is stale
     second = lease().acquire()
-    first.release()  # a run that lost its lease leaves the new holder's alone
-    assert second.read()["token"] == second.token
+    with pytest.raises(run_guard.LeaseLostError, match="lost the lease"):
+        first._renew_or_mark_lost()  # its next renewal finds the new holder...
+        first.confirm()
+    first.release()  # ...and a run that lost its lease leaves the new holder's alone
+    assert second.read()["token"] == second.token and not second.read().get("released")
     second.release()
-    assert second.read() is None
+    assert second.read()["released"] is True
+    lease().acquire().release()  # a released lease is free at once
 
 
 def test_a_bucket_lease_is_renewed_by_its_heartbeat(tmp_path):
-    lease = workdir_lock.BucketLease(str(tmp_path), renew=0.05, settle=0).acquire()
+    lease = workdir_lock.BucketLease(str(tmp_path), renew=0.05).acquire()
     try:
         first = lease.read()["heartbeat"]
         time.sleep(0.5)
         assert lease.read()["heartbeat"] > first
+        lease.confirm()
     finally:
         lease.release()
 
 
-def test_of_two_bucket_starts_in_the_same_moment_the_last_writer_keeps_the_lease(tmp_path):
-    first = workdir_lock.BucketLease(str(tmp_path), settle=0.5)
+def test_of_two_bucket_starts_in_the_same_moment_one_wins(tmp_path):
+    first = workdir_lock.BucketLease(str(tmp_path))
     other = workdir_lock.BucketLease(str(tmp_path))
-    threading.Timer(0.1, other._write).start()  # another host writes while `first` settles
+    real_read = first._object.read
+
+    def read_then_let_the_other_in():
+        value = real_read()
+        other.acquire()  # another host writes between this start's read and its write
+        return value
+
+    first._object.read = read_then_let_the_other_in
     with pytest.raises(run_guard.WorkdirBusyError, match="started just now"):
         first.acquire()
     assert first.read()["token"] == other.token
+    other.release()
 
 
 def test_bucket_workdirs_get_a_lease_and_local_ones_a_flock(tmp_path):

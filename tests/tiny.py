@@ -93,6 +93,7 @@ class HookedRun:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.log = Path(log)
         self.steps: list[int] = []
+        self.saves: list[int] = []
         environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
         with open(self.log, "ab") as stderr:
             self.process = subprocess.Popen(
@@ -110,6 +111,8 @@ class HookedRun:
         for line in self.process.stdout:
             if line.startswith("step "):
                 self.steps.append(int(line.split()[1]))
+            elif line.startswith("save "):
+                self.saves.append(int(line.split()[1]))
 
     def wait_for(self, condition, timeout: float = 120.0, what: str = "a condition") -> None:
         """Polls `condition()` every 10 ms until it holds; fails if the run ends or times out."""
