@@ -18,6 +18,7 @@ import pytest
 from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import (
+    aot,
     checkpoint,
     compiled_step,
     config_lib,
@@ -130,6 +131,20 @@ def test_train_step_is_given_only_the_encoder_and_sampling_only_the_decoder(mnis
     latents = np.random.default_rng(0).normal(size=(3, 7, 7, 4)).astype(np.float32)
     full = vae_lib.decode(vae.arch, vae.params, latents, scaling_factor=vae.scaling_factor)
     np.testing.assert_allclose(pixels(params, latents), np.clip(full, -1, 1), atol=1e-6)
+
+
+def test_compile_cli_programs_hold_the_encoder_to_train_and_the_decoder_to_decode(mnist_vae_path):
+    """`shortcut_jax.compile` lowers the same programs: 'train_online' with the encoder half,
+    'decode' with the decoder half (lowered for this CPU; the TPU compile is tests/test_compile)."""
+    config = latent_mnist_config(mnist_vae_path)
+    run = aot.build_run(config, jax.devices()[:1])
+    vae = vae_lib.load_vae(mnist_vae_path)
+    _, lower_train = aot._train(run, online=True)
+    train_argument = lower_train().args_info[0][3]["vae"]
+    assert _paths(train_argument) == _paths(vae.encoder_params)
+    _, lower_decode = aot._decode(run)
+    decode_argument = lower_decode().args_info[0][0]
+    assert _paths(decode_argument) == _paths(vae.decoder_params)
 
 
 def test_config_vae_dtype_sets_the_compute_dtype_of_encode_and_decode(mnist_vae_path):
