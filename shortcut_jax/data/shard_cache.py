@@ -152,7 +152,9 @@ class ShardCache:
         self._used = 0
         self._consumer_step = 0
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # a download landed, or pins dropped
+        self._advanced = threading.Condition(self._lock)  # the consumer reached a later step
+        self._starved = False  # the prefetcher waits for pins to drop
         self._closed = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -193,9 +195,11 @@ class ShardCache:
         shards = sorted(set(int(shard) for shard in shards))
         with self._lock:
             self._raise_if_failed()
-            if step is not None:
-                self._consumer_step = max(self._consumer_step, step)
-                self._changed.notify_all()
+            if step is not None and step > self._consumer_step:
+                self._consumer_step = step
+                self._advanced.notify_all()
+                if self._starved:  # its window shrank: room may have freed
+                    self._changed.notify_all()
             for shard in shards:
                 self._pins[shard] += 1
         try:
@@ -216,7 +220,8 @@ class ShardCache:
                 self._pins[shard] -= 1
                 if self._pins[shard] <= 0:
                     del self._pins[shard]
-            self._changed.notify_all()
+            if self._starved:
+                self._changed.notify_all()
 
     # -------------------------------------------------------------------------------- fetching
 
@@ -321,7 +326,7 @@ class ShardCache:
                     if step < consumer:
                         step = consumer
                     if step > consumer + lookahead:
-                        self._changed.wait(0.1)
+                        self._advanced.wait(0.5)
                         continue
                 if step not in window:
                     window[step] = sorted(set(int(s) for s in shards_of_step(step)))
@@ -334,8 +339,10 @@ class ShardCache:
                 if all(future.result() for future in futures):
                     step += 1
                 else:
-                    with self._lock:  # no room until the consumer moves on
+                    with self._lock:  # no room until the consumer moves on or unpins
+                        self._starved = True
                         self._changed.wait(0.1)
+                        self._starved = False
         except BaseException as error:  # reported to the consumer
             with self._lock:
                 if not self._closed:
@@ -363,6 +370,7 @@ class ShardCache:
         with self._lock:
             self._closed = True
             self._changed.notify_all()
+            self._advanced.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=60)
         self._remove_directory()
