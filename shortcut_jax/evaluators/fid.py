@@ -80,6 +80,12 @@ class RunningStatistics:
         self.count = 0
         self.mean = np.zeros((self.dim,), np.float64)
         self.scatter = np.zeros((self.dim, self.dim), np.float64)
+        self._work: np.ndarray | None = None  # (D, D) scratch: no D^2 allocation per chunk
+
+    def _scratch(self) -> np.ndarray:
+        if self._work is None:
+            self._work = np.empty((self.dim, self.dim), np.float64)
+        return self._work
 
     def add(self, features: np.ndarray) -> None:
         """Adds a chunk of features (n, D), n >= 0 (rows must be finite)."""
@@ -90,7 +96,7 @@ class RunningStatistics:
             return
         mean = x.mean(axis=0)
         centred = x - mean
-        self.merge_moments(len(x), mean, centred.T @ centred)
+        self.merge_moments(len(x), mean, np.matmul(centred.T, centred, out=self._scratch()))
 
     def merge_moments(self, count: int, mean: np.ndarray, scatter: np.ndarray) -> None:
         """Merges the moments (count, (D,) mean, (D, D) scatter) of another set into these."""
@@ -100,7 +106,8 @@ class RunningStatistics:
         total = self.count + count
         delta = np.asarray(mean, np.float64) - self.mean
         self.scatter += np.asarray(scatter, np.float64)
-        self.scatter += np.outer(delta, delta) * (self.count * count / total)
+        scaled = delta * np.sqrt(self.count * count / total)
+        self.scatter += np.outer(scaled, scaled, out=self._scratch())
         self.mean += delta * (count / total)
         self.count = total
 
