@@ -41,8 +41,9 @@ SAFE_FIELDS = (
 )
 
 # Data sources whose global batch of a step is the same for any number of processes (each process
-# slices the same step-addressed global batch); toy2d and tfds draw per process.
-PROCESS_LAYOUT_FREE_DATA = ("mnist_embedded", "image_folder")
+# slices the same step-addressed global batch): every source we ship. A source added later that
+# draws per process stays out of this list, and a resume on another process count is refused.
+PROCESS_LAYOUT_FREE_DATA = ("mnist_embedded", "image_folder", "tfds", "toy2d")
 
 Flat = Mapping[str, Any]
 
@@ -72,7 +73,9 @@ def _warmup_already_done(old: Flat, new: Flat, step: int) -> bool:
 def _process_layout_free(old: Flat, new: Flat, step: int) -> bool:
     del step
     return all(
-        flat.get("data.latent_dir") or flat.get("data.name") in PROCESS_LAYOUT_FREE_DATA
+        flat.get("data.latent_dir")
+        or flat.get("data.pairs_dir")
+        or flat.get("data.name") in PROCESS_LAYOUT_FREE_DATA
         for flat in (old, new)
     )
 

@@ -3,6 +3,7 @@
 `configure(environ)` points every client we use at one port before any of them is imported
 (gcsfs and etils.epath read their settings once): STORAGE_EMULATOR_HOST (gcsfs with anonymous
 credentials, google-cloud-storage), TENSORSTORE_GCS_HTTP_URL (tensorstore, so Orbax arrays),
+CLOUD_STORAGE_EMULATOR_ENDPOINT (array_record's C++ GCS client),
 EPATH_USE_TF=false (etils.epath through fsspec/gcsfs, never tf.io.gfile, which cannot be pointed at
 an emulator) and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (else gcsfs waits 60 s per bucket on a
 gRPC lookup). Subprocesses inherit the same settings. `Emulator` starts the server (in-memory
@@ -35,6 +36,7 @@ def configure(environ: MutableMapping[str, str]) -> str:
     url = f"http://127.0.0.1:{port}"
     environ.setdefault("STORAGE_EMULATOR_HOST", url)
     environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's own GCS client
     environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
     environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     environ.setdefault("EPATH_USE_TF", "false")

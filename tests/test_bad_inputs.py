@@ -93,8 +93,8 @@ def test_sample_cli_writes_the_npz_and_the_grid_and_no_temporary(tiny_run, tmp_p
         "shortcut_jax.sample", f"--workdir={tiny_run}", "--num=4", "--steps=2", f"--out={out}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    with np.load(out) as stored:
-        assert stored["images"].shape == (4, 28, 28, 1)
+    with np.load(out) as stored:  # the ADM evaluator's layout: uint8 NHWC in arr_0
+        assert stored["arr_0"].shape == (4, 28, 28, 1) and stored["arr_0"].dtype == np.uint8
     assert sorted(os.listdir(out.parent)) == ["s.npz", "s.png"]
 
 

@@ -125,6 +125,7 @@ def test_objective_trains_on_mnist_from_the_cli_and_samples_images(objective, tm
         # The sample CLI samples through the run's own sampler: the same images (clipped) as above.
         out = tmp_path / "samples.npz"
         args = ["--steps=3", "--num=4", "--cfg=1.5", "--seed=0", "--batch_size=4", f"--out={out}"]
+        args.append("--format=npz_float")
         result = run_module("shortcut_jax.sample", f"--workdir={workdir}", *args, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
         np.testing.assert_allclose(

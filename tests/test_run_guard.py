@@ -128,7 +128,7 @@ def test_a_new_process_count_is_safe_only_for_step_addressed_data():
     new = dict(old)
     old[resume_policy.PROCESS_COUNT], new[resume_policy.PROCESS_COUNT] = 1, 2
     assert all(change.safe for change in resume_policy.compare(old, new, 10))
-    old["data.name"] = new["data.name"] = "tfds"  # each process reads its own shard
+    old["data.name"] = new["data.name"] = "a_stream"  # a source that draws per process
     (change,) = resume_policy.compare(old, new, 10)
     assert change.field == "process_count" and not change.safe
     assert change.describe().startswith("process_count: 1 -> 2 (safe only for data.name in")
@@ -196,7 +196,7 @@ def test_resume_refuses_a_changed_run_allows_named_fields_and_keeps_the_history(
 def test_a_resume_on_another_process_count_is_compared(tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_mnist_config(3)
-    config.data.name = "toy2d"  # batches drawn per process
+    config.data.name = "a_stream"  # a source that would draw batches per process
     config.model.name = "mlp"
     config.data.num_classes = 0
     manager = checkpoint.make_manager(workdir)

@@ -136,6 +136,7 @@ def test_train_and_sample_clis_end_to_end(tmp_path):
         "--steps=3",
         "--num=12",
         "--cfg=1.5",
+        "--format=npz_float",
         f"--out={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
