@@ -61,6 +61,24 @@ def _constant_schedule(old: Flat, new: Flat, step: int) -> bool:
     return old.get("optim.schedule") == new.get("optim.schedule") == "constant"
 
 
+# Objectives whose training targets follow config.total_steps: consistency training's
+# discretisation curriculum N(k) runs over total_steps, and progressive distillation splits
+# total_steps into its stages when teacher.steps_per_stage is 0.
+TOTAL_STEPS_OBJECTIVES = ("consistency_training", "progressive_distillation")
+
+
+def _total_steps_free(old: Flat, new: Flat, step: int) -> bool:
+    if not _constant_schedule(old, new, step):
+        return False
+    for flat in (old, new):
+        objective = flat.get("objective")
+        if objective == "progressive_distillation" and flat.get("teacher.steps_per_stage"):
+            continue  # fixed stage lengths: total_steps only says when to stop
+        if objective in TOTAL_STEPS_OBJECTIVES:
+            return False
+    return True
+
+
 def _warmup_already_done(old: Flat, new: Flat, step: int) -> bool:
     if not _constant_schedule(old, new, step):
         return False
@@ -82,8 +100,11 @@ def _process_layout_free(old: Flat, new: Flat, step: int) -> bool:
 
 CONDITIONAL_FIELDS: dict[str, Rule] = {
     "total_steps": Rule(
-        _constant_schedule,
-        "safe only with optim.schedule = 'constant' (a cosine schedule decays over total_steps)",
+        _total_steps_free,
+        "safe only with optim.schedule = 'constant' (a cosine schedule decays over total_steps) "
+        "and an objective that does not follow it (consistency training's curriculum runs over "
+        "total_steps; progressive distillation splits it into stages unless "
+        "teacher.steps_per_stage is set)",
     ),
     "optim.warmup_steps": Rule(
         _warmup_already_done,

@@ -104,12 +104,26 @@ def test_total_steps_is_safe_only_with_a_constant_schedule():
     new.total_steps = 2 * old.total_steps
     assert old.optim.schedule == "cosine"
     (change,) = _refused(old, new)
-    assert change.describe() == (
+    assert change.describe().startswith(
         "total_steps: 16000 -> 32000 (safe only with optim.schedule = 'constant' (a cosine "
-        "schedule decays over total_steps))"
+        "schedule decays over total_steps) and an objective that does not follow it"
     )
     old.optim.schedule = new.optim.schedule = "constant"
     assert _refused(old, new) == [] and len(_compare(old, new)) == 1
+
+
+@pytest.mark.parametrize("objective", ["consistency_training", "progressive_distillation"])
+def test_total_steps_stops_a_resume_whose_objective_follows_it(objective):
+    old = configs.base_config()
+    old.optim.schedule = "constant"
+    old.objective = objective
+    new = old.copy_and_resolve_references()
+    new.total_steps = 2 * old.total_steps
+    (change,) = _refused(old, new)
+    assert "consistency training's curriculum runs over total_steps" in change.describe()
+    if objective == "progressive_distillation":  # fixed stage lengths: total_steps only ends it
+        old.teacher.steps_per_stage = new.teacher.steps_per_stage = 500
+        assert _refused(old, new) == []
 
 
 def test_warmup_steps_is_safe_only_past_both_warmups_of_a_constant_schedule():
