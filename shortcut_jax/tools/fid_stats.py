@@ -202,6 +202,18 @@ def _chunks(
     return config, blocks, f"config.data ({config.data.name})"
 
 
+def _features_of(
+    net: features.FeatureNet, images: np.ndarray, mesh: jax.sharding.Mesh, least: int
+) -> np.ndarray:
+    """Features of `images`, a short last chunk padded to `least` rows so that it reuses the
+    compiled program of the full chunks instead of compiling its own."""
+    valid = len(images)
+    if valid < least:
+        padding = np.zeros((least - valid, *images.shape[1:]), images.dtype)
+        images = np.concatenate([images, padding])
+    return features.compute_features(net, images, mesh=mesh)[:valid]
+
+
 def _write_statistics() -> None:
     num = cli_inputs.check_positive("--num", _NUM.value)
     chunk = cli_inputs.check_positive("--chunk", _CHUNK.value)
@@ -212,11 +224,12 @@ def _write_statistics() -> None:
     if _INCEPTION.value:
         config.eval_inception_path = _INCEPTION.value
     net = sweep.load_feature_net(config, _NETWORK.value)
+    shards = sharding.batch_shards(mesh)
     running, kept = fid.RunningStatistics(net.dim), []
     with tqdm(total=num, unit="img", desc=f"{net.name} features") as bar:
         for images in chunks:
             features.check_finite_images(images, f"images {running.count}.. of {source}")
-            feats = features.compute_features(net, images, mesh=mesh)
+            feats = _features_of(net, images, mesh, min(chunk, net.batch_size * shards))
             running.add(feats)
             if _SAVE_FEATURES.value:
                 kept.append(feats)
