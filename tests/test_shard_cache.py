@@ -129,3 +129,24 @@ def test_a_failed_download_leaves_no_file_and_reaches_the_reader(remote, tmp_pat
         assert cache.peak_bytes == SIZE
     finally:
         cache.close()
+
+
+def test_caches_of_processes_that_are_gone_are_removed(remote, tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    abandoned = tmp_path / f"shards-{int(gone.stdout)}-abc"
+    abandoned.mkdir()
+    (abandoned / "part-0").write_bytes(b"x")
+    alive = tmp_path / f"shards-{os.getpid()}-def"
+    alive.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    cache = shard_cache.ShardCache(remote[0], remote[1], SIZE, str(tmp_path))
+    try:
+        assert not abandoned.exists() and alive.exists() and other.exists()
+        assert os.path.basename(cache.directory).startswith(f"shards-{os.getpid()}-")
+    finally:
+        cache.close()

@@ -98,6 +98,27 @@ def default_cache_root() -> str:
     return os.path.join(tempfile.gettempdir(), "shortcut_jax_latent_cache")
 
 
+def remove_abandoned(cache_root: str) -> list[str]:
+    """Deletes the cache directories under `cache_root` whose process is gone (killed runs).
+
+    Returns:
+      The deleted directories.
+    """
+    removed = []
+    for entry in os.scandir(cache_root):
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != "shards" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
 class ShardCache:
     """Local copies of the files `names` of `remote_dir`, at most `budget_bytes` on disk.
 
@@ -139,7 +160,8 @@ class ShardCache:
         self._on_evict = on_evict
         root = cache_root or default_cache_root()
         os.makedirs(root, exist_ok=True)
-        self.directory = tempfile.mkdtemp(prefix="shards-", dir=root)
+        remove_abandoned(root)
+        self.directory = tempfile.mkdtemp(prefix=f"shards-{os.getpid()}-", dir=root)
         # Removed by close(), else when the cache is collected or the interpreter exits.
         self._remove_directory = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.peak_bytes = 0
