@@ -304,3 +304,14 @@ def test_pairs_in_a_bucket_load_like_local_pairs(gcs_bucket, tmp_path):
         np.testing.assert_array_equal(remote[key], local[key])
     with pytest.raises(FileNotFoundError, match=r"pairs_dir = 'gs://.*' holds no pairs\.json"):
         pairs.read_metadata(f"{gcs_bucket}/no_pairs")
+
+
+def test_listings_see_objects_another_host_wrote_since(gcs_bucket):
+    import gcsfs
+
+    directory = f"{gcs_bucket}/listing"
+    (epath.Path(directory) / "a").write_bytes(b"a")
+    assert {entry.name for entry in epath.Path(directory).iterdir()} == {"a"}  # now cached
+    other_host = gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)
+    other_host.pipe(f"{gcs_bucket.removeprefix('gs://')}/listing/b", b"b")
+    assert shard_cache.list_names(directory) == {"a", "b"}

@@ -244,7 +244,7 @@ def read_metadata(latent_dir: str) -> dict[str, Any]:
             f"config.data.latent_dir={latent_dir!r} does not exist. Encode the dataset first:\n"
             f"  {command}"
         )
-    names = {entry.name for entry in directory.iterdir()}  # one listing, also on a bucket
+    names = shard_cache.list_names(latent_dir)  # one listing, also on a bucket
     if METADATA_FILE not in names:
         state = (
             "encoding has not finished (plan.json exists, metadata.json does not)"

@@ -53,6 +53,15 @@ def filesystem(path: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(path)
 
 
+def list_names(directory: str) -> set[str]:
+    """Names of the entries of `directory` (local or bucket), listed now: a bucket listing cached
+    by this process would miss what other processes (other hosts of an encode) wrote since."""
+    if "://" in str(directory):
+        fs, path = filesystem(str(directory))
+        fs.invalidate_cache(path)
+    return {entry.name for entry in epath.Path(directory).iterdir()}
+
+
 def upload_file(local: str, remote: str) -> None:
     """Uploads local file `local` as object `remote`; an interrupted upload leaves no object."""
     fs, path = filesystem(remote)

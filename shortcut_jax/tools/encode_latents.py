@@ -50,7 +50,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shortcut_jax import atomic_files
-from shortcut_jax.data import latents, preprocess
+from shortcut_jax.data import latents, preprocess, shard_cache
 from shortcut_jax.distributed import initialize_distributed
 
 INTERRUPT_ENV = "SHORTCUT_JAX_ENCODE_INTERRUPT_AFTER_SHARDS"  # testing: simulate a crash
@@ -346,7 +346,7 @@ def encode_dataset(
 
     process_index, process_count = jax.process_index(), jax.process_count()
     num_shards = math.ceil(images.count / shard_size)
-    existing = {entry.name for entry in directory.iterdir()}  # one listing, also on a bucket
+    existing = shard_cache.list_names(out_dir)  # one listing, also on a bucket
     todo = [
         shard
         for shard in range(process_index, num_shards, process_count)
@@ -467,7 +467,7 @@ def _write_metadata(
 ) -> dict[str, Any]:
     """Checks that every shard is complete, then writes metadata.json atomically."""
     directory = epath.Path(out_dir)
-    existing = {entry.name for entry in directory.iterdir()}
+    existing = shard_cache.list_names(out_dir)  # fresh: other processes wrote shards too
     shards, stats = [], []
     for shard in range(num_shards):
         name = latents.shard_name(shard, num_shards)
