@@ -121,8 +121,8 @@ class Vae:
 
     Attributes:
       arch: the block structure.
-      params: nested Flax parameter tree, float32 numpy arrays (`make_encoder` / `make_decoder`
-        place them on devices once).
+      params: nested Flax parameter tree (both halves), float32 numpy arrays; whatever runs on
+        devices places only the half it needs (`encoder_params`, `decoder_params`).
       scaling_factor: latent scaling factor.
       checksum: `params_checksum` of the params (the same for the same weights in any format).
       source: the path loaded from.

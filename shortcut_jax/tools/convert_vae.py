@@ -14,9 +14,9 @@ checkpoint (only its ``first_stage_model.*`` tensors are read). The block struct
 the tensor shapes. Pickled torch files (``.ckpt``, ``.pt``, ``.bin``) are refused: weights are
 never unpickled. Reading needs only the ``safetensors`` package (numpy API), no torch.
 
-The output (see `shortcut_jax.models.vae.save_vae`) holds the flattened Flax parameters, the
-architecture as JSON and the scaling factor; `shortcut_jax.models.vae.load_vae` reads it (so does
-``config.vae.path``). The printed checksum is the same for the .npz and its source file.
+The output (see `shortcut_jax.models.vae_weights.save_vae`) holds the flattened Flax
+parameters, the architecture as JSON and the scaling factor;
+`shortcut_jax.models.vae_weights.load_vae` reads it (so does ``config.vae.path``). The printed checksum is the same for the .npz and its source file.
 """
 
 from __future__ import annotations
