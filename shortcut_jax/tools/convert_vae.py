@@ -16,7 +16,8 @@ never unpickled. Reading needs only the ``safetensors`` package (numpy API), no 
 
 The output (see `shortcut_jax.models.vae_weights.save_vae`) holds the flattened Flax
 parameters, the architecture as JSON and the scaling factor;
-`shortcut_jax.models.vae_weights.load_vae` reads it (so does ``config.vae.path``). The printed checksum is the same for the .npz and its source file.
+`shortcut_jax.models.vae_weights.load_vae` reads it (so does ``config.vae.path``). The printed
+checksum is the same for the .npz and its source file.
 """
 
 from __future__ import annotations
