@@ -162,6 +162,55 @@ def test_an_interrupted_encode_to_a_bucket_leaves_no_partial_shard_and_resumes(
     assert metadata == latents.read_metadata(out)
 
 
+def test_a_sigkilled_encode_to_a_bucket_leaves_no_partial_shard_and_resumes(
+    gcs, gcs_bucket, workspace, local_encoded, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+    import tempfile
+
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from shortcut_jax import configs\n\n\ndef get_config():\n"
+        "    config = configs.base_config()\n"
+        "    config.data.name = 'image_folder'\n"
+        f"    config.data.image_size = {IMAGE_SIZE}\n"
+        "    config.data.num_classes = 3\n"
+        "    config.data.channels = 3\n"
+        f"    config.vae.downsample_factor = {ARCH.downsample_factor}\n"
+        "    return config\n"
+    )
+    out, scratch_root = f"{gcs_bucket}/killed", tmp_path / "tmp" / "shortcut_jax_shard_scratch"
+    (tmp_path / "tmp").mkdir()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TMPDIR": str(tmp_path / "tmp"),
+        encode_latents.INTERRUPT_ENV: "1",
+        encode_latents.KILL_ENV: "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "shortcut_jax.tools.encode_latents", f"--config={config_file}",
+         f"--config.data.image_dir={workspace['images']}", f"--config.vae.path={workspace['vae']}",
+         f"--out={out}", "--batch_size=4", "--shard_size=6"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert sorted(objects_under(gcs, out)) == [
+        "plan.json",
+        "shard-00000-of-00003.arrayrecord",
+        "shard-00000-of-00003.json",
+    ]
+    assert len(os.listdir(scratch_root)) == 1  # the killed writer's local scratch
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    encode(workspace, out, 6)
+    assert os.listdir(scratch_root) == []  # the abandoned scratch went too
+    objects = objects_under(gcs, out)
+    assert sorted(objects) == sorted(os.listdir(local_encoded[6]))
+    for name, content in objects.items():
+        assert content == (local_encoded[6] / name).read_bytes(), name
+
+
 # --- LatentSource on gs:// -----------------------------------------------------------------------
 
 

@@ -177,7 +177,10 @@ class ShardWriter:
         self.path = str(path)
         self._scratch = None
         if is_remote(self.path):
-            self._scratch = tempfile.mkdtemp(prefix="shortcut_jax_shard-")
+            root = os.path.join(tempfile.gettempdir(), "shortcut_jax_shard_scratch")
+            os.makedirs(root, exist_ok=True)
+            shard_cache.remove_abandoned(root, "shard")  # left by killed encodes
+            self._scratch = tempfile.mkdtemp(prefix=f"shard-{os.getpid()}-", dir=root)
             self.temporary = os.path.join(self._scratch, os.path.basename(self.path))
         else:
             self.temporary = temporary_shard_path(self.path)

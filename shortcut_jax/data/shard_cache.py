@@ -107,16 +107,16 @@ def default_cache_root() -> str:
     return os.path.join(tempfile.gettempdir(), "shortcut_jax_latent_cache")
 
 
-def remove_abandoned(cache_root: str) -> list[str]:
-    """Deletes the cache directories under `cache_root` whose process is gone (killed runs).
+def remove_abandoned(root: str, prefix: str = "shards") -> list[str]:
+    """Deletes the directories `prefix`-PID-* under `root` whose process PID is gone (killed).
 
     Returns:
       The deleted directories.
     """
     removed = []
-    for entry in os.scandir(cache_root):
+    for entry in os.scandir(root):
         parts = entry.name.split("-")
-        if len(parts) < 3 or parts[0] != "shards" or not parts[1].isdigit():
+        if len(parts) < 3 or parts[0] != prefix or not parts[1].isdigit():
             continue
         try:
             os.kill(int(parts[1]), 0)

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,6 +55,7 @@ from shortcut_jax.data import latents, preprocess, shard_cache
 from shortcut_jax.distributed import initialize_distributed
 
 INTERRUPT_ENV = "SHORTCUT_JAX_ENCODE_INTERRUPT_AFTER_SHARDS"  # testing: simulate a crash
+KILL_ENV = "SHORTCUT_JAX_ENCODE_INTERRUPT_WITH_SIGKILL"  # testing: '1' = the crash is a SIGKILL
 FLIP_POLICY = "both: every record holds the moments of the image and of its horizontal mirror"
 
 
@@ -415,6 +417,8 @@ def _encode_shards(
                     _write_batch(writer, stats, *pending, storage_dtype)
                     bar.update(len(pending[0]))
                 if interrupt:
+                    if os.environ.get(KILL_ENV) == "1":
+                        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs: a real crash
                     raise EncodingInterruptedError(
                         f"Interrupted (test hook) in shard {shard} after {done} complete shards."
                     )
