@@ -484,8 +484,9 @@ def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> N
         if "latent_cache_bytes" in config.data:
             check(
                 "data.latent_cache_bytes",
-                lambda v: _is_int(v) and v > 0,
-                "a positive integer (bytes of local disk for shards of a bucket latent_dir)",
+                lambda v: _is_int(v) and v >= 0,
+                "an integer >= 0 (bytes of local disk for shards of a bucket latent_dir; 0 reads "
+                "gs:// shards in place)",
             )
         if "latent_cache_dir" in config.data:
             check("data.latent_cache_dir", lambda v: isinstance(v, str), "a path string")

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     # A latent_dir in a bucket (gs://...) is read through a local cache of its shards, fetched
     # ahead of the reader: at most latent_cache_bytes on disk (it must hold the shards of one
     # batch), in a fresh directory under latent_cache_dir ('' = the system temporary directory).
+    # latent_cache_bytes = 0 reads gs:// shards in place, record by record (ArrayRecord's client).
     config.data.latent_cache_bytes = 4 << 30
     config.data.latent_cache_dir = ""
     # Noise/sample pairs (python -m shortcut_jax.tools.reflow_pairs) for objective 'reflow': when

@@ -272,6 +272,22 @@ def test_a_cache_smaller_than_the_set_stays_in_budget_and_serves_the_same_batche
     assert cache.downloads > 8  # shards were evicted and fetched again, never all at once
 
 
+def test_a_zero_cache_budget_reads_bucket_shards_in_place_with_the_local_batches(
+    gcs, local_encoded, bucket_encoded, tmp_path, monkeypatch
+):
+    # ArrayRecord's own GCS client (google-cloud-cpp) finds the emulator through this variable.
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", gcs.url)
+    cache_dir = tmp_path / "cache"
+    config = latent_config(
+        bucket_encoded[2], batch_size=4, latent_cache_bytes=0, latent_cache_dir=str(cache_dir)
+    )
+    remote = data.get_source(config)
+    local = data.get_source(latent_config(str(local_encoded[2]), batch_size=4))
+    assert_same_batches(steps(remote, 0, 5), steps(local, 0, 5))
+    assert_same_batches([remote.real_examples(15)], [local.real_examples(15)])
+    assert not cache_dir.exists()  # nothing downloaded
+
+
 def test_a_cache_budget_below_one_batch_is_refused_naming_the_field(bucket_encoded):
     config = latent_config(bucket_encoded[2], batch_size=4, latent_cache_bytes=1000)
     with pytest.raises(
@@ -295,13 +311,13 @@ def test_a_missing_bucket_directory_names_the_encode_command(gcs_bucket):
         latents.read_metadata(f"{gcs_bucket}/nothing_here")
 
 
-def test_config_refuses_a_cache_budget_that_is_no_positive_integer(bucket_encoded, workspace):
+def test_config_refuses_a_cache_budget_that_is_no_count_of_bytes(bucket_encoded, workspace):
     from shortcut_jax import config_lib
 
-    config = latent_config(bucket_encoded[6], latent_cache_bytes=0)
+    config = latent_config(bucket_encoded[6], latent_cache_bytes=-1)
     config.vae.path = str(workspace["vae"])
     config.vae.downsample_factor = ARCH.downsample_factor
-    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.latent_cache_bytes = 0"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.latent_cache_bytes = -1"):
         config_lib.validate(config, device_count=1)
 
 

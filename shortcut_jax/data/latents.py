@@ -38,10 +38,13 @@ with eps ~ N(0, I) drawn per block of 32 global-batch positions from PCG64 seede
 block): the same for any process layout. Batches are assembled a few steps ahead in a background
 thread, with decoding and noise spread over a thread pool (numpy releases the GIL there).
 
-A latent directory may live in a bucket (gs://..., any etils.epath filesystem). ArrayRecord reads
-local files only, so training then reads shards through a `shard_cache.ShardCache` of at most
-`config.data.latent_cache_bytes` in `config.data.latent_cache_dir`, which downloads the shards of
-the next steps ahead of the reader; batches are the same as from a local copy.
+A latent directory may live in a bucket (gs://..., any etils.epath filesystem). Training then reads
+shards through a `shard_cache.ShardCache` of at most `config.data.latent_cache_bytes` in
+`config.data.latent_cache_dir`, which downloads whole shards of the next steps ahead of the
+reader (through gcsfs/fsspec). With `config.data.latent_cache_bytes = 0`, gs:// shards are read
+in place instead, record by record, by ArrayRecord's own GCS client (google-cloud-cpp: application
+default credentials; CLOUD_STORAGE_EMULATOR_ENDPOINT for an emulator), the shards of one read in
+parallel. Either way batches are the same as from a local copy.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ _PREFETCH_BATCHES = 3
 _NOISE_BLOCK = 32  # global-batch positions per noise generator (and per worker task)
 DEFAULT_CACHE_BYTES = 4 << 30  # config.data.latent_cache_bytes when a config lacks the field
 _CACHE_LOOKAHEAD_STEPS = 8
+_DIRECT_READ_THREADS = 32  # shards read at once in place (latent_cache_bytes = 0)
 
 
 class LatentFormatError(ValueError):
@@ -295,7 +299,8 @@ class ShardReaders:
         Args:
           latent_dir: The latent directory (local or bucket).
           metadata: Its `read_metadata`.
-          cache_bytes: Budget of the shard cache of a bucket directory.
+          cache_bytes: Budget of the shard cache of a bucket directory; 0 reads gs:// shards in
+            place through ArrayRecord's GCS client.
           cache_dir: Parent of that cache's directory ('' = the system temporary directory).
         """
         self.latent_dir = latent_dir
@@ -303,7 +308,15 @@ class ShardReaders:
         self.shards = metadata["shards"]
         self.count = int(metadata["count"])
         self.cache = None
-        if is_remote(latent_dir):
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if is_remote(latent_dir) and cache_bytes == 0:
+            if not str(latent_dir).startswith("gs://"):
+                raise ValueError(
+                    f"config.data.latent_cache_bytes=0 reads shards in place, which ArrayRecord "
+                    f"does for gs:// only, not {latent_dir}: set a cache budget (bytes) instead."
+                )
+            self._pool = concurrent.futures.ThreadPoolExecutor(_DIRECT_READ_THREADS)
+        elif is_remote(latent_dir):
             self.cache = shard_cache.ShardCache(
                 latent_dir,
                 [shard["file"] for shard in self.shards],
@@ -355,9 +368,15 @@ class ShardReaders:
         records: list[bytes] = [b""] * len(indices)
         with self._lock:
             needed = [int(shard) for shard in np.unique(shards)]
-            for rank, shard in enumerate(needed):
-                positions = np.flatnonzero(shards == shard)
-                values = self._read_shard(shard, offsets[positions], step, needed[rank + 1 :])
+            groups = [np.flatnonzero(shards == shard) for shard in needed]
+
+            def read_shard(rank: int) -> list[bytes]:
+                positions = groups[rank]
+                return self._read_shard(needed[rank], offsets[positions], step, needed[rank + 1 :])
+
+            ranks = range(len(needed))
+            parts = self._pool.map(read_shard, ranks) if self._pool else map(read_shard, ranks)
+            for positions, values in zip(groups, parts, strict=True):
                 for position, value in zip(positions, values, strict=True):
                     records[position] = value
         return records
@@ -382,6 +401,8 @@ class ShardReaders:
         with self._lock:
             if self.cache is not None:
                 self.cache.close()  # first: its prefetcher may evict (and close readers)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             for reader in list(self._readers.values()):
                 reader.close()
             self._readers.clear()
@@ -471,7 +492,7 @@ class LatentSource:
         self.cache_bytes = config.data.get("latent_cache_bytes", DEFAULT_CACHE_BYTES)
         self.cache_dir = str(config.data.get("latent_cache_dir", "") or "")
         self.remote = is_remote(self.latent_dir)
-        if self.remote:
+        if self.remote and self.cache_bytes != 0:
             self._check_cache_budget()
 
     def _check_cache_budget(self) -> None:
