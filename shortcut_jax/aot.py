@@ -537,6 +537,7 @@ def _evaluate(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
         pixels=pixels,
         mesh=run.mesh,
         sharding_rules=sharding.logical_rules(run.config),
+        decode_batch_size=int(run.config.vae.get("decode_batch_size", 0)),
     )
     scalar = functools.partial(jax.ShapeDtypeStruct, sharding=sharding.replicated(run.mesh))
     args = (
