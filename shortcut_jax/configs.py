@@ -197,6 +197,9 @@ def base_config() -> ml_collections.ConfigDict:
     # such as 'data.*' names all under it; 'process_count' the number of processes) that may
     # change anyway: --config.resume_allow_changes=total_steps,optim.learning_rate
     config.resume_allow_changes = ""
+    # One run per workdir: a flock (local disks) or a lease (buckets). False runs without it, with
+    # a warning: only for filesystems whose flock fails or does nothing (some FUSE / NFS mounts).
+    config.workdir_lock = True
     return config
 
 

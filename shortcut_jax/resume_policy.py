@@ -38,6 +38,7 @@ SAFE_FIELDS = (
     "sharding_rules",
     "model.remat",
     "resume_allow_changes",
+    "workdir_lock",
 )
 
 # Data sources whose global batch of a step is the same for any number of processes (each process

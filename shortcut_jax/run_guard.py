@@ -315,7 +315,14 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Hel
     if jax.process_index() == 0:
         try:
             check_workdir_usable(workdir)
-            lock = lock_for(str(checkpoint.workdir_path(workdir))).acquire()
+            if config.get("workdir_lock", True):
+                lock = lock_for(str(checkpoint.workdir_path(workdir))).acquire()
+            else:
+                logging.warning(
+                    "Running without the workdir lock (config.workdir_lock=False): nothing stops "
+                    "a second run from training in %s at the same time and mixing checkpoints.",
+                    checkpoint.workdir_path(workdir),
+                )
         except RunGuardError as error:
             refusal = error
     try:

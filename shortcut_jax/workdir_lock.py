@@ -29,6 +29,8 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -102,6 +104,32 @@ def _busy(directory: str, holder: str, extra: str = "") -> WorkdirBusyError:
     )
 
 
+_WITHOUT_LOCK = (
+    "Use a workdir on another file system, or run without the lock "
+    "(--config.workdir_lock=false) if you make sure yourself that one run at a time uses it"
+)
+
+
+def _flock_excludes(path: str) -> bool:
+    """Whether a lock held on `path` keeps another process from locking it.
+
+    Call with the lock held. On file systems where flock is a no-op (some FUSE and NFS mounts)
+    the other process's lock succeeds. The probe is another process, not a second open here:
+    where flock is emulated with POSIX record locks (NFS), locks never conflict within one
+    process, and closing any descriptor of the file would drop ours.
+    """
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "except OSError:\n    sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", probe, path], capture_output=True, timeout=60, check=False
+    )
+    return result.returncode == 3
+
+
 class WorkdirLock:
     """An exclusive `fcntl.flock` on WORKDIR/run.lock, held until `release()` or process exit.
 
@@ -133,9 +161,16 @@ class WorkdirLock:
             os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise WorkdirUnusableError(
-                    f"cannot lock {self.path} ({error}): this file system has no working flock"
+                    f"cannot lock {self.path} ({error}): this file system has no working flock. "
+                    f"{_WITHOUT_LOCK}"
                 ) from None
             raise _busy(self.directory, self._holder()) from None
+        if not _flock_excludes(self.path):
+            os.close(fd)
+            raise WorkdirUnusableError(
+                f"flock on {self.path} does nothing on this file system (a second open of the "
+                f"file could lock it too), so it cannot keep two runs apart. {_WITHOUT_LOCK}"
+            )
         self._fd = fd
         atomic_files.write_json(self.holder_path, _this_process())
         return self

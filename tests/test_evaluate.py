@@ -334,3 +334,19 @@ def test_fid_stats_reads_a_latent_dir_in_chunks_decoded_like_its_real_examples(t
     expected = latent_space.PixelDecoder.for_config(config, mesh, 11)(latents)
     assert expected.shape == (11, 16, 16, 3)
     np.testing.assert_allclose(np.concatenate(chunks), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fid_stats_reads_an_image_folder_in_chunks_like_its_real_examples(tmp_path):
+    from test_latents import encode_config, make_folder
+
+    from shortcut_jax import data
+    from shortcut_jax.tools import fid_stats
+
+    make_folder(tmp_path / "images")
+    config = encode_config({"images": tmp_path / "images", "vae": tmp_path / "unused.npz"})
+    config.data.latent_dir = ""
+    config.batch_size = 4
+    chunks = list(fid_stats.dataset_image_chunks(config, 11, 4))
+    assert [len(chunk) for chunk in chunks] == [4, 4, 3]
+    expected = data.get_source(config).real_examples(11)["image"]
+    np.testing.assert_array_equal(np.concatenate(chunks), expected)

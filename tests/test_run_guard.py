@@ -330,6 +330,43 @@ def test_bucket_workdirs_get_a_lease_and_local_ones_a_flock(tmp_path):
     assert isinstance(workdir_lock.lock_for(str(tmp_path)), workdir_lock.WorkdirLock)
 
 
+def test_the_flock_probe_tells_a_held_lock_from_a_free_one(tmp_path):
+    lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()  # passes the probe on this disk
+    try:
+        assert workdir_lock._flock_excludes(lock.path)
+    finally:
+        lock.release()
+    assert not workdir_lock._flock_excludes(lock.path)  # what a no-op flock looks like
+
+
+def test_a_flock_that_fails_or_does_nothing_is_refused_naming_the_way_round(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock, "_flock_excludes", lambda path: False)
+    with pytest.raises(run_guard.WorkdirUnusableError, match=r"does nothing on this file system"):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    monkeypatch.undo()
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")  # ENOLCK, as on an NFS mount without lockd
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+    with pytest.raises(
+        run_guard.WorkdirUnusableError, match=r"no working flock.*--config.workdir_lock=false"
+    ):
+        workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+
+
+def test_workdir_lock_false_starts_without_the_lock_and_says_so(tmp_path, caplog):
+    config = tiny_mnist_config()
+    config.workdir_lock = False
+    held = workdir_lock.WorkdirLock(str(tmp_path)).acquire()  # another run holds the flock
+    try:
+        with run_guard.guard_start(config, str(tmp_path)):
+            pass
+    finally:
+        held.release()
+    assert "Running without the workdir lock" in caplog.text
+
+
 def test_an_unwritable_workdir_is_refused_by_name(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

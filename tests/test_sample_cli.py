@@ -81,22 +81,12 @@ def test_default_output_is_the_adm_npz_of_the_float_samples_quantized(adm_file, 
 
 
 def test_adm_npz_round_trips_into_the_fid_image_loader(adm_file):
-    from shortcut_jax import cli_inputs
     from shortcut_jax.tools import fid_stats
 
     with np.load(adm_file) as stored:
         pixels = stored["arr_0"]
-    try:
-        loaded = fid_stats.load_images(str(adm_file))
-    except cli_inputs.InputError as error:
-        if "arr_0" in str(error) or "'images'" in str(error):
-            pytest.skip(f"fid_stats.load_images does not read ADM files (arr_0) yet: {error}")
-        raise
-    loaded = np.asarray(loaded)
-    if loaded.dtype == np.uint8:
-        np.testing.assert_array_equal(loaded, pixels)
-    else:  # floats in [-1, 1]: exactly the uint8 values mapped back
-        np.testing.assert_allclose(loaded, pixels.astype(np.float32) / 127.5 - 1, atol=1e-6)
+    loaded = fid_stats.load_images(str(adm_file))  # floats in [-1, 1]: the uint8 values mapped
+    np.testing.assert_allclose(loaded, pixels.astype(np.float32) / 127.5 - 1, atol=1e-6)
 
 
 def test_png_folder_holds_one_file_per_sample_in_order(run, adm_file, tmp_path):

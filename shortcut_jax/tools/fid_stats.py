@@ -3,7 +3,8 @@
     # A config's data (TFDS or the embedded MNIST), with the usual overrides:
     python -m shortcut_jax.tools.fid_stats --config experiments/imagenet256.py --num 50000 \
         --out imagenet256_stats.npz [--config.data.tfds_split=train]
-    # Images in an .npz (key 'images', (N, H, W, C), float in [-1, 1] or uint8), e.g. samples:
+    # Images in an .npz: key 'images' ((N, H, W, C), float in [-1, 1] or uint8), or 'arr_0'
+    # (uint8 NHWC: the ADM evaluator's batches, and what `shortcut_jax.sample` writes):
     python -m shortcut_jax.tools.fid_stats --images samples.npz --out samples_stats.npz
 
 The file has keys 'mu' (D,) and 'sigma' (D, D) like published FID statistics, so it can be
@@ -12,8 +13,9 @@ added to float64 running moments (`fid.RunningStatistics`) a chunk at a time, so
 does not grow with --num: an --images .npz is read row by row from its archive, and a
 `config.data.latent_dir` is read a chunk of latents at a time and decoded through the run's VAE
 (config.vae.decode_batch_size images per device per pass): its statistics are those of the VAE's
-reconstructions. (TFDS and image-folder configs go through the source's `real_examples`, which
-returns the --num images at once.) The default network is the FID
+reconstructions. TFDS and image-folder configs are read by index (`preprocess.indexed_images`, the
+same ADM center crop as training and `encode_latents`) in the sources' `reference_order`, a chunk
+at a time, gs:// included. The default network is the FID
 Inception (converted weights, see `shortcut_jax.tools.convert_inception`); --network takes any
 metric of `shortcut_jax.evaluators.registry` (fd_mnist: the project's MNIST classifier).
 Features are computed on all local devices. --out may be a bucket path (gs://...); the file is
@@ -42,7 +44,9 @@ from shortcut_jax.evaluators import features, fid, registry, sweep
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "An experiments/*.py config whose data to use.", lock_config=True
 )
-_IMAGES = flags.DEFINE_string("images", None, "An .npz with key 'images' instead of --config.")
+_IMAGES = flags.DEFINE_string(
+    "images", None, "An .npz with key 'images' or 'arr_0' (ADM) instead of --config."
+)
 _NUM = flags.DEFINE_integer("num", 50_000, "Number of examples (at most what there is).")
 _NETWORK = flags.DEFINE_enum(
     "network", "fid", list(registry.names()), "Feature network (a metric of the evaluation)."
@@ -58,8 +62,11 @@ _CHUNK = flags.DEFINE_integer("chunk", 1024, "Images read and featurized at a ti
 flags.mark_flags_as_required(["out"])
 
 
+IMAGE_KEYS = ("images", "arr_0")  # ours, then the ADM evaluator's batches
+
+
 def load_images(path: str) -> np.ndarray:
-    """Images from an .npz (key 'images'; uint8 or float in [-1, 1]) as float32 in [-1, 1].
+    """Images from an .npz ('images' or 'arr_0'; uint8 or float in [-1, 1]) as float32 in [-1, 1].
 
     Raises:
       InputError: naming the file when it is missing, unreadable or holds no usable images.
@@ -117,14 +124,15 @@ def _images_member(file: epath.Path, path: str) -> Iterator[tuple[tuple[int, ...
     try:
         with file.open("rb") as f, zipfile.ZipFile(f) as archive:
             keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
-            if "images" not in keys:
+            key = next((name for name in IMAGE_KEYS if name in keys), None)
+            if key is None:
                 raise KeyError(keys)
-            with archive.open("images.npy") as member:
+            with archive.open(f"{key}.npy") as member:
                 shape, dtype = _npy_header(member)
                 yield shape, dtype, member
     except KeyError as missing:
         raise cli_inputs.InputError(
-            f"--images={path} has keys {missing.args[0]}; expected 'images'"
+            f"--images={path} has keys {missing.args[0]}; expected 'images' or 'arr_0'"
         ) from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise cli_inputs.InputError(
@@ -195,11 +203,30 @@ def _chunks(
     if config.data.get("latent_dir"):
         what = f"config.data.latent_dir ({config.data.latent_dir}) decoded by config.vae"
         return config, latent_image_chunks(config, num, chunk, mesh), what
+    if config.data.name in ("tfds", "image_folder"):
+        return config, dataset_image_chunks(config, num, chunk), f"config.data ({config.data.name})"
     from shortcut_jax import data
 
-    images = data.get_source(config).real_examples(num)["image"]
+    images = data.get_source(config).real_examples(num)["image"]  # MNIST: 5,000 at most
     blocks = (images[start : start + chunk] for start in range(0, len(images), chunk))
     return config, blocks, f"config.data ({config.data.name})"
+
+
+def dataset_image_chunks(
+    config: ml_collections.ConfigDict, num: int, chunk: int
+) -> Iterator[np.ndarray]:
+    """The first `num` images of a TFDS or image-folder config in `reference_order` (the order of
+    the sources' `real_examples`), float32 in [-1, 1], read by index `chunk` at a time."""
+    from shortcut_jax.data import image_folder, preprocess
+
+    images = preprocess.indexed_images(config, channels=int(config.data.channels))
+    order = image_folder.reference_order(images.count)[:num]
+    workers = preprocess.default_workers()
+    for start in range(0, len(order), chunk):
+        rows = preprocess.parallel_map(
+            lambda index: images.load(int(index))[0], order[start : start + chunk], workers
+        )
+        yield preprocess.to_float(np.stack(list(rows)))
 
 
 def _features_of(
