@@ -3,8 +3,9 @@
 Local paths are written to `NAME.tmp-<pid>-<random>` in the same directory and renamed over
 `NAME` (`os.replace` is atomic on POSIX), so a killed writer leaves at most a temporary file and
 two writers sharing a directory never write into each other's temporary. Bucket paths (gs://...)
-go through `etils.epath`: the object store makes a finished upload visible at once, and a failed
-upload leaves no object, which is the same guarantee.
+are written to a local temporary file and uploaded in one `put_file` (`upload_file`): the object
+store makes a finished upload visible at once, and an interrupted one leaves no object, which is
+the same guarantee.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -47,11 +47,9 @@ def atomic_path(path: str | os.PathLike, make_parents: bool = True) -> Iterator[
         with tempfile.TemporaryDirectory() as scratch:
             local = os.path.join(scratch, "file" + suffix)
             yield local
-            target = epath.Path(path)
             if make_parents:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            with open(local, "rb") as source, target.open("wb") as sink:
-                shutil.copyfileobj(source, sink)
+                epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            upload_file(local, path)
         return
     if make_parents:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -64,6 +62,34 @@ def atomic_path(path: str | os.PathLike, make_parents: bool = True) -> Iterator[
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def bucket_filesystem(path: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) of a bucket `path`: the instance etils.epath uses.
+
+    Sharing epath's instance keeps its listing cache coherent with what we upload.
+    """
+    backend = getattr(epath.Path(path), "_backend", None)
+    fs_of = getattr(backend, "fs", None)
+    if fs_of is not None:
+        try:
+            fs = fs_of(path)
+            return fs, fs._strip_protocol(path)
+        except AttributeError:  # epath on tf.io.gfile: no fsspec instance to share
+            pass
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def upload_file(local: str, remote: str) -> None:
+    """Uploads the local file `local` as the object `remote` in one upload.
+
+    The object appears when the upload completes; an interrupted one leaves no object (a file
+    object opened for writing on a bucket would publish what it had on close, even on error).
+    """
+    fs, path = bucket_filesystem(remote)
+    fs.put_file(local, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

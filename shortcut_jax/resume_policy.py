@@ -39,6 +39,8 @@ SAFE_FIELDS = (
     "model.remat",
     "resume_allow_changes",
     "workdir_lock",
+    "data.latent_cache_*",  # where and how much of a bucket's latent shards are cached locally
+    "vae.decode_batch_size",  # images per decoder pass in sampling and evaluation
 )
 
 # Data sources whose global batch of a step is the same for any number of processes (each process

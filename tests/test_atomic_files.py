@@ -58,3 +58,17 @@ def test_writers_sharing_a_name_never_leave_a_mixed_or_partial_file(tmp_path):
     for thread in threads:
         thread.join()
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_bucket_files_appear_whole_or_not_at_all(gcs_bucket):
+    from etils import epath
+
+    target = f"{gcs_bucket}/reports/result.json"
+    atomic_files.write_json(target, {"fid": 1.5})
+    assert json.loads(epath.Path(target).read_text()) == {"fid": 1.5}
+    failed = f"{gcs_bucket}/reports/failed.bin"
+    with pytest.raises(RuntimeError), atomic_files.atomic_path(failed) as local:
+        with open(local, "wb") as handle:
+            handle.write(b"x" * 1000)
+        raise RuntimeError("the writer fails after 1000 bytes")
+    assert not epath.Path(failed).exists()

@@ -23,9 +23,10 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from etils import epath
+
+from shortcut_jax import atomic_files
 
 _COPY_CHUNK = 8 << 20
 _PREFETCH_WORKERS = 4
@@ -35,22 +36,8 @@ class CacheBudgetError(ValueError):
     """The cache budget cannot hold the shards one batch needs."""
 
 
-def filesystem(path: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a bucket `path`, the instance epath itself uses.
-
-    Sharing epath's instance keeps its listing cache coherent with what we upload.
-    """
-    backend = getattr(epath.Path(path), "_backend", None)
-    fs_of = getattr(backend, "fs", None)
-    if fs_of is not None:
-        try:
-            fs = fs_of(path)
-            return fs, fs._strip_protocol(path)
-        except AttributeError:  # epath on tf.io.gfile: no fsspec instance to share
-            pass
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
+filesystem = atomic_files.bucket_filesystem
+upload_file = atomic_files.upload_file
 
 
 def list_names(directory: str) -> set[str]:
@@ -60,12 +47,6 @@ def list_names(directory: str) -> set[str]:
         fs, path = filesystem(str(directory))
         fs.invalidate_cache(path)
     return {entry.name for entry in epath.Path(directory).iterdir()}
-
-
-def upload_file(local: str, remote: str) -> None:
-    """Uploads local file `local` as object `remote`; an interrupted upload leaves no object."""
-    fs, path = filesystem(remote)
-    fs.put_file(local, path)
 
 
 def download_file(remote: str, local: str) -> None:
