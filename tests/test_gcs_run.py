@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from etils import epath
 from test_preemption import assert_same_state
 from tiny import REPO, HookedRun
 
-from shortcut_jax import checkpoint
+from shortcut_jax import checkpoint, workdir_lock
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,9 @@ def test_tiny_latent_run_on_a_bucket_trains_resumes_samples_and_evaluates(gcs, t
         "SHORTCUT_JAX_CACHE": str(caches / "shortcut_jax"),
         "XDG_CACHE_HOME": str(caches / "xdg"),
         "TMPDIR": str(caches / "tmp"),
+        # A SIGKILLed run's lease stays until it is stale: 3 s here instead of 180.
+        workdir_lock.RENEW_ENV: "1",
+        workdir_lock.STALE_ENV: "3",
     }
     (caches / "tmp").mkdir(parents=True)
     latents, reference, run = f"{bucket}/latents", f"{bucket}/reference", f"{bucket}/run"
@@ -92,6 +96,7 @@ def test_tiny_latent_run_on_a_bucket_trains_resumes_samples_and_evaluates(gcs, t
         job.send(signal.SIGKILL)
         assert job.wait() == -signal.SIGKILL, "the run ended before the kill"
     assert not epath.Path(run, "checkpoints", str(TOTAL)).exists()
+    time.sleep(3.5)  # the killed run's lease goes stale
     resumed = _run(["-m", "shortcut_jax.main", *train, "--workdir", run], cwd, env)
     assert f"Resumed at step {EVERY}" in resumed.stderr or "Resumed at step" in resumed.stderr
 
