@@ -166,7 +166,12 @@ def latent_image_chunks(
     per_device = int(config.vae.get("decode_batch_size", 0)) or max(chunk // shards, 1)
     decoder = latent_space.PixelDecoder.for_config(config, mesh, per_device * shards)
     order = latents.reference_order(source.count)[:num]
-    readers = latents.ShardReaders(source.latent_dir, source.metadata)
+    readers = latents.ShardReaders(
+        source.latent_dir,
+        source.metadata,
+        cache_bytes=int(config.data.get("latent_cache_bytes", latents.DEFAULT_CACHE_BYTES)),
+        cache_dir=str(config.data.get("latent_cache_dir", "")),
+    )
     try:
         for start in range(0, len(order), chunk):
             records = readers.read(order[start : start + chunk])
