@@ -1,7 +1,7 @@
 """Bad inputs give one clear error, and every output appears whole, locally and on buckets.
 
 The CLI cases run `python -m shortcut_jax.sample/evaluate/tools.fid_stats` against a tiny run;
-the bucket cases use etils' mock backend over a local directory standing in for gs://bucket.
+the bucket cases write to a real GCS API (the fake-gcs-server emulator of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import gpath, testing
 from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import atomic_files, cli_inputs, config_lib, train
@@ -44,24 +43,9 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def bucket(tmp_path, monkeypatch) -> Path:
-    """gs://bucket/... served from tmp_path/bucket/... through etils' mock backend."""
-
-    def local(path) -> str:
-        return os.path.join(tmp_path, os.fspath(path).removeprefix("gs://"))
-
-    # With TensorFlow installed epath bypasses the mock backend for gs://, so turn that off.
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    with testing.mock_epath(
-        open=lambda original, path, mode="r": original(local(path), mode),
-        exists=lambda original, path: os.path.exists(local(path)),
-        isdir=lambda original, path: os.path.isdir(local(path)),
-        makedirs=lambda original, path, exist_ok=False: os.makedirs(local(path), exist_ok=exist_ok),
-        mkdir=lambda original, path, exist_ok=False: os.makedirs(local(path), exist_ok=exist_ok),
-        listdir=lambda original, path: os.listdir(local(path)),
-        stat=lambda original, path: original(local(path)),
-    ):
-        yield tmp_path / "bucket"
+def bucket(gcs_bucket) -> epath.Path:
+    """A fresh bucket on the GCS emulator (tests/conftest.py), as an epath."""
+    return epath.Path(gcs_bucket)
 
 
 def _error_line(result) -> str:
@@ -236,16 +220,16 @@ def test_sample_npz_and_grid_go_to_the_bucket_not_to_a_local_gs_directory(
     monkeypatch.chdir(tmp_path)
     images = np.linspace(-1, 1, 4 * 8 * 8).reshape(4, 8, 8, 1).astype(np.float32)
     png = sample.write_samples(
-        "gs://bucket/run/samples.npz",
+        f"{bucket}/run/samples.npz",
         images,
         np.arange(4),
         title="1 step",
         grid=4,
         num_classes=10,
     )
-    assert png == "gs://bucket/run/samples.png"
+    assert png == f"{bucket}/run/samples.png"
     assert not (tmp_path / "gs:").exists()
-    with np.load(bucket / "run" / "samples.npz") as stored:
+    with (bucket / "run" / "samples.npz").open("rb") as file, np.load(file) as stored:
         np.testing.assert_array_equal(stored["images"], images)
         assert stored["labels"].dtype == np.int32
     assert (bucket / "run" / "samples.png").read_bytes()[:4] == b"\x89PNG"
@@ -253,8 +237,8 @@ def test_sample_npz_and_grid_go_to_the_bucket_not_to_a_local_gs_directory(
 
 def test_fid_statistics_and_reports_round_trip_through_the_bucket(bucket):
     mu, sigma = np.arange(3.0), np.eye(3)
-    fid.save_statistics("gs://bucket/stats/ref", mu, sigma)  # exactly this name
-    loaded = fid.load_statistics("gs://bucket/stats/ref")
+    fid.save_statistics(f"{bucket}/stats/ref", mu, sigma)  # exactly this name
+    loaded = fid.load_statistics(f"{bucket}/stats/ref")
     np.testing.assert_array_equal(loaded[0], mu)
     np.testing.assert_array_equal(loaded[1], sigma)
     result = report.make_report(
@@ -262,10 +246,10 @@ def test_fid_statistics_and_reports_round_trip_through_the_bucket(bucket):
         metrics={"fid": {"network": "toy", "feature_dim": 3, "floor": 1.0, "ceiling": 90.0}},
         settings={"num": 2},
     )
-    paths = report.write(result, "gs://bucket/eval")
-    assert paths["json"] == "gs://bucket/eval/results.json"
+    paths = report.write(result, f"{bucket}/eval")
+    assert paths["json"] == f"{bucket}/eval/results.json"
     assert json.loads((bucket / "eval" / "results.json").read_text())["rows"][0]["fid"] == 9.0
-    assert sorted(os.listdir(bucket / "eval")) == [
+    assert sorted(path.name for path in (bucket / "eval").iterdir()) == [
         "results.json",
         "results.md",
         "scores_vs_nfe.png",
@@ -274,12 +258,12 @@ def test_fid_statistics_and_reports_round_trip_through_the_bucket(bucket):
 
 def test_feature_caches_on_a_bucket_are_written_once_and_read_back(bucket):
     net = toy_net()
-    first = sweep.noise_features(net, 6, (8, 8, 1), cache_dir="gs://bucket/cache")
+    first = sweep.noise_features(net, 6, (8, 8, 1), cache_dir=f"{bucket}/cache")
     (cache,) = (bucket / "cache").glob("noise_toy_*.npz")
     with mock.patch.object(features, "compute_features", side_effect=AssertionError("recomputed")):
-        again = sweep.noise_features(net, 6, (8, 8, 1), cache_dir="gs://bucket/cache")
+        again = sweep.noise_features(net, 6, (8, 8, 1), cache_dir=f"{bucket}/cache")
     np.testing.assert_array_equal(again, first)
-    assert epath.Path(f"gs://bucket/cache/{cache.name}").is_file()
+    assert (bucket / "cache" / cache.name).is_file()
 
 
 def test_write_npz_writes_exactly_the_given_name(tmp_path):

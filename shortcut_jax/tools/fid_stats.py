@@ -41,25 +41,31 @@ from tqdm import tqdm
 from shortcut_jax import atomic_files, cli_inputs, configs, latent_space, sharding
 from shortcut_jax.evaluators import features, fid, registry, sweep
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "An experiments/*.py config whose data to use.", lock_config=True
-)
-_IMAGES = flags.DEFINE_string(
-    "images", None, "An .npz with key 'images' or 'arr_0' (ADM) instead of --config."
-)
-_NUM = flags.DEFINE_integer("num", 50_000, "Number of examples (at most what there is).")
-_NETWORK = flags.DEFINE_enum(
-    "network", "fid", list(registry.names()), "Feature network (a metric of the evaluation)."
-)
-_INCEPTION = flags.DEFINE_string("inception", None, "Converted Inception weights .npz.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz path.")
-_SAVE_FEATURES = flags.DEFINE_bool(
-    "save_features",
-    False,
-    "Also store the features (key 'features', num x D float32 on the host) for precision/recall.",
-)
-_CHUNK = flags.DEFINE_integer("chunk", 1024, "Images read and featurized at a time.")
-flags.mark_flags_as_required(["out"])
+
+def _define_flags() -> None:
+    """The CLI's flags, defined only when it runs (`python -m ...fid_stats`): importing the module
+    for its functions next to another CLI (both define --config) must not clash."""
+    global _CONFIG, _IMAGES, _NUM, _NETWORK, _INCEPTION, _OUT, _SAVE_FEATURES, _CHUNK
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "An experiments/*.py config whose data to use.", lock_config=True
+    )
+    _IMAGES = flags.DEFINE_string(
+        "images", None, "An .npz with key 'images' or 'arr_0' (ADM) instead of --config."
+    )
+    _NUM = flags.DEFINE_integer("num", 50_000, "Number of examples (at most what there is).")
+    _NETWORK = flags.DEFINE_enum(
+        "network", "fid", list(registry.names()), "Feature network (a metric of the evaluation)."
+    )
+    _INCEPTION = flags.DEFINE_string("inception", None, "Converted Inception weights .npz.")
+    _OUT = flags.DEFINE_string("out", None, "Output .npz path.")
+    _SAVE_FEATURES = flags.DEFINE_bool(
+        "save_features",
+        False,
+        "Also store the features (key 'features', num x D float32 on the host) for "
+        "precision/recall.",
+    )
+    _CHUNK = flags.DEFINE_integer("chunk", 1024, "Images read and featurized at a time.")
+    flags.mark_flags_as_required(["out"])
 
 
 IMAGE_KEYS = ("images", "arr_0")  # ours, then the ADM evaluator's batches
@@ -279,4 +285,5 @@ def _write_statistics() -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
