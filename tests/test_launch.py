@@ -427,14 +427,16 @@ def test_tpu_stop_by_train_pid_forwards_sigterm_and_records_the_exit_status(
         subprocess.run(["pkill", "-f", str(home / "shortcut_jax_venv")], check=False)
 
 
-def _stop_by_train_pid(logs: Path) -> None:
-    for _ in range(100):
+def _stop_by_train_pid(logs: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout  # generous: a loaded 2-core machine starts slowly
+    while time.monotonic() < deadline:
         if "training" in (logs / "train.log").read_text():
             break
         time.sleep(0.05)
     wrapper = int((logs / "train.pid").read_text())
     os.kill(wrapper, signal.SIGTERM)
-    for _ in range(200):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if (logs / "exit_code").exists() and (logs / "exit_code").read_text().strip():
             break
         time.sleep(0.05)
