@@ -314,6 +314,7 @@ def test_of_two_bucket_starts_in_the_same_moment_one_wins(tmp_path):
     real_read = first._object.read
 
     def read_then_let_the_other_in():
+        first._object.read = real_read  # once: the write re-reads under its lock
         value = real_read()
         other.acquire()  # another host writes between this start's read and its write
         return value
