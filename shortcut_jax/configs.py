@@ -200,6 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
     # One run per workdir: a flock (local disks) or a lease (buckets). False runs without it, with
     # a warning: only for filesystems whose flock fails or does nothing (some FUSE / NFS mounts).
     config.workdir_lock = True
+    # A checkpoint that fails to restore stops the start, naming it and why; True moves it aside
+    # (WORKDIR/failed_checkpoints) and resumes from the newest older one that restores.
+    config.restore_fallback = False
     return config
 
 

@@ -77,7 +77,10 @@ def _train_and_evaluate(
     init_fn = functools.partial(init_state, config, model, optimizer)
     manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep, for_training=True)
     state, resumed = checkpoint.restore_or_init(
-        manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
+        manager,
+        abstract_state,
+        jax.jit(init_fn, out_shardings=state_sharding),
+        fallback=bool(config.get("restore_fallback", False)),
     )
     # The frozen teacher run (reloaded on every start) and config.init_from (fresh runs only).
     teacher_run, state = teacher.prepare(config, workdir, mesh, state, resumed)
