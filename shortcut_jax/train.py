@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -12,8 +14,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from shortcut_jax import (
+    atomic_files,
     checkpoint,
     compiled_step,
     config_lib,
@@ -160,22 +164,66 @@ def _train_and_evaluate(
                     checkpoint.checkpoint_dir(workdir),
                 )
                 return history
+            if is_last:
+                break  # the final grids and evaluation follow, once the checkpoint is whole
             sample_every = config.sample_every_steps
-            if (sample_every and step % sample_every == 0) or is_last:
+            if sample_every and step % sample_every == 0:
                 grid_writer.write(state, step)
                 timer.start(step)  # sampling time is not training throughput
             eval_every = config.eval_every_steps
-            if eval_every and (step % eval_every == 0 or is_last):
+            if eval_every and step % eval_every == 0:
                 history.setdefault(step, {}).update(evaluator.run(state, step))
                 timer.start(step)
+        manager.wait_until_finished()  # a SIGTERM from here on finds the last checkpoint whole
+        if int(sharding.to_host(state.step)) == config.total_steps:
+            _final_outputs(config, workdir, state, grid_writer, evaluator, history, watcher)
     finally:
+        manager.wait_until_finished()  # never leave a save half-written (SIGTERM still handled)
         watcher.uninstall()
-        manager.wait_until_finished()  # never leave a save half-written
         manager.close()
         writer.flush()
 
     logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
     return history
+
+
+FINAL_NAME = "final.json"
+
+
+def _final_outputs(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    state: TrainState,
+    grid_writer: SampleGridWriter,
+    evaluator: PeriodicEvaluator,
+    history: dict[int, dict[str, float]],
+    watcher: preemption.PreemptionWatcher,
+) -> None:
+    """The sample grids and evaluation of the last step, once: a rerun completes what is missing.
+
+    WORKDIR/final.json records that they were written for `config.total_steps`. A SIGTERM while
+    they run stops them at once (the checkpoint is already whole); the rerun of the same command
+    restores the last checkpoint and writes them, without training.
+    """
+    step = int(config.total_steps)
+    marker = os.path.join(workdir, FINAL_NAME)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if json.loads(epath.Path(marker).read_text())["step"] == step:
+            return
+    try:
+        with watcher.interruptible():
+            grid_writer.write(state, step)
+            if config.eval_every_steps:
+                history.setdefault(step, {}).update(evaluator.run(state, step))
+    except preemption.Terminated:
+        logging.warning(
+            "SIGTERM during the final sample grids and evaluation of step %d: the checkpoint is "
+            "saved; rerun the same command to write them (nothing is trained again).",
+            step,
+        )
+        return
+    if jax.process_index() == 0:
+        atomic_files.write_json(marker, {"step": step, "evaluated": bool(config.eval_every_steps)})
 
 
 class _Throughput:
