@@ -232,6 +232,7 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
     check("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("workdir_lock", lambda v: isinstance(v, bool), "True or False")
     check("restore_fallback", lambda v: isinstance(v, bool), "True or False")
+    check("data.skip_non_finite", lambda v: isinstance(v, bool), "True or False")
     check(
         "resume_allow_changes",
         lambda v: isinstance(v, str) and not resume_policy.unknown_names(v, _field_names(config)),

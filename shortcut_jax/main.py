@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from shortcut_jax import checkpoint, config_lib, run_guard, train
+from shortcut_jax.data.checks import BadDataError
 from shortcut_jax.distributed import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -71,6 +72,7 @@ def main(argv: list[str]) -> None:
         checkpoint.CheckpointError,
         checkpoint.NonFiniteStateError,
         train.NonFiniteLossError,
+        BadDataError,
     ) as error:
         raise SystemExit(f"error: {error}") from None  # the message names the checkpoint to use
 

@@ -36,6 +36,7 @@ from shortcut_jax import (
     steps,
     teacher,
 )
+from shortcut_jax.data import checks as data_checks
 from shortcut_jax.evaluators import features, report, sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
@@ -121,7 +122,10 @@ def _train_and_evaluate(
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
     )
-    batches = prefetch.to_devices(source.iterate(start_step), mesh, depth=2)
+    checked = data_checks.FiniteBatches(
+        source, _data_name(config), start_step, bool(config.data.get("skip_non_finite", False))
+    )
+    batches = prefetch.to_devices(checked, mesh, depth=2)
     sums = None  # metric (total, count) sums since the last log, on the device
     history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
@@ -147,6 +151,8 @@ def _train_and_evaluate(
                 sums = train_step.zero_sums(state, batch)
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
                 summary.update(timer.measure(step))
+                if checked.skipped:
+                    summary["data/skipped_examples"] = float(checked.skipped)
                 writer.write_scalars(step, summary)
                 history[step] = summary
             preempted = watcher.reached(step)  # every step, on every process
@@ -185,6 +191,19 @@ def _train_and_evaluate(
 
     logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
     return history
+
+
+def _data_name(config: ml_collections.ConfigDict) -> str:
+    """The data source as a message names it."""
+    if config.data.get("pairs_dir"):
+        return f"reflow pairs in {config.data.pairs_dir}"
+    if config.data.get("latent_dir"):
+        return f"latents in {config.data.latent_dir}"
+    if config.data.name == "image_folder":
+        return f"image_folder {config.data.image_dir}"
+    if config.data.name == "tfds":
+        return f"tfds {config.data.tfds_name}:{config.data.tfds_split}"
+    return str(config.data.name)
 
 
 FINAL_NAME = "final.json"
