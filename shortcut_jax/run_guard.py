@@ -338,11 +338,30 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Hel
             refusal = error
     try:
         agree(refusal)
-        check_resume(config, workdir, jax.process_count())
+        _check_resume_everywhere(config, workdir, jax.process_count())
         yield HeldWorkdir(lock)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_resume_everywhere(
+    config: ml_collections.ConfigDict, workdir: str, process_count: int
+) -> None:
+    """`check_resume` on every process; all of them stop with the first process's refusal."""
+    from shortcut_jax.distributed import first_error
+
+    caught: Exception | None = None
+    try:
+        check_resume(config, workdir, process_count)
+    except (RunGuardError, checkpoint.CheckpointError) as error:
+        caught = error
+    message = first_error(caught)
+    if message is None:
+        return
+    if caught is not None:
+        raise caught
+    raise ResumeMismatchError(message)
 
 
 def agree(refusal: RunGuardError | None, elsewhere: RunGuardError | None = None) -> None:
