@@ -315,6 +315,19 @@ check_remote_path() {
   ((kept > 0)) ||
     die "$variable='$path' is the home directory or / itself, which rm -rf would wipe" \
       "name a directory of its own, e.g. $variable=shortcut_jax"
+  if [[ $path == /* ]]; then
+    local -a parts=()
+    for component in "${components[@]}"; do
+      [[ -z $component || $component == "." ]] || parts+=("$component")
+    done
+    # A top-level directory (/home, /data), a system directory (/usr/local) or a home root
+    # (/home/me, /root) holds more than this run's code.
+    if ((${#parts[@]} == 1)) || { ((${#parts[@]} == 2)) &&
+      [[ " bin boot dev etc home lib lib32 lib64 media mnt proc root run sbin snap srv sys usr var " == *" ${parts[0]} "* ]]; }; then
+      die "$variable='$path' is a system directory or a home root, which rm -rf would wipe" \
+        "name a directory of its own below it, e.g. $variable=/opt/shortcut_jax or a relative one"
+    fi
+  fi
 }
 check_remote_path REMOTE_DIR "$REMOTE_DIR"
 check_remote_path REMOTE_VENV "$REMOTE_VENV"

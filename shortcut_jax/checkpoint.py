@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from shortcut_jax import config_lib, sharding
@@ -136,14 +137,35 @@ def restore_state(
         return _restore_with_teacher_layout(manager, step, abstract_state)
     except CheckpointError:
         raise
-    except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
+    except Exception as error:  # noqa: BLE001 - orbax raises many kinds; `why` tells them apart
         path = os.path.join(str(manager.directory), str(step))
         steps = sorted(manager.all_steps())
         raise CheckpointError(
-            f"cannot restore the checkpoint {path} ({type(error).__name__}: {error}). "
-            f"Saved steps: {steps}. If this one is corrupt or from another config, move it out "
-            f"of {manager.directory} to resume from the previous one (nothing was deleted)."
+            f"cannot restore the checkpoint {path}: {why(error)} ({type(error).__name__}: "
+            f"{error}). Saved steps: {steps}. Rerun with --config.restore_fallback=true to "
+            "resume from the newest older checkpoint that restores (this one is moved aside, "
+            "not deleted)."
         ) from error
+
+
+def why(error: BaseException) -> str:
+    """What a failed restore means, in words: the kind of failure behind `error`."""
+    text = f"{type(error).__name__} {error}".lower()
+    if isinstance(error, PermissionError) or any(
+        mark in text for mark in ("permission", "forbidden", "403", "access denied")
+    ):
+        return (
+            "permission denied (the files exist but this user or service account cannot read them)"
+        )
+    if any(mark in text for mark in ("shape", "rank", "incompatible dims", "broadcast")):
+        return "shape mismatch (saved by another model or config)"
+    if any(mark in text for mark in ("version", "unsupported", "unknown type", "handler")):
+        return "incompatible version (saved by another Orbax or shortcut_jax version)"
+    if isinstance(error, (FileNotFoundError, KeyError)) or any(
+        mark in text for mark in ("not found", "no such file", "missing", "does not exist")
+    ):
+        return "missing item (a file or array of the checkpoint is gone)"
+    return "corrupt or unreadable"
 
 
 _TEACHER = "teacher_params"
@@ -276,24 +298,70 @@ def _with_defaults(
 
 
 def restore_or_init(
-    manager: ocp.CheckpointManager, abstract_state: Any, init_fn: Callable[[], Any]
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    init_fn: Callable[[], Any],
+    fallback: bool = False,
 ) -> tuple[Any, bool]:
     """Resumes from the newest checkpoint if there is one, else calls `init_fn`.
 
+    With `fallback`, a checkpoint that fails to restore (or holds NaN/inf) is moved aside to
+    WORKDIR/failed_checkpoints/STEP (kept, never deleted) and the next older one is tried, down to
+    a fresh start only if none restores; every failure is logged with its reason.
+
     Returns:
       (state, resumed).
+
+    Raises:
+      CheckpointError: without `fallback`, naming the checkpoint and why it failed.
     """
-    step = manager.latest_step()
-    if step is None:
-        return init_fn(), False
+    while (step := manager.latest_step()) is not None:
+        try:
+            return _restore_finite(manager, abstract_state, step), True
+        except CheckpointError as error:
+            if not fallback:
+                raise
+            moved = set_aside(manager, step)
+            logging.warning("%s\nMoved it to %s; trying the previous checkpoint.", error, moved)
+            manager.reload()
+    return init_fn(), False
+
+
+def _restore_finite(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> Any:
     state = restore_state(manager, abstract_state, step)
     if not is_finite(state):  # saved before saves were checked: do not train on from it
         path = os.path.join(str(manager.directory), str(step))
         raise CheckpointError(
-            f"the checkpoint {path} holds NaN or inf values. Move it out of {manager.directory} "
-            f"to resume from the previous one (saved steps: {sorted(manager.all_steps())})."
+            f"the checkpoint {path} holds NaN or inf values (saved steps: "
+            f"{sorted(manager.all_steps())}). Rerun with --config.restore_fallback=true to "
+            "resume from the newest older checkpoint that restores (this one is moved aside)."
         )
-    return state, True
+    return state
+
+
+FAILED_DIR = "failed_checkpoints"
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves checkpoint `step` out of the manager's directory into ../failed_checkpoints/STEP.
+
+    Kept for inspection, out of the way of the steps the resumed run will save. Process 0 moves
+    it; every process waits for the move.
+    """
+    source = epath.Path(manager.directory) / str(step)
+    target = epath.Path(manager.directory).parent / FAILED_DIR / str(step)
+    if jax.process_index() == 0:
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.parent / f"{step}.{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    return target
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any]:

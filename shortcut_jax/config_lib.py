@@ -75,15 +75,16 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
             reported.add(field)
             return
         try:
-            good = ok(value)
-        except (TypeError, ValueError, AttributeError, KeyError):
+            # True/False where a number is wanted, and inf/nan anywhere, are never allowed.
+            good = _right_kind(value, allowed) and ok(value)
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError):
             good = False
         if not good:
             problems.append(f"config.{field} = {value!r}: {allowed}")
             reported.add(field)
 
     check("objective", lambda v: v in objectives.names(), f"one of {objectives.names()}")
-    check("seed", _is_int, "an integer")
+    check("seed", lambda v: _is_int(v) and 0 <= v < 2**63, "a non-negative integer")
     check("total_steps", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     check(
@@ -231,6 +232,8 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
     check("eval_ceiling_num", lambda v: _is_int(v) and v >= 2, "an integer >= 2")
     check("eval_batch_size", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("workdir_lock", lambda v: isinstance(v, bool), "True or False")
+    check("restore_fallback", lambda v: isinstance(v, bool), "True or False")
+    check("data.skip_non_finite", lambda v: isinstance(v, bool), "True or False")
     check(
         "resume_allow_changes",
         lambda v: isinstance(v, str) and not resume_policy.unknown_names(v, _field_names(config)),
@@ -238,6 +241,8 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
         "resumed run may change",
     )
 
+    named = " ".join(problems)
+    problems += [line for line in _unchecked_floats(config) if line.split(" = ")[0] not in named]
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
@@ -345,6 +350,14 @@ def _check_mesh(
 ) -> None:
     from shortcut_jax import sharding
 
+    for axis in sharding.MESH_AXES:
+        check(
+            f"mesh.{axis}",
+            lambda v: _is_int(v) and (v == -1 or 1 <= v <= 2**31),
+            "a positive integer, or -1 for the rest of the devices",
+        )
+    if any(f"config.mesh.{axis} " in " ".join(problems) for axis in sharding.MESH_AXES):
+        return
     try:
         sizes = dict(
             zip(sharding.MESH_AXES, sharding.mesh_shape(config, device_count), strict=True)
@@ -404,13 +417,13 @@ def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: lis
                     "data.image_size",
                     lambda v: (v // factor) % patch_size == 0,
                     f"image_size / vae.downsample_factor ({factor}) divisible by the DiT patch "
-                    f"size {patch_size}",
+                    f"size {patch_size} (config.model.patch_size)",
                 )
         else:
             check(
                 "data.image_size",
                 lambda v: v % patch_size == 0,
-                f"divisible by the DiT patch size {patch_size}",
+                f"divisible by the DiT patch size {patch_size} (config.model.patch_size)",
             )
     if _is_int(num_heads) and num_heads > 0 and not preset:
         check(
@@ -462,9 +475,14 @@ def _check_latent_space(config: ml_collections.ConfigDict, check: Callable) -> N
             check(
                 "data.image_size",
                 lambda v: v % factor == 0,
-                f"divisible by config.vae.downsample_factor = {factor}",
+                f"divisible by config.vae.downsample_factor = {factor} (config.vae.path is set: "
+                "the run trains on VAE latents)",
             )
-        check("data.channels", lambda v: v in (1, 3), "1 or 3 (pixel images) with a VAE")
+        check(
+            "data.channels",
+            lambda v: v in (1, 3),
+            "1 or 3 (pixel images) with a VAE (config.vae.path is set)",
+        )
         check(
             "data.name",
             lambda v: v != "toy2d",
@@ -552,6 +570,28 @@ def _file_exists(path: str) -> bool:
 
 def _field_names(config: ml_collections.ConfigDict) -> list[str]:
     return list(resume_policy.flatten(config))
+
+
+def _right_kind(value: Any, allowed: str) -> bool:
+    """False for a bool where the rule does not ask for one, and for a non-finite float."""
+    if isinstance(value, bool):
+        return "True or False" in allowed
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_right_kind(item, allowed) for item in value)
+    return True
+
+
+def _unchecked_floats(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """config.FIELD = VALUE lines for every inf or nan leaf (of fields no rule names too)."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            lines += _unchecked_floats(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            lines.append(f"config.{prefix}{key} = {value!r}: a finite number")
+    return lines
 
 
 def _is_int(value: Any) -> bool:

@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.num_classes = 10  # 0 = unconditional; label num_classes is the null class
     config.data.random_flip = False
     config.data.shuffle_buffer = 10_000
+    # A batch with NaN or inf stops the run naming the examples; True replaces each such example
+    # by a good one of its batch and counts them (data/skipped_examples), so a rerun can go on.
+    config.data.skip_non_finite = False
     config.data.toy_name = "checkerboard"  # for name == 'toy2d'
     config.data.dim = 2  # point dimension for name == 'toy2d'
 
@@ -200,6 +203,9 @@ def base_config() -> ml_collections.ConfigDict:
     # One run per workdir: a flock (local disks) or a lease (buckets). False runs without it, with
     # a warning: only for filesystems whose flock fails or does nothing (some FUSE / NFS mounts).
     config.workdir_lock = True
+    # A checkpoint that fails to restore stops the start, naming it and why; True moves it aside
+    # (WORKDIR/failed_checkpoints) and resumes from the newest older one that restores.
+    config.restore_fallback = False
     return config
 
 

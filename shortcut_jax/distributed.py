@@ -40,3 +40,35 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+_MESSAGE_BYTES = 4096
+
+
+def first_error(error: BaseException | None) -> str | None:
+    """Every process learns the error of the first process that had one, or None.
+
+    Call it on every process at the same point (a collective when there is more than one), with
+    the exception this process caught there (or None). A check that fails on one process only
+    (a file one host cannot see, a flag given to one host) then ends every process with the same
+    message, instead of leaving the others waiting in the next collective.
+
+    Returns:
+      'process K: <message>' of the lowest failing process K (just the message on one process).
+    """
+    if jax.process_count() == 1:
+        return None if error is None else str(error)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+    if error is not None:
+        text = (str(error) or type(error).__name__).encode("utf-8")[:_MESSAGE_BYTES]
+        row[0] = 1
+        row[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    for process, gathered in enumerate(rows.reshape(-1, _MESSAGE_BYTES + 1)):
+        if gathered[0]:
+            text = bytes(gathered[1:]).rstrip(b"\0").decode("utf-8", errors="replace")
+            return f"process {process}: {text}"
+    return None

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from etils import epath
 from tqdm import tqdm
 
-from shortcut_jax import checkpoint, cli_inputs, sharding
+from shortcut_jax import checkpoint, cli_inputs, preemption, sharding
 from shortcut_jax.distributed import initialize_distributed
 from shortcut_jax.evaluators import features, registry, report, sweep
 
@@ -87,12 +87,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _DISTRIBUTED.value:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    with cli_inputs.errors_as_one_line(
-        checkpoint.CheckpointError,
-        sharding.ShardingError,
-        sweep.EvaluationError,
-        features.WeightsError,
-        features.NonFiniteImagesError,
+    unwritten = "no report was written (results.json and the table appear only when complete)"
+    with (
+        preemption.exit_on_sigterm(unwritten),
+        cli_inputs.errors_as_one_line(
+            checkpoint.CheckpointError,
+            sharding.ShardingError,
+            sweep.EvaluationError,
+            features.WeightsError,
+            features.NonFiniteImagesError,
+        ),
     ):
         _evaluate()
 

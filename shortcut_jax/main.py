@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from shortcut_jax import checkpoint, config_lib, run_guard, train
-from shortcut_jax.distributed import initialize_distributed
+from shortcut_jax.data.checks import BadDataError
+from shortcut_jax.distributed import first_error, initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiments/*.py config file.", lock_config=True
@@ -58,10 +59,14 @@ def main(argv: list[str]) -> None:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         config_lib.validate(_CONFIG.value)
+        invalid = None
     except config_lib.ConfigError as error:
-        raise SystemExit(f"error: {error}") from None
+        invalid = error
     except OSError as error:  # ml_collections could not load the --config file
-        raise SystemExit(f"error: --config: {' '.join(str(error).split())}") from None
+        invalid = config_lib.ConfigError(f"--config: {' '.join(str(error).split())}")
+    message = first_error(invalid)  # every process stops if any one's config is refused
+    if message is not None:
+        raise SystemExit(f"error: {message}")
     logging.info("JAX devices: %s", jax.devices())
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -71,6 +76,7 @@ def main(argv: list[str]) -> None:
         checkpoint.CheckpointError,
         checkpoint.NonFiniteStateError,
         train.NonFiniteLossError,
+        BadDataError,
     ) as error:
         raise SystemExit(f"error: {error}") from None  # the message names the checkpoint to use
 

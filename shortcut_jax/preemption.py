@@ -5,18 +5,35 @@ Several processes (`jax.distributed` initialised): JAX's preemption service owns
 notice on any process reaches all of them, and `sync_point(step)` (for example
 `CheckpointManager.reached_preemption`) turns True on every process at the same step, so all of
 them save that step. The loop then saves, waits for the save, and returns; `main` exits 0.
+
+Phases that can stop at once instead of at a step: inside `PreemptionWatcher.interruptible()` (the
+final sample grids and evaluation of a run, after its last checkpoint is saved) a SIGTERM raises
+`Terminated` where the program is, and `exit_on_sigterm` does the same for a whole CLI (`sample`,
+`evaluate`) and turns it into one line on stderr and exit status 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 import jax
 from absl import logging
+
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
+    """SIGTERM arrived during a phase that stops at once rather than at the next step.
+
+    A BaseException, so that `except Exception` blocks on the way up do not swallow it.
+    """
 
 
 class PreemptionWatcher:
@@ -38,6 +55,7 @@ class PreemptionWatcher:
         self.signal_received = False
         self._previous_handler: Any = None
         self._installed = False
+        self._raise_now = False
 
     def install(self) -> None:
         """Installs the SIGTERM handler (one process, main thread only)."""
@@ -68,6 +86,27 @@ class PreemptionWatcher:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         del signum, frame
         self.signal_received = True
+        if self._raise_now:
+            self._raise_now = False
+            raise Terminated()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within the block, a SIGTERM (or one received before it) raises `Terminated` at once.
+
+        Only where this watcher owns SIGTERM (one process); with `jax.distributed`, JAX's
+        preemption service does, and the block runs to its end.
+        """
+        if not self._installed:
+            yield
+            return
+        if self.signal_received:
+            raise Terminated()
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
 
     def reached(self, step: int) -> bool:
         """Whether to save `step` and stop (the same answer on every process)."""
@@ -75,3 +114,32 @@ class PreemptionWatcher:
         if stop:
             logging.warning("Preemption notice: saving step %d, then stopping.", step)
         return stop
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    del signum, frame
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(unwritten: str) -> Iterator[None]:
+    """For a CLI's body: SIGTERM stops it at once with ``error: ...`` and exit status 143.
+
+    Args:
+      unwritten: what the message says about the outputs, e.g. "nothing was written".
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except Terminated:
+        print(f"error: stopped by SIGTERM: {unwritten}; rerun the same command", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Leave at once: the runtime's threads may be inside a computation the signal cut short,
+        # and tearing the interpreter down under them can crash. Nothing is left to write.
+        os._exit(TERMINATED_EXIT_CODE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -39,6 +39,8 @@ SAFE_FIELDS = (
     "model.remat",
     "resume_allow_changes",
     "workdir_lock",
+    "restore_fallback",
+    "data.skip_non_finite",  # a way past bad examples; batches without any stay the same
     "data.latent_cache_*",  # where and how much of a bucket's latent shards are cached locally
     "vae.decode_batch_size",  # images per decoder pass in sampling and evaluation
 )

@@ -101,22 +101,33 @@ def _now() -> str:
 # ----------------------------------------------------------------------- same run on resume
 
 
-def saved_config(workdir: str) -> tuple[int | None, ml_collections.ConfigDict | None]:
-    """(step, config) of the newest checkpoint in `workdir`, or (None, None) without one."""
+def saved_config(
+    workdir: str, fallback: bool = False
+) -> tuple[int | None, ml_collections.ConfigDict | None]:
+    """(step, config) of the newest checkpoint in `workdir`, or (None, None) without one.
+
+    With `fallback`, a checkpoint whose config cannot be read is skipped (with a warning) for the
+    newest older one that reads; the start then restores from there (`restore_fallback`).
+    """
     manager = checkpoint.make_manager(workdir)
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
-    if step is None:
-        return None, None
-    path = os.path.join(str(checkpoint.checkpoint_dir(workdir)), str(step))
-    try:
-        return step, checkpoint.restore_config(workdir, step)
-    except Exception as error:  # noqa: BLE001 - orbax raises many kinds; all mean "unreadable"
-        raise checkpoint.CheckpointError(
-            f"cannot read the config saved in the checkpoint {path} ({type(error).__name__}: "
-            f"{error}). If it is corrupt, move it out of {checkpoint.checkpoint_dir(workdir)} to "
-            "resume from the previous one (nothing was deleted)."
-        ) from error
+    for step in steps:
+        path = os.path.join(str(checkpoint.checkpoint_dir(workdir)), str(step))
+        try:
+            return step, checkpoint.restore_config(workdir, step)
+        except Exception as error:  # noqa: BLE001 - orbax raises many kinds; `why` names them
+            message = (
+                f"cannot read the config saved in the checkpoint {path}: "
+                f"{checkpoint.why(error)} ({type(error).__name__}: {error})"
+            )
+            if not fallback:
+                raise checkpoint.CheckpointError(
+                    f"{message}. Rerun with --config.restore_fallback=true to resume from the "
+                    "newest older checkpoint that restores (this one is moved aside, not deleted)."
+                ) from error
+            logging.warning("%s; trying the previous checkpoint.", message)
+    return None, None
 
 
 def check_resume(
@@ -127,7 +138,7 @@ def check_resume(
     Raises:
       ResumeMismatchError: listing every change that would alter the run and how to proceed.
     """
-    step, saved = saved_config(workdir)
+    step, saved = saved_config(workdir, bool(config.get("restore_fallback", False)))
     if saved is None:
         return []
     old = resume_policy.flatten(saved)
@@ -327,11 +338,30 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Hel
             refusal = error
     try:
         agree(refusal)
-        check_resume(config, workdir, jax.process_count())
+        _check_resume_everywhere(config, workdir, jax.process_count())
         yield HeldWorkdir(lock)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_resume_everywhere(
+    config: ml_collections.ConfigDict, workdir: str, process_count: int
+) -> None:
+    """`check_resume` on every process; all of them stop with the first process's refusal."""
+    from shortcut_jax.distributed import first_error
+
+    caught: Exception | None = None
+    try:
+        check_resume(config, workdir, process_count)
+    except (RunGuardError, checkpoint.CheckpointError) as error:
+        caught = error
+    message = first_error(caught)
+    if message is None:
+        return
+    if caught is not None:
+        raise caught
+    raise ResumeMismatchError(message)
 
 
 def agree(refusal: RunGuardError | None, elsewhere: RunGuardError | None = None) -> None:

@@ -40,6 +40,7 @@ from shortcut_jax import (
     latent_space,
     models,
     objectives,
+    preemption,
     sampling,
     sharding,
     steps,
@@ -277,7 +278,16 @@ def main(argv: list[str]) -> None:
     """Checks the flags and the run, samples, writes the samples and the PNG grid."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    with cli_inputs.errors_as_one_line(checkpoint.CheckpointError, FileExistsError):
+    out = FLAGS.out or "the output"
+    unwritten = (
+        f"{out} may hold some of the PNG files: delete it before rerunning"
+        if FLAGS.format == "png" and atomic_files.is_remote(out)
+        else f"{out} was not written (it appears only when complete)"
+    )
+    with (
+        preemption.exit_on_sigterm(unwritten),
+        cli_inputs.errors_as_one_line(checkpoint.CheckpointError, FileExistsError),
+    ):
         _sample()
 
 

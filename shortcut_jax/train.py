@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -12,8 +14,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from shortcut_jax import (
+    atomic_files,
     checkpoint,
     compiled_step,
     config_lib,
@@ -32,6 +36,7 @@ from shortcut_jax import (
     steps,
     teacher,
 )
+from shortcut_jax.data import checks as data_checks
 from shortcut_jax.evaluators import features, report, sweep
 from shortcut_jax.state import TrainState, init_state, sharded_abstract_state
 
@@ -77,7 +82,10 @@ def _train_and_evaluate(
     init_fn = functools.partial(init_state, config, model, optimizer)
     manager = checkpoint.make_manager(workdir, config.max_checkpoints_to_keep, for_training=True)
     state, resumed = checkpoint.restore_or_init(
-        manager, abstract_state, jax.jit(init_fn, out_shardings=state_sharding)
+        manager,
+        abstract_state,
+        jax.jit(init_fn, out_shardings=state_sharding),
+        fallback=bool(config.get("restore_fallback", False)),
     )
     # The frozen teacher run (reloaded on every start) and config.init_from (fresh runs only).
     teacher_run, state = teacher.prepare(config, workdir, mesh, state, resumed)
@@ -114,7 +122,10 @@ def _train_and_evaluate(
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
     )
-    batches = prefetch.to_devices(source.iterate(start_step), mesh, depth=2)
+    checked = data_checks.FiniteBatches(
+        source, _data_name(config), start_step, bool(config.data.get("skip_non_finite", False))
+    )
+    batches = prefetch.to_devices(checked, mesh, depth=2)
     sums = None  # metric (total, count) sums since the last log, on the device
     history: dict[int, dict[str, float]] = {}
     last_saved = manager.latest_step()
@@ -140,6 +151,8 @@ def _train_and_evaluate(
                 sums = train_step.zero_sums(state, batch)
                 _raise_if_not_finite(summary.get("loss", float("nan")), step, manager, workdir)
                 summary.update(timer.measure(step))
+                if checked.skipped:
+                    summary["data/skipped_examples"] = float(checked.skipped)
                 writer.write_scalars(step, summary)
                 history[step] = summary
             preempted = watcher.reached(step)  # every step, on every process
@@ -157,22 +170,79 @@ def _train_and_evaluate(
                     checkpoint.checkpoint_dir(workdir),
                 )
                 return history
+            if is_last:
+                break  # the final grids and evaluation follow, once the checkpoint is whole
             sample_every = config.sample_every_steps
-            if (sample_every and step % sample_every == 0) or is_last:
+            if sample_every and step % sample_every == 0:
                 grid_writer.write(state, step)
                 timer.start(step)  # sampling time is not training throughput
             eval_every = config.eval_every_steps
-            if eval_every and (step % eval_every == 0 or is_last):
+            if eval_every and step % eval_every == 0:
                 history.setdefault(step, {}).update(evaluator.run(state, step))
                 timer.start(step)
+        manager.wait_until_finished()  # a SIGTERM from here on finds the last checkpoint whole
+        if int(sharding.to_host(state.step)) == config.total_steps:
+            _final_outputs(config, workdir, state, grid_writer, evaluator, history, watcher)
     finally:
+        manager.wait_until_finished()  # never leave a save half-written (SIGTERM still handled)
         watcher.uninstall()
-        manager.wait_until_finished()  # never leave a save half-written
         manager.close()
         writer.flush()
 
     logging.info("Done at step %d; last checkpoint %s.", config.total_steps, last_saved)
     return history
+
+
+def _data_name(config: ml_collections.ConfigDict) -> str:
+    """The data source as a message names it."""
+    if config.data.get("pairs_dir"):
+        return f"reflow pairs in {config.data.pairs_dir}"
+    if config.data.get("latent_dir"):
+        return f"latents in {config.data.latent_dir}"
+    if config.data.name == "image_folder":
+        return f"image_folder {config.data.image_dir}"
+    if config.data.name == "tfds":
+        return f"tfds {config.data.tfds_name}:{config.data.tfds_split}"
+    return str(config.data.name)
+
+
+FINAL_NAME = "final.json"
+
+
+def _final_outputs(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    state: TrainState,
+    grid_writer: SampleGridWriter,
+    evaluator: PeriodicEvaluator,
+    history: dict[int, dict[str, float]],
+    watcher: preemption.PreemptionWatcher,
+) -> None:
+    """The sample grids and evaluation of the last step, once: a rerun completes what is missing.
+
+    WORKDIR/final.json records that they were written for `config.total_steps`. A SIGTERM while
+    they run stops them at once (the checkpoint is already whole); the rerun of the same command
+    restores the last checkpoint and writes them, without training.
+    """
+    step = int(config.total_steps)
+    marker = os.path.join(workdir, FINAL_NAME)
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if json.loads(epath.Path(marker).read_text())["step"] == step:
+            return
+    try:
+        with watcher.interruptible():
+            grid_writer.write(state, step)
+            if config.eval_every_steps:
+                history.setdefault(step, {}).update(evaluator.run(state, step))
+    except preemption.Terminated:
+        logging.warning(
+            "SIGTERM during the final sample grids and evaluation of step %d: the checkpoint is "
+            "saved; rerun the same command to write them (nothing is trained again).",
+            step,
+        )
+        return
+    if jax.process_index() == 0:
+        atomic_files.write_json(marker, {"step": step, "evaluated": bool(config.eval_every_steps)})
 
 
 class _Throughput:

@@ -6,6 +6,8 @@
 Hooks (environment variables, all optional), none of which touches the library's code:
   SHORTCUT_JAX_TEST_STEP_SECONDS: sleep this long before each batch, so a signal can land at a
     chosen step of a tiny model whose steps take milliseconds.
+  SHORTCUT_JAX_TEST_EVAL_SECONDS: print `eval N` and sleep this long before each evaluation of
+    the train loop, so a signal can land inside the final evaluation.
   SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS: hold every async checkpoint this long after its arrays
     are written and before Orbax renames its temporary directory into place, so a SIGKILL can
     land inside a save.
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
-from shortcut_jax import checkpoint, data, main  # noqa: E402
+from shortcut_jax import checkpoint, data, main, train  # noqa: E402
 
 
 class _SlowSource:
@@ -58,6 +60,17 @@ def _install_hooks() -> None:
     if step_seconds > 0:
         real_get_source = data.get_source
         data.get_source = lambda *args: _SlowSource(real_get_source(*args), step_seconds)
+
+    eval_seconds = float(os.environ.get("SHORTCUT_JAX_TEST_EVAL_SECONDS", "0"))
+    if eval_seconds > 0:
+        real_run = train.PeriodicEvaluator.run
+
+        def slow_run(self, state, step):
+            print(f"eval {step}", flush=True)
+            time.sleep(eval_seconds)
+            return real_run(self, state, step)
+
+        train.PeriodicEvaluator.run = slow_run
 
     save_delay = float(os.environ.get("SHORTCUT_JAX_TEST_SAVE_DELAY_SECONDS", "0"))
     if save_delay > 0:

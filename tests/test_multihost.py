@@ -166,3 +166,35 @@ def test_every_objective_trains_in_two_processes_like_in_one(tmp_path):
             assert sorted(losses[objective]) == sorted(reference[objective]), objective
             for step, loss in reference[objective].items():
                 np.testing.assert_allclose(losses[objective][step], loss, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_config_refused_on_one_process_ends_every_process_with_its_message(tmp_path):
+    """Process 1 alone is given a bad value: both processes stop at once, saying the same."""
+    port = free_port()
+    commands = [
+        [
+            *main_command(tmp_path / "run", *([] if rank == 0 else ["--config.total_steps=-1"])),
+            "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={rank}",
+        ]
+        for rank in range(2)
+    ]
+    processes = [
+        subprocess.Popen(command, cwd=REPO, env=environment(1), stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    try:
+        errors = [process.communicate(timeout=240)[1] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, stderr in zip(processes, errors, strict=True):
+        assert process.returncode == 1, stderr[-2000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: process 1: Invalid config:") or (
+            "process 1: Invalid config:" in stderr and "config.total_steps = -1" in stderr
+        ), stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before the workdir was touched

@@ -94,6 +94,7 @@ class HookedRun:
         self.log = Path(log)
         self.steps: list[int] = []
         self.saves: list[int] = []
+        self.evals: list[int] = []
         environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
         with open(self.log, "ab") as stderr:
             self.process = subprocess.Popen(
@@ -113,6 +114,8 @@ class HookedRun:
                 self.steps.append(int(line.split()[1]))
             elif line.startswith("save "):
                 self.saves.append(int(line.split()[1]))
+            elif line.startswith("eval "):
+                self.evals.append(int(line.split()[1]))
 
     def wait_for(self, condition, timeout: float = 120.0, what: str = "a condition") -> None:
         """Polls `condition()` every 10 ms until it holds; fails if the run ends or times out."""
@@ -151,6 +154,18 @@ class HookedRun:
 
     def stderr_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether process `pid` has installed a SIGTERM handler (its SigCgt mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+    except OSError:
+        return False
+    return False
 
 
 def tiny_mnist_config(total_steps: int = 6):

@@ -372,7 +372,19 @@ class ShardReaders:
 
             def read_shard(rank: int) -> list[bytes]:
                 positions = groups[rank]
-                return self._read_shard(needed[rank], offsets[positions], step, needed[rank + 1 :])
+                try:
+                    return self._read_shard(
+                        needed[rank], offsets[positions], step, needed[rank + 1 :]
+                    )
+                except (LatentFormatError, shard_cache.CacheBudgetError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - a corrupt shard fails in many ways
+                    where = os.path.join(self.latent_dir, self.shards[needed[rank]]["file"])
+                    raise LatentFormatError(
+                        f"cannot read the latent shard {where} ({type(error).__name__}: "
+                        f"{error}): it is truncated or corrupt. Delete it and rerun "
+                        "encode_latents, which encodes the missing shards again."
+                    ) from error
 
             ranks = range(len(needed))
             parts = self._pool.map(read_shard, ranks) if self._pool else map(read_shard, ranks)
