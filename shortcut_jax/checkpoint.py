@@ -371,24 +371,36 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
     (parameters replicated), whatever mesh it was saved from. Used by the sampling and evaluation
     CLIs and notebooks.
     """
-    from shortcut_jax import models, optim
-    from shortcut_jax.state import sharded_abstract_state
-
     manager = make_manager(workdir)
+    try:
+        step = _step_to_load(manager, workdir, step)
+        config = restore_config(workdir, step)
+        config.mesh = sharding.single_device_config().mesh
+        mesh = sharding.make_mesh(config, jax.local_devices())
+        state = restore_state(manager, _abstract_state(config, mesh), step)
+    finally:
+        manager.close()
+    return config, state
+
+
+def _step_to_load(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+    """`step`, or the newest saved one; FileNotFoundError when there is none."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {checkpoint_dir(workdir)}: train first "
             "(python -m shortcut_jax.main --config ... --workdir ...)"
         )
-    config = restore_config(workdir, step)
-    config.mesh = sharding.single_device_config().mesh
-    mesh = sharding.make_mesh(config, jax.local_devices())
+    return step
+
+
+def _abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+    """The run's train state as abstract arrays sharded over `mesh`."""
+    from shortcut_jax import models, optim
+    from shortcut_jax.state import sharded_abstract_state
+
     model = models.get_model(config)
-    abstract_state, _ = sharded_abstract_state(config, model, optim.make_optimizer(config), mesh)
-    state = restore_state(manager, abstract_state, step)
-    manager.close()
-    return config, state
+    return sharded_abstract_state(config, model, optim.make_optimizer(config), mesh)[0]
 
 
 def load_params(
@@ -419,27 +431,16 @@ def load_params(
       FileNotFoundError: when the workdir holds no checkpoint.
       CheckpointError: when the checkpoint cannot be read or lacks the field.
     """
-    from shortcut_jax import models, optim
-    from shortcut_jax.state import sharded_abstract_state
-
     manager = make_manager(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {checkpoint_dir(workdir)}: train first "
-                "(python -m shortcut_jax.main --config ... --workdir ...)"
-            )
+        step = _step_to_load(manager, workdir, step)
         config = restore_config(workdir, step)
         if mesh is None:
             config.mesh = sharding.single_device_config().mesh
             mesh = sharding.make_mesh(config, jax.local_devices())
         for axis, size in mesh.shape.items():
             config.mesh[axis] = int(size)
-        model = models.get_model(config)
-        abstract_state, _ = sharded_abstract_state(
-            config, model, optim.make_optimizer(config), mesh
-        )
+        abstract_state = _abstract_state(config, mesh)
         field = "params" if raw else "ema_params"
         params = restore_fields(manager, step, {field: getattr(abstract_state, field)})[field]
     finally:
