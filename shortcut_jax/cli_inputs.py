@@ -32,6 +32,25 @@ def errors_as_one_line(*kinds: type[BaseException]) -> Iterator[None]:
         raise SystemExit(USAGE_EXIT_CODE) from None
 
 
+def parse_flags(argv: list[str], exit_code: int = USAGE_EXIT_CODE) -> list[str]:
+    """absl's flag parsing for `app.run(..., flags_parser=...)`, with a bad flag, --config file
+    or --config.FIELD override reported in one line (a config file's traceback reduced to its
+    first and last lines) and `exit_code` instead of a traceback."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else " ".join(lines)
+    except (AttributeError, KeyError) as error:
+        message = f"a --config.FIELD override names a field the config does not have: {error}"
+    except (TypeError, ValueError, OSError) as error:
+        message = f"--config: {' '.join(str(error).split())}"
+    print(f"error: {message}\nPass --helpfull for the flags.", file=sys.stderr)
+    sys.exit(exit_code)
+
+
 def check_positive(flag: str, value: int) -> int:
     """`value` if it is an integer >= 1, else InputError naming `flag`."""
     if value is None or value < 1:

@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from shortcut_jax import aot, config_lib, sharding
+from shortcut_jax import aot, cli_inputs, config_lib, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiments/*.py config file (with :variant).", lock_config=True
@@ -278,21 +278,5 @@ def main(argv: list[str]) -> None:
     sys.exit(0 if fits(report) else 1)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, but a bad --config or --config.field override is one line and status 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        print(f"error: {error}\nPass --helpfull for the flags.", file=sys.stderr)
-    except (AttributeError, KeyError) as error:
-        print(
-            f"error: a --config.FIELD override names a field the config does not have: {error}",
-            file=sys.stderr,
-        )
-    except (TypeError, ValueError, OSError) as error:
-        print(f"error: --config: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli_inputs.parse_flags)

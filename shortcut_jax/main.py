@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from shortcut_jax import checkpoint, config_lib, run_guard, train
+from shortcut_jax import checkpoint, cli_inputs, config_lib, run_guard, train
 from shortcut_jax.data.checks import BadDataError
 from shortcut_jax.distributed import first_error, initialize_distributed
 
@@ -82,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli_inputs.parse_flags(argv, exit_code=1))

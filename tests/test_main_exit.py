@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from tiny import REPO, tiny_mnist_config
+from tiny import REPO, run_module, tiny_mnist_config
 
 from shortcut_jax import checkpoint, train
 
@@ -79,3 +79,18 @@ def test_a_missing_config_file_ends_with_one_error_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --config:") and "experiments/missing.py" in last
+
+
+def test_an_unknown_config_variant_is_one_line_not_a_traceback(tmp_path):
+    result = run_module(
+        "shortcut_jax.main",
+        "--config",
+        "experiments/imagenet256.py:bogus",
+        f"--workdir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        "error: flag --config=experiments/imagenet256.py:bogus: Error whilst parsing config "
+        "file: ValueError: unknown config variant 'bogus'" in result.stderr
+    )

@@ -286,4 +286,4 @@ def _write_statistics() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli_inputs.parse_flags)
