@@ -574,7 +574,7 @@ def test_cli_rejects_a_misspelt_override(tmp_path):
         ),
         ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "at most one may be -1"),
         ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "8 devices are not divisible by 3"),
-        ({"data": 0, "fsdp": 8, "tensor": 1}, 8, "each size must be a positive integer"),
+        ({"data": 0, "fsdp": 8, "tensor": 1}, 8, "config.mesh.data = 0: a positive integer, or -1"),
     ],
 )
 def test_bad_mesh_is_rejected_naming_config_mesh(mesh, devices, expected):
