@@ -51,10 +51,20 @@ def parse_flags(argv: list[str], exit_code: int = USAGE_EXIT_CODE) -> list[str]:
     sys.exit(exit_code)
 
 
-def check_positive(flag: str, value: int) -> int:
-    """`value` if it is an integer >= 1, else InputError naming `flag`."""
-    if value is None or value < 1:
-        raise InputError(f"{flag}={value}: must be a positive integer")
+MAX_COUNT = 2**31 - 1  # sample counts, batch sizes, grid sizes: what an array index holds
+
+
+def check_positive(flag: str, value: int, maximum: int = MAX_COUNT) -> int:
+    """`value` if it is an integer in [1, maximum], else InputError naming `flag`."""
+    if value is None or not 1 <= value <= maximum:
+        raise InputError(f"{flag}={value}: must be a positive integer (at most {maximum:,})")
+    return value
+
+
+def check_seed(flag: str, value: int) -> int:
+    """`value` if it can seed the PRNG (an integer in [0, 2**32)), else InputError naming it."""
+    if value is None or not 0 <= value < 2**32:
+        raise InputError(f"{flag}={value}: must be an integer in [0, 2**32)")
     return value
 
 

@@ -96,6 +96,7 @@ def main(argv: list[str]) -> None:
             sweep.EvaluationError,
             features.WeightsError,
             features.NonFiniteImagesError,
+            OSError,  # an output or cache path that cannot be made: one line naming it
         ),
     ):
         _evaluate()
@@ -116,9 +117,12 @@ def _budgets(denoise_timesteps: int) -> list[int]:
 
 
 def _evaluate() -> None:
-    if _NUM.value < 2:
-        raise cli_inputs.InputError(f"--num={_NUM.value}: at least 2 samples per budget")
+    if not 2 <= _NUM.value <= cli_inputs.MAX_COUNT:
+        raise cli_inputs.InputError(
+            f"--num={_NUM.value}: at least 2 samples per budget (at most {cli_inputs.MAX_COUNT:,})"
+        )
     cli_inputs.check_positive("--batch_size", _BATCH.value)
+    cli_inputs.check_seed("--seed", _SEED.value)
     if _PR_NUM.value < 0:
         raise cli_inputs.InputError(f"--pr_num={_PR_NUM.value}: must be >= 0 (0 = skip)")
     # --cfg applies at every budget; without it the run's policy (config.sample_guidance) decides.

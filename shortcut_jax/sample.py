@@ -286,7 +286,7 @@ def main(argv: list[str]) -> None:
     )
     with (
         preemption.exit_on_sigterm(unwritten),
-        cli_inputs.errors_as_one_line(checkpoint.CheckpointError, FileExistsError),
+        cli_inputs.errors_as_one_line(checkpoint.CheckpointError, OSError),
     ):
         _sample()
 
@@ -294,8 +294,8 @@ def main(argv: list[str]) -> None:
 def _check_flags() -> int:
     num = cli_inputs.check_positive("--num", FLAGS.num)
     cli_inputs.check_positive("--batch_size", FLAGS.batch_size)
-    if FLAGS.grid < 1:
-        raise cli_inputs.InputError(f"--grid={FLAGS.grid}: must be a positive integer")
+    cli_inputs.check_positive("--grid", FLAGS.grid)
+    cli_inputs.check_seed("--seed", FLAGS.seed)
     cli_inputs.check_guidance_scale("--cfg", FLAGS.cfg)
     if FLAGS.out is not None and not FLAGS.out.strip():
         raise cli_inputs.InputError("--out is empty: pass the .npz path (or png folder) to write")

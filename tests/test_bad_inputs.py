@@ -64,7 +64,9 @@ def test_sample_and_evaluate_refuse_bad_flags_and_missing_steps_in_one_line(tiny
     sample = run_module(
         "shortcut_jax.sample", f"--workdir={tiny_run}", "--num=0", f"--out={tmp_path}/s.npz"
     )
-    assert _error_line(sample) == "error: --num=0: must be a positive integer"
+    assert (
+        _error_line(sample) == "error: --num=0: must be a positive integer (at most 2,147,483,647)"
+    )
     evaluate = run_module("shortcut_jax.evaluate", f"--workdir={tiny_run}", "--checkpoint_step=7")
     line = _error_line(evaluate)
     assert "--checkpoint_step=7" in line and "saved steps: [3]" in line

@@ -195,6 +195,8 @@ def main(argv: list[str]) -> None:
         sweep.EvaluationError,
         features.WeightsError,
         features.NonFiniteImagesError,
+        OSError,  # a --config file that cannot be loaded, an --out that cannot be written
+        SyntaxError,  # a --config path that is not a Python file
     ):
         _write_statistics()
 
