@@ -43,6 +43,7 @@ import gcs_emulator  # noqa: E402
 
 gcs_emulator.configure(os.environ)
 
+from reliability_benchmark import saved_steps  # noqa: E402
 from tiny import HookedRun, handles_sigterm  # noqa: E402
 
 from shortcut_jax import atomic_files, workdir_lock  # noqa: E402
@@ -59,13 +60,6 @@ def train_args(workdir: Path | str, total: int = TOTAL) -> list[str]:
     return ["--config", "tests/tiny.py", f"--workdir={workdir}", f"--config.total_steps={total}",
             f"--config.checkpoint_every_steps={EVERY}", "--config.max_checkpoints_to_keep=100",
             *EVAL]  # fmt: skip
-
-
-def saved(workdir: Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def final_record(workdir: Path) -> dict[str, Any] | None:
@@ -92,7 +86,7 @@ def train_fault(phase: str, signum: int, scratch: Path, rng: random.Random) -> d
         reached = run.steps[-1] if run.steps else 0
         run.send(signum)
         code = run.wait(timeout=300)
-    after_fault = saved(workdir)
+    after_fault = saved_steps(workdir)
     with HookedRun(train_args(workdir), scratch / f"{workdir.name}.rerun.log") as rerun:
         rerun_code = rerun.wait(timeout=600)
     log = rerun.log.read_text()
@@ -111,7 +105,7 @@ def train_fault(phase: str, signum: int, scratch: Path, rng: random.Random) -> d
         "rerun_trained": "First step" in log,
         "steps_lost": max(0, reached - (after_fault[-1] if after_fault else 0)),
         "final_outputs_complete": final_record(workdir) == {"evaluated": True, "step": TOTAL},
-        "checkpoints_at_the_end": saved(workdir),
+        "checkpoints_at_the_end": saved_steps(workdir),
     }
 
 

@@ -456,16 +456,12 @@ def _eval_chunk(run: _Run) -> int:
 
 def _sample(run: _Run, num_steps: int) -> tuple[int, Callable[[], Any]]:
     params = run.abstract_state.ema_params
-    param_shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
-    settings = tuple(sorted(_sample_settings(run.config, num_steps).items()))
-    apply_fn = steps.make_apply_fn(run.model)
-    program = sampling._sharded_sampler(
-        apply_fn,
-        settings,
+    program = sampling.mesh_sampler(
+        steps.make_apply_fn(run.model),
+        params,
         run.mesh,
-        treedef,
-        tuple(param_shardings),
-        sharding.with_activation_defaults(sharding.logical_rules(run.config)),
+        sharding_rules=sharding.logical_rules(run.config),
+        **_sample_settings(run.config, num_steps),
     )
     chunk = _eval_chunk(run)
     shape = tuple(models.example_inputs(run.config, 1)[0].shape[1:])

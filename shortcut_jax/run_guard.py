@@ -289,17 +289,26 @@ def _check_checkpoint_room(workdir: str, state: Any, config: ml_collections.Conf
 
 
 class HeldWorkdir:
-    """The workdir lock of a running training job, as the train loop sees it."""
+    """The workdir lock of a running training job, as the train loop sees it.
 
-    def __init__(self, lock: WorkdirLock | BucketLease | None):
+    Args:
+      lock: process 0's lock (None on the other processes, or without `config.workdir_lock`).
+      on_bucket: whether the workdir is a bucket path (the same answer on every process).
+    """
+
+    def __init__(self, lock: WorkdirLock | BucketLease | None, on_bucket: bool):
         self._lock = lock
+        self._on_bucket = on_bucket
 
     def confirm(self) -> None:
         """Raises `LeaseLostError` on every process if process 0 lost its bucket lease.
 
-        Call it on every process before writing into the workdir (a collective when there is
-        more than one process). Local flocks cannot be lost: this only agrees then.
+        Call it on every process before writing into the workdir: on a bucket it is a collective
+        when there is more than one process. A local flock cannot be lost, so for a local
+        workdir it returns at once, with no collective on the training path.
         """
+        if not self._on_bucket:
+            return
         lost: RunGuardError | None = None
         if isinstance(self._lock, BucketLease):
             try:
@@ -339,7 +348,7 @@ def guard_start(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Hel
     try:
         agree(refusal)
         _check_resume_everywhere(config, workdir, jax.process_count())
-        yield HeldWorkdir(lock)
+        yield HeldWorkdir(lock, atomic_files.is_remote(workdir))
     finally:
         if lock is not None:
             lock.release()

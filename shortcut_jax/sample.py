@@ -246,31 +246,17 @@ def _mesh_sampler(
     `sample_batch` draws the noise of examples 0..num-1 only; chunks of one long run need the
     noise of examples start..start+chunk, so the sharded program is called here directly.
     """
-    objective = objectives.ObjectiveConfig.from_config(config)
-    sampling.make_sampler(  # validates the settings before anything compiles
-        steps.make_apply_fn(models.get_model(config)),
-        num_steps=num_steps,
-        denoise_timesteps=int(config.denoise_timesteps),
-        cfg_scale=cfg_scale,
-        num_classes=int(config.data.num_classes),
-        objective=objective,
-    )
-    settings = (
-        ("cfg_scale", float(cfg_scale)),
-        ("denoise_timesteps", int(config.denoise_timesteps)),
-        ("num_classes", int(config.data.num_classes)),
-        ("num_steps", int(num_steps)),
-        ("objective", objective),
-    )
-    shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
-    rules = sharding.with_activation_defaults(sharding.logical_rules(config))
-    return sampling._sharded_sampler(  # noqa: SLF001 - see the docstring
-        steps.make_apply_fn(models.get_model(config)),
-        settings,
-        mesh,
-        treedef,
-        tuple(shardings),
-        rules,
+    settings = {
+        "num_steps": num_steps,
+        "denoise_timesteps": int(config.denoise_timesteps),
+        "cfg_scale": cfg_scale,
+        "num_classes": int(config.data.num_classes),
+        "objective": objectives.ObjectiveConfig.from_config(config),
+    }
+    apply_fn = steps.make_apply_fn(models.get_model(config))
+    sampling.make_sampler(apply_fn, **settings)  # validates the settings before compiling
+    return sampling.mesh_sampler(
+        apply_fn, params, mesh, sharding_rules=sharding.logical_rules(config), **settings
     )
 
 

@@ -255,6 +255,36 @@ def _sharded_sampler(
     )
 
 
+def mesh_sampler(
+    apply_fn: ApplyFn,
+    params: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_steps: int,
+    denoise_timesteps: int,
+    cfg_scale: float = 1.0,
+    num_classes: int = 0,
+    objective: objectives.ObjectiveConfig | None = None,
+    sharding_rules: Sequence[Sequence[Any]] | None = None,
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """The sampler jitted over `mesh`: ``sampler(params, noise, labels) -> samples``.
+
+    `params` (real or abstract arrays) keep their shardings; noise, labels and samples are split
+    over the mesh's batch axes; the activations follow `sharding_rules` (None = the defaults).
+    One compiled program per settings, mesh and layout (cached).
+    """
+    settings = (
+        ("cfg_scale", float(cfg_scale)),
+        ("denoise_timesteps", int(denoise_timesteps)),
+        ("num_classes", int(num_classes)),
+        ("num_steps", int(num_steps)),
+        ("objective", objective),
+    )
+    shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
+    rules = None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules)
+    return _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings), rules)
+
+
 def make_sampler(
     apply_fn: ApplyFn,
     *,
@@ -424,18 +454,17 @@ def sample_batch(
     chunk = num if batch_size is None else min(int(batch_size), num)
     if mesh is not None:
         chunk = sharding.round_up_to_shards(chunk, mesh)
-        shardings, treedef = jax.tree.flatten(jax.tree.map(lambda p: p.sharding, params))
-        settings = (
-            ("cfg_scale", float(cfg_scale)),
-            ("denoise_timesteps", int(denoise_timesteps)),
-            ("num_classes", int(num_classes)),
-            ("num_steps", int(num_steps)),
-            ("objective", objective),
+        sampler = mesh_sampler(
+            apply_fn,
+            params,
+            mesh,
+            num_steps=num_steps,
+            denoise_timesteps=denoise_timesteps,
+            cfg_scale=cfg_scale,
+            num_classes=num_classes,
+            objective=objective,
+            sharding_rules=sharding_rules,
         )
-        rules = (
-            None if sharding_rules is None else sharding.with_activation_defaults(sharding_rules)
-        )
-        sampler = _sharded_sampler(apply_fn, settings, mesh, treedef, tuple(shardings), rules)
     outputs = []
     for start in range(0, num, chunk):
         chunk_noise = noise[start : start + chunk]

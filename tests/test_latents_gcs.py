@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from shortcut_jax import configs, data
+from shortcut_jax import atomic_files, configs, data
 from shortcut_jax.data import latents, shard_cache
 from shortcut_jax.models import vae as vae_lib
 from shortcut_jax.tools import encode_latents
@@ -151,7 +151,7 @@ def test_an_interrupted_encode_to_a_bucket_leaves_no_partial_shard_and_resumes(
     with pytest.raises(FileNotFoundError, match="encoding has not finished"):
         latents.read_metadata(out)
     first = f"{out}/shard-00000-of-00003.arrayrecord"
-    filesystem, path = shard_cache.filesystem(first)
+    filesystem, path = atomic_files.bucket_filesystem(first)
     generation = filesystem.info(path)["generation"]
     metadata = encode(workspace, out, 6)
     assert filesystem.info(path, refresh=True)["generation"] == generation  # not uploaded again

@@ -131,7 +131,11 @@ class IndexedImageSource:
       class_names: The dataset's class names (() when unlabelled).
       steps_per_epoch: Global batches per pass over the dataset.
       order: The `StepOrder` (which indices each step and process reads).
+      finite_by_construction: True: pixels decoded from 8-bit images are never NaN or inf, so
+        the train loop does not scan them (`data.checks`).
     """
+
+    finite_by_construction = True
 
     def __init__(
         self,

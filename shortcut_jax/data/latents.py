@@ -65,6 +65,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from shortcut_jax import atomic_files
 from shortcut_jax.atomic_files import is_remote
 from shortcut_jax.data import check_seed, local_batch_size, preprocess, shard_cache
 from shortcut_jax.data.image_folder import StepOrder, reference_order
@@ -213,7 +214,7 @@ class ShardWriter:
             self._writer = None
         if self._scratch is not None:
             try:
-                shard_cache.upload_file(self.temporary, self.path)
+                atomic_files.upload_file(self.temporary, self.path)
             finally:
                 shutil.rmtree(self._scratch, ignore_errors=True)
             return

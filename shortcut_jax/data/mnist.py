@@ -81,7 +81,10 @@ class MnistSource:
       element_shape: (image_size, image_size, 1).
       num_classes: 10, or 0 when `config.data.num_classes == 0` (labels are then all 0).
       steps_per_epoch: Global batches per pass over the 5,000 digits.
+      finite_by_construction: True: 8-bit digits are never NaN or inf (see `data.checks`).
     """
+
+    finite_by_construction = True
 
     def __init__(
         self, config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1

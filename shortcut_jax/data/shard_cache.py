@@ -8,8 +8,9 @@ never evicting a pinned shard or one that an earlier upcoming step needs. Evicti
 the rest. Bytes on disk (finished files plus downloads in flight) never exceed `budget_bytes`.
 Each file appears whole or not at all: it is downloaded to a temporary name and renamed.
 
-Uploads go through `upload_file`: fsspec's put_file sends a local file as one object (a simple
-upload, or a resumable one finalized by its last chunk), so an interrupted upload leaves no object.
+Uploads go through `atomic_files.upload_file`: fsspec's put_file sends a local file as one object
+(a simple upload, or a resumable one finalized by its last chunk), so an interrupted upload leaves
+no object.
 """
 
 from __future__ import annotations
@@ -36,15 +37,11 @@ class CacheBudgetError(ValueError):
     """The cache budget cannot hold the shards one batch needs."""
 
 
-filesystem = atomic_files.bucket_filesystem
-upload_file = atomic_files.upload_file
-
-
 def list_names(directory: str) -> set[str]:
     """Names of the entries of `directory` (local or bucket), listed now: a bucket listing cached
     by this process would miss what other processes (other hosts of an encode) wrote since."""
     if "://" in str(directory):
-        fs, path = filesystem(str(directory))
+        fs, path = atomic_files.bucket_filesystem(str(directory))
         fs.invalidate_cache(path)
     return {entry.name for entry in epath.Path(directory).iterdir()}
 
