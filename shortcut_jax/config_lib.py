@@ -281,6 +281,15 @@ def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable
     )
     check("consistency.mu0", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check("live_reflow.steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    check("loss.kind", lambda v: v in ("l2", "pseudo_huber"), "'l2' or 'pseudo_huber'")
+    check("loss.huber_c", lambda v: v >= 0.0, "a float >= 0 (0 = 0.00054 * sqrt(H * W * C))")
+    check(
+        "loss.adaptive_p",
+        lambda v: v >= 0.0 and (v == 0.0 or config.objective != "meanflow"),
+        "a float >= 0 (0 = unweighted); objective 'meanflow' sets its own weighting with "
+        "config.meanflow.adaptive_p, so this must stay 0 for it",
+    )
+    check("loss.adaptive_c", lambda v: v > 0.0, "a float > 0")
 
 
 def _check_teacher(config: ml_collections.ConfigDict, check: Callable) -> None:

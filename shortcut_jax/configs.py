@@ -147,6 +147,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.beta2 = 0.999
     config.optim.grad_clip_norm = 1.0  # 0 = no clipping
     config.ema_rate = 0.999  # EMA of the parameters used for sampling and evaluation
+    # The loss of every objective: 'l2' (mean squared error) or 'pseudo_huber' (iCT:
+    # sqrt(||e||^2 + c^2) - c, c = huber_c or, when 0, 0.00054 * sqrt(H * W * C)); adaptive_p > 0
+    # weighs each example by 1 / (loss + adaptive_c)^p under stop-gradient (MeanFlow's weighting;
+    # objective 'meanflow' has its own, config.meanflow.adaptive_p).
+    config.loss = ml_collections.ConfigDict()
+    config.loss.kind = "l2"
+    config.loss.huber_c = 0.0
+    config.loss.adaptive_p = 0.0
+    config.loss.adaptive_c = 1e-3
 
     # --- Devices ---------------------------------------------------------------------------
     # Mesh sizes over ('data', 'fsdp', 'tensor'); -1 = the rest of the devices. The batch is split

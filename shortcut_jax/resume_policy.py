@@ -186,7 +186,9 @@ def unknown_names(allowed: Any, fields: Any) -> list[str]:
     return [entry for entry in parse_allowed(allowed) if not any(names(entry, f) for f in fields)]
 
 
-def compare(old: Flat, new: Flat, step: int, allowed: Any = ()) -> list[Change]:
+def compare(
+    old: Flat, new: Flat, step: int, allowed: Any = (), defaults: Flat | None = None
+) -> list[Change]:
     """Every field whose value differs, classified as safe or refused.
 
     Args:
@@ -194,6 +196,9 @@ def compare(old: Flat, new: Flat, step: int, allowed: Any = ()) -> list[Change]:
       new: the flattened config given now (plus PROCESS_COUNT when known).
       step: the step being resumed from.
       allowed: `config.resume_allow_changes` of the new config.
+      defaults: the flattened library defaults (`configs.base_config()`). A field the old config
+        lacks (added to the library after the run was saved) whose new value is its default is
+        no change: every field is added with the default that keeps what runs did before.
 
     Returns:
       The changes sorted by field; `safe` is False for those that must stop the resume.
@@ -204,6 +209,8 @@ def compare(old: Flat, new: Flat, step: int, allowed: Any = ()) -> list[Change]:
         before, after = old.get(field, ABSENT), new.get(field, ABSENT)
         if field == PROCESS_COUNT and ABSENT in (before, after):
             continue  # a run recorded before process counts were kept
+        if before is ABSENT and defaults is not None and field in defaults:
+            before = defaults[field] if _same(after, defaults[field]) else before
         if _same(before, after):
             continue
         if any(names(entry, field) for entry in allowed) or any(

@@ -34,7 +34,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from shortcut_jax import atomic_files, checkpoint, config_lib, resume_policy
+from shortcut_jax import atomic_files, checkpoint, config_lib, configs, resume_policy
 from shortcut_jax.workdir_lock import (  # noqa: F401 - the errors of a refused start, in one place
     BucketLease,
     LeaseLostError,
@@ -147,7 +147,10 @@ def check_resume(
     if history and PROCESS_COUNT_KEY in history[-1]:
         old[resume_policy.PROCESS_COUNT] = history[-1][PROCESS_COUNT_KEY]
         new[resume_policy.PROCESS_COUNT] = process_count
-    changes = resume_policy.compare(old, new, step, config.get("resume_allow_changes", ""))
+    defaults = resume_policy.flatten(configs.base_config())
+    changes = resume_policy.compare(
+        old, new, step, config.get("resume_allow_changes", ""), defaults
+    )
     refused = [change for change in changes if not change.safe]
     if refused:
         raise ResumeMismatchError(

@@ -61,28 +61,62 @@ def regression_metrics(
     return metrics
 
 
+def pseudo_huber_c(huber_c: float, dim: int) -> float:
+    """The pseudo-Huber constant c: `huber_c` (`config.loss.huber_c`), or 0.00054 * sqrt(dim)
+    when it is 0 (Song and Dhariwal 2023, improved consistency training; dim = H * W * C)."""
+    return float(huber_c) if huber_c > 0 else 0.00054 * float(dim) ** 0.5
+
+
+def per_example_loss(
+    mean_square: jax.Array, dim: int, kind: str, huber_c: float = 0.0
+) -> jax.Array:
+    """The per-example loss from the per-example mean squared error (B,) over `dim` values.
+
+    'l2': the mean squared error itself. 'pseudo_huber': sqrt(||e||^2 + c^2) - c with
+    ||e||^2 = dim * mean_square, the squared error near 0 and the absolute error far from it.
+    """
+    if kind == "l2":
+        return mean_square
+    if kind == "pseudo_huber":
+        return jnp.sqrt(dim * mean_square + huber_c**2) - huber_c
+    raise ValueError(f"config.loss.kind = {kind!r} is unknown; allowed: 'l2', 'pseudo_huber'")
+
+
 def make_loss_fn(
     config: ml_collections.ConfigDict, model: nn.Module
 ) -> Callable[[Any, objectives.Regression], tuple[jax.Array, jax.Array]]:
     """Builds loss_fn(params, regression) -> (loss, logged per-example loss) of the train step.
 
-    loss: () the weighted mean squared error the gradient is taken of (the objective's adaptive
-    weighting included). The per-example loss (B,) is `regression.weight` times the squared
-    error, without the adaptive weighting, so the logged numbers of every objective compare.
+    loss: () the mean over the batch of weight * adaptive * l(e), where l is `config.loss.kind`
+    of the per-example error e, weight is `regression.weight` and adaptive the stop-gradient
+    weighting 1 / (l + c)^p of the objective (MeanFlow) or of `config.loss.adaptive_p` (1 when
+    neither). The logged per-example loss (B,) is `regression.weight` times the mean squared
+    error, whatever the loss kind and weighting, so the logged numbers of every run compare.
     """
     objective = objectives.get(config.objective)
     objective_config = objectives.ObjectiveConfig.from_config(config)
     apply_fn = make_apply_fn(model)
+    loss_config = config.get("loss") or ml_collections.ConfigDict()
+    kind = str(loss_config.get("kind", "l2"))
+    adaptive_p = float(loss_config.get("adaptive_p", 0.0))
+    adaptive_c = float(loss_config.get("adaptive_c", 1e-3))
+    explicit_huber_c = float(loss_config.get("huber_c", 0.0))
 
     def loss_fn(params: Any, regression: objectives.Regression) -> tuple[jax.Array, jax.Array]:
         prediction = apply_fn(params, regression.x_t, regression.t, regression.d, regression.labels)
         error = jnp.square(prediction - regression.target)
-        per_example = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+        mean_square = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+        dim = error[0].size
+        huber_c = pseudo_huber_c(explicit_huber_c, dim) if kind == "pseudo_huber" else 0.0
+        loss = per_example_loss(mean_square, dim, kind, huber_c)
         weight = regression.weight
         if objective.loss_weighting is not None:
-            adaptive = objective.loss_weighting(per_example, objective_config)
+            adaptive = objective.loss_weighting(loss, objective_config)
             weight = weight * jax.lax.stop_gradient(adaptive)
-        return jnp.mean(weight * per_example), regression.weight * per_example
+        elif adaptive_p > 0:
+            adaptive = 1.0 / jnp.power(loss + adaptive_c, adaptive_p)
+            weight = weight * jax.lax.stop_gradient(adaptive)
+        return jnp.mean(weight * loss), regression.weight * mean_square
 
     return loss_fn
 

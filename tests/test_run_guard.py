@@ -434,3 +434,12 @@ def test_every_process_stops_when_process_0_refuses_the_start(tmp_path):
     assert f"error: another run is training in {workdir} (pid {os.getpid()}" in outputs[0][0]
     assert "error: process 0 refused to start this run" in outputs[1][0]
     assert "guard passed" not in outputs[0][0] + outputs[1][0]
+
+
+def test_a_field_added_later_at_its_default_does_not_stop_an_older_run_from_resuming():
+    defaults = resume_policy.flatten(configs.base_config())
+    old = {key: value for key, value in defaults.items() if not key.startswith("loss.")}
+    assert resume_policy.compare(old, dict(defaults), 10, defaults=defaults) == []
+    changed = {**defaults, "loss.kind": "pseudo_huber"}
+    (change,) = resume_policy.compare(old, changed, 10, defaults=defaults)
+    assert change.describe() == 'loss.kind: (absent) -> "pseudo_huber"' and not change.safe
