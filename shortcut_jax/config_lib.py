@@ -7,6 +7,7 @@ bad value as `config.<field> = <value>: <what is allowed>`.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import json
 import math
 import os
@@ -99,6 +100,7 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
     check("cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
     check("class_dropout_prob", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
     check("target_clip", lambda v: v >= 0.0, "a float >= 0 (0 = no clipping)")
+    _check_shortcut_recipe(config, check)
     _check_objective_sections(config, check)
 
     if config.get("objective") in objectives.names():
@@ -245,6 +247,81 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
     problems += [line for line in _unchecked_floats(config) if line.split(" = ")[0] not in named]
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+# Recipe fields of the shortcut objective and their defaults (the draws before they existed).
+SHORTCUT_RECIPE_DEFAULTS = {
+    "bootstrap_levels": "uniform",
+    "bootstrap_curriculum_fraction": 0.5,
+    "bootstrap_level_weights": (),
+    "flow_time": "uniform_grid",
+    "flow_time_mean": 0.0,
+    "flow_time_std": 1.0,
+}
+
+
+def _check_shortcut_recipe(config: ml_collections.ConfigDict, check: Callable) -> None:
+    """Level draws, per-level loss weights and flow-part times (see timesteps.TimeSampling)."""
+    present = [field for field in SHORTCUT_RECIPE_DEFAULTS if field in config]
+    if "bootstrap_levels" in present:
+        check(
+            "bootstrap_levels",
+            lambda v: v in timesteps.LEVEL_SCHEMES,
+            f"one of {list(timesteps.LEVEL_SCHEMES)}",
+        )
+    if "bootstrap_curriculum_fraction" in present:
+        check(
+            "bootstrap_curriculum_fraction",
+            lambda v: _is_number(v) and 0.0 < v <= 1.0,
+            "a float in (0, 1] (the fraction of total_steps after which every level is open)",
+        )
+    if "bootstrap_level_weights" in present:
+        denoise = config.get("denoise_timesteps")
+        levels = timesteps.num_levels(denoise) if timesteps.is_power_of_two(denoise) else None
+        check(
+            "bootstrap_level_weights",
+            lambda v: (
+                isinstance(v, (tuple, list))
+                and (
+                    len(v) == 0
+                    or (
+                        (levels is None or len(v) == levels)
+                        and all(_is_number(w) and w >= 0.0 for w in v)
+                        and any(w > 0.0 for w in v)
+                    )
+                )
+            ),
+            f"() or one weight >= 0 per student level 0 (one step) .. log2(denoise_timesteps) - 1 "
+            f"({levels} weights for denoise_timesteps = {denoise!r}), not all 0",
+        )
+    if "flow_time" in present:
+        check(
+            "flow_time", lambda v: v in timesteps.FLOW_TIMES, f"one of {list(timesteps.FLOW_TIMES)}"
+        )
+    if "flow_time_mean" in present:
+        check("flow_time_mean", lambda v: _is_number(v) and math.isfinite(v), "a finite float")
+    if "flow_time_std" in present:
+        check("flow_time_std", lambda v: _is_number(v) and v > 0.0, "a float > 0")
+    carried = {field.name for field in dataclasses.fields(objectives.ObjectiveConfig)}
+    for field in present:
+        if field not in carried:
+            default = SHORTCUT_RECIPE_DEFAULTS[field]
+            check(
+                field,
+                lambda v, default=default: _same_value(v, default),
+                f"{default!r} until objectives.ObjectiveConfig carries the field {field!r} "
+                "(the objective would not see another value)",
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same_value(value: Any, default: Any) -> bool:
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and tuple(value) == default
+    return value == default
 
 
 def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable) -> None:

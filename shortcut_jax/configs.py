@@ -28,6 +28,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.cfg_scale = 1.5  # guidance scale inside the bootstrap targets (bootstrap_cfg)
     config.class_dropout_prob = 0.1  # labels replaced by the null class (for CFG)
     config.target_clip = 4.0  # clip bootstrap targets and the intermediate x to [-c, c]; 0 = off
+    # How each bootstrap example's student level is drawn (level 0 = one step of size 1):
+    # 'uniform' over the log2(denoise_timesteps) levels; 'coarse' (p proportional to 2**-level:
+    # about half at one step); 'curriculum' (the finest level first, coarser ones join linearly
+    # until all are open at bootstrap_curriculum_fraction of total_steps; uniform over open ones).
+    config.bootstrap_levels = "uniform"
+    config.bootstrap_curriculum_fraction = 0.5
+    # Loss weight per student level 0 .. log2(denoise_timesteps) - 1, e.g. (2, 1.5, 1, 1, 1, 1, 1)
+    # for 128; () = all 1. Multiplies the bootstrap examples' errors (not renormalised).
+    config.bootstrap_level_weights = ()
+    # Times of the flow-matching part: 'uniform_grid' (multiples of 1 / denoise_timesteps) or
+    # 'logit_normal' (t = sigmoid(mean + std * n); t = 1 is data, so mean > 0 favours that end).
+    config.flow_time = "uniform_grid"
+    config.flow_time_mean = 0.0
+    config.flow_time_std = 1.0
 
     # --- Other objectives (each module's docstring cites its paper and equations) -------------
     config.meanflow = ml_collections.ConfigDict()  # objective 'meanflow' (Geng et al. 2025)

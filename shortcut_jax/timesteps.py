@@ -6,12 +6,71 @@ level 0 is one step of size 1 and level ``log2(denoise_timesteps)`` is the small
 flow matching trains. The network embeds the continuous level ``-log2(d)`` (`level_of`), so the
 dyadic sizes embed exactly as the integer levels did before d became a float; sizes below
 1/denoise_timesteps (including d = 0, MeanFlow's r = t) embed as the finest level.
+
+How the shortcut objective draws its levels and times is set by `TimeSampling` (config fields
+`bootstrap_levels`, `bootstrap_curriculum_fraction`, `flow_time`, `flow_time_mean`,
+`flow_time_std`); its defaults are the draws every run made before those fields existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+# How each bootstrap example's student level is drawn (config.bootstrap_levels).
+LEVEL_SCHEMES = ("uniform", "coarse", "curriculum")
+# Where the flow-matching part's times come from (config.flow_time).
+FLOW_TIMES = ("uniform_grid", "logit_normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSampling:
+    """How the shortcut objective draws bootstrap levels and flow-part times.
+
+    Attributes:
+      levels: 'uniform' over the student levels 0 .. log2(T) - 1 (level 0 = one step of size 1);
+        'coarse': p(level) proportional to 2**-level, so one step gets about half of the bootstrap
+        examples and each finer level half as many as the one before; 'curriculum': only the
+        finest level at step 0, coarser levels join one by one (linearly in training progress)
+        until all are open at `curriculum_fraction` of total_steps, uniform over the open ones.
+      curriculum_fraction: in (0, 1], the fraction of training after which every level is open.
+      flow_time: 'uniform_grid' (t uniform on {0, 1/T, ..., (T-1)/T}) or 'logit_normal'
+        (t = sigmoid(mean + std * n), n ~ N(0, 1); t = 1 is data, so mean > 0 favours the data end).
+      flow_time_mean, flow_time_std: the logit-normal's parameters.
+    """
+
+    levels: str = "uniform"
+    curriculum_fraction: float = 0.5
+    flow_time: str = "uniform_grid"
+    flow_time_mean: float = 0.0
+    flow_time_std: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TimeSampling:
+        """Reads the config fields of the same meaning from an `objectives.ObjectiveConfig`.
+
+        A settings object without a field (an ObjectiveConfig that does not carry it yet) gives
+        the default; `config_lib.validate` refuses a non-default value of a field the
+        ObjectiveConfig does not carry, so a configured value is never dropped silently.
+        """
+        names = {
+            "levels": "bootstrap_levels",
+            "curriculum_fraction": "bootstrap_curriculum_fraction",
+            "flow_time": "flow_time",
+            "flow_time_mean": "flow_time_mean",
+            "flow_time_std": "flow_time_std",
+        }
+        defaults = cls()
+        return cls(
+            **{
+                mine: getattr(settings, theirs, getattr(defaults, mine))
+                for mine, theirs in names.items()
+            }
+        )
 
 
 def is_power_of_two(n: int) -> bool:
@@ -62,8 +121,69 @@ def sample_flow_times(rng: jax.Array, batch_size: int, denoise_timesteps: int) -
     return index.astype(jnp.float32) / denoise_timesteps
 
 
+def sample_logit_normal_times(
+    rng: jax.Array, batch_size: int, mean: float, std: float
+) -> jax.Array:
+    """t = sigmoid(mean + std * n), n ~ N(0, 1): SD3's logit-normal, in (0, 1). Returns (B,)."""
+    normal = jax.random.normal(rng, (batch_size,), jnp.float32)
+    return jax.nn.sigmoid(mean + std * normal)
+
+
+def flow_times(
+    rng: jax.Array, batch_size: int, denoise_timesteps: int, sampling: TimeSampling
+) -> jax.Array:
+    """t of the flow-matching part as `sampling.flow_time` says. Returns (B,) float32."""
+    if sampling.flow_time == "uniform_grid":
+        return sample_flow_times(rng, batch_size, denoise_timesteps)
+    if sampling.flow_time == "logit_normal":
+        return sample_logit_normal_times(
+            rng, batch_size, sampling.flow_time_mean, sampling.flow_time_std
+        )
+    raise ValueError(f"flow_time must be one of {FLOW_TIMES}, got {sampling.flow_time!r}")
+
+
+def level_log_weights(
+    sampling: TimeSampling, denoise_timesteps: int, progress: jax.Array | float = 0.0
+) -> jax.Array | None:
+    """Unnormalised log-probabilities of the student levels 0 .. log2(T) - 1; None = uniform.
+
+    Args:
+      sampling: the scheme (`TimeSampling.levels`).
+      denoise_timesteps: T.
+      progress: () training progress step / total_steps in [0, 1] (read by 'curriculum' only).
+
+    Returns:
+      None for 'uniform' (drawn with randint, as before the schemes existed), else (L,) float32
+      with -inf for the levels the curriculum has not opened yet.
+    """
+    levels = num_levels(denoise_timesteps)
+    index = jnp.arange(levels, dtype=jnp.float32)
+    if sampling.levels == "uniform":
+        return None
+    if sampling.levels == "coarse":
+        return -index * math.log(2.0)
+    if sampling.levels == "curriculum":
+        return jnp.where(index >= coarsest_open_level(sampling, levels, progress), 0.0, -jnp.inf)
+    raise ValueError(f"bootstrap_levels must be one of {LEVEL_SCHEMES}, got {sampling.levels!r}")
+
+
+def coarsest_open_level(
+    sampling: TimeSampling, levels: int, progress: jax.Array | float
+) -> jax.Array:
+    """The curriculum's coarsest open level at `progress`: L - 1 at 0, 0 from the fraction on.
+
+    Level k opens at progress curriculum_fraction * (L - 1 - k) / (L - 1). Returns () float32.
+    """
+    opened = jnp.asarray(progress, jnp.float32) / sampling.curriculum_fraction
+    return jnp.clip(jnp.ceil((levels - 1) * (1.0 - opened)), 0, levels - 1)
+
+
 def sample_bootstrap_levels_and_times(
-    rng: jax.Array, batch_size: int, denoise_timesteps: int, finest_count: int = 0
+    rng: jax.Array,
+    batch_size: int,
+    denoise_timesteps: int,
+    finest_count: int = 0,
+    log_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Draws, per example, a shortcut level and a start time for the self-consistency part.
 
@@ -78,6 +198,10 @@ def sample_bootstrap_levels_and_times(
     so the teacher evaluates its null branch for those k only. `guided_count` gives the k that keeps
     the finest level's share close to 1 / log2(T).
 
+    `log_weights` (L,) (`level_log_weights`; None = uniform) replaces the uniform level draw by a
+    categorical one; with `finest_count` the other examples draw from the coarser levels' weights,
+    and sit at the finest level too while no coarser level has a finite weight.
+
     Returns:
       d_level: (B,) int32, the level of the *student* step 2d; the teacher uses d_level + 1.
       t: (B,) float32 in [0, 1).
@@ -87,10 +211,19 @@ def sample_bootstrap_levels_and_times(
     if not 0 <= finest_count <= batch_size:
         raise ValueError(f"finest_count must be in [0, {batch_size}], got {finest_count}")
     if finest_count and levels > 1:
-        coarser = jax.random.randint(level_rng, (batch_size - finest_count,), 0, levels - 1)
+        count = batch_size - finest_count
+        if log_weights is None:
+            coarser = jax.random.randint(level_rng, (count,), 0, levels - 1)
+        else:
+            coarser_weights = log_weights[: levels - 1]
+            drawn = jax.random.categorical(level_rng, coarser_weights, shape=(count,))
+            any_open = jnp.any(jnp.isfinite(coarser_weights))
+            coarser = jnp.where(any_open, drawn, levels - 1).astype(jnp.int32)
         d_level = jnp.concatenate([jnp.full((finest_count,), levels - 1, coarser.dtype), coarser])
-    else:
+    elif log_weights is None:
         d_level = jax.random.randint(level_rng, (batch_size,), 0, levels)
+    else:
+        d_level = jax.random.categorical(level_rng, log_weights, shape=(batch_size,))
     sections = jnp.left_shift(1, d_level)  # number of student steps of size 2**-d_level
     uniform = jax.random.uniform(time_rng, (batch_size,))
     index = jnp.minimum(jnp.floor(uniform * sections), sections - 1)

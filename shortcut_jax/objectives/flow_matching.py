@@ -36,7 +36,10 @@ def drop_labels(rng: jax.Array, labels: jax.Array, settings: ObjectiveConfig) ->
 def flow_part(
     rng: jax.Array, x0: jax.Array, x1: jax.Array, labels: jax.Array, settings: ObjectiveConfig
 ) -> Regression:
-    """Flow-matching examples at the smallest step size, t on the 1/denoise_timesteps grid.
+    """Flow-matching examples at the smallest step size.
+
+    t is uniform on the 1/denoise_timesteps grid, or logit-normal with config.flow_time =
+    'logit_normal' (`timesteps.TimeSampling`).
 
     Args:
       rng: key for t.
@@ -44,7 +47,8 @@ def flow_part(
       settings: objective config.
     """
     batch_size = x1.shape[0]
-    t = timesteps.sample_flow_times(rng, batch_size, settings.denoise_timesteps)
+    sampling = timesteps.TimeSampling.from_settings(settings)
+    t = timesteps.flow_times(rng, batch_size, settings.denoise_timesteps, sampling)
     d = jnp.full((batch_size,), 1.0 / settings.denoise_timesteps, jnp.float32)
     return Regression(
         x_t=timesteps.interpolate(x0, x1, t),

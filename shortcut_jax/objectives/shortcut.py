@@ -7,6 +7,11 @@ from x_t must equal two steps of size d taken by the teacher,
 
 and the network at (x_t, t, 2d) regresses onto it. The other examples regress x1 - x0 at the
 smallest step size (flow matching), which anchors the finest level.
+
+Recipe knobs (config fields; the defaults are the paper's recipe): how the bootstrap levels are
+drawn (`bootstrap_levels`: uniform, weighted toward the coarse levels, or a fine-to-coarse
+curriculum; see `timesteps.TimeSampling`), a loss weight per bootstrap level
+(`bootstrap_level_weights`), and the flow part's time distribution (`flow_time`).
 """
 
 from __future__ import annotations
@@ -116,12 +121,11 @@ def shortcut_targets(
       batch: {'image': (B, ...) data in [-1, 1], 'label': (B,) int32}.
       rng: key.
       settings: objective config.
-      step: unused.
+      step: () number of updates applied so far (the level curriculum's progress).
 
     Returns:
       The Regression over all B examples and diagnostics.
     """
-    del step
     x1 = batch["image"]
     batch_size = x1.shape[0]
     num_bootstrap = batch_size // settings.bootstrap_every
@@ -132,8 +136,14 @@ def shortcut_targets(
     guided = None
     if settings.bootstrap_cfg and settings.num_classes > 0:
         guided = timesteps.guided_count(num_bootstrap, settings.denoise_timesteps)
+    sampling = timesteps.TimeSampling.from_settings(settings)
+    progress = jnp.asarray(step, jnp.float32) / max(int(settings.total_steps), 1)
     d_level, t = timesteps.sample_bootstrap_levels_and_times(
-        boot_rng, num_bootstrap, settings.denoise_timesteps, finest_count=guided or 0
+        boot_rng,
+        num_bootstrap,
+        settings.denoise_timesteps,
+        finest_count=guided or 0,
+        log_weights=timesteps.level_log_weights(sampling, settings.denoise_timesteps, progress),
     )
     x_t = timesteps.interpolate(x0[:num_bootstrap], x1[:num_bootstrap], t)
     boot_labels = labels[:num_bootstrap]
@@ -147,7 +157,7 @@ def shortcut_targets(
         labels=boot_labels,
         target=target,
         is_bootstrap=jnp.ones((num_bootstrap,), bool),
-        weight=unit_weights(num_bootstrap),
+        weight=level_loss_weights(d_level, settings),
     )
     flow = flow_part(
         flow_rng, x0[num_bootstrap:], x1[num_bootstrap:], labels[num_bootstrap:], settings
@@ -155,6 +165,27 @@ def shortcut_targets(
     regression = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), bootstrap, flow)
     metrics = {"bootstrap_target_rms": jnp.sqrt(jnp.mean(jnp.square(target)))}
     return regression, metrics
+
+
+def level_loss_weights(d_level: jax.Array, settings: ObjectiveConfig) -> jax.Array:
+    """Loss weight of each bootstrap example: config.bootstrap_level_weights[d_level].
+
+    The weights are given per student level 0 (one step of size 1) .. log2(T) - 1 and multiply the
+    examples' squared errors as they are (not renormalised: weights of 2 double the bootstrap
+    part's share of the loss); () = every weight 1.
+
+    Args:
+      d_level: (B,) int student levels.
+      settings: objective config (a settings object without the field gives weights 1; see
+        `timesteps.TimeSampling.from_settings`).
+
+    Returns:
+      (B,) float32.
+    """
+    weights = tuple(getattr(settings, "bootstrap_level_weights", ()))
+    if not weights:
+        return unit_weights(d_level.shape[0])
+    return jnp.asarray(weights, jnp.float32)[d_level]
 
 
 def _clip(x: jax.Array, limit: float) -> jax.Array:
