@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.consistency.mu0 = 0.9  # target-network EMA rate at N = s0
     config.live_reflow = ml_collections.ConfigDict()  # objective 'live_reflow' (Frans et al.)
     config.live_reflow.steps = 8  # Euler steps of the model's own flow behind each reflow target
+    # The step sizes the reflow pairs train: 'all' (1 ... 2 / denoise_timesteps, every level the
+    # sampler uses) or 'one_step' (d = 1 only, as the paper's official code).
+    config.live_reflow.levels = "all"
     # A frozen teacher from another finished run, for 'progressive_distillation' and
     # 'consistency_distillation' (loaded with its own model config onto this run's mesh); 'reflow'
     # reads pairs its teacher wrote (python -m shortcut_jax.tools.reflow_pairs, data.name

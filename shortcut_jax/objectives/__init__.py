@@ -88,6 +88,7 @@ class ObjectiveConfig:
     consistency_s1: int = 150
     consistency_mu0: float = 0.9
     live_reflow_steps: int = 8
+    live_reflow_levels: str = "all"
     distill_stage_steps: tuple[int, ...] = (1,)
     distill_steps_per_stage: int = 1
     distill_scales: int = 18
@@ -126,6 +127,7 @@ class ObjectiveConfig:
             consistency_s1=int(consistency.s1),
             consistency_mu0=float(consistency.mu0),
             live_reflow_steps=int(live.steps),
+            live_reflow_levels=str(live.get("levels", "all")),
             **_distillation_fields(config),
         )
 
