@@ -1,0 +1,602 @@
+"""Export a run's k-step samplers for serving: `jax.export` artifacts, safetensors, a manifest.
+
+    python -m shortcut_jax.tools.export --workdir runs/mnist --steps 1,4 --out exported/
+        [--checkpoint_step N] [--raw_params] [--platforms cpu,cuda,tpu] [--embed_params]
+        [--saved_model]
+
+--out receives (a local folder appears whole, replacing an older export; on a bucket the files
+are uploaded one by one, manifest.json last, into a folder that must be empty):
+
+  sampler_{k}step.jax_export  the k-step sampler, guidance and (latent runs) the VAE decode in one
+                              serialized `jax.export.Exported` (StableHLO), batch size symbolic
+                              ("b"), lowered for every --platforms (default cpu, cuda and tpu);
+  params.safetensors          the parameters it samples with (the EMA unless --raw_params):
+                              "model/<flax path>" for the denoiser, "vae/<flax path>" for the VAE
+                              decoder of latent runs; float32;
+  saved_model_{k}step/        (--saved_model) the same sampler as a TensorFlow SavedModel (jax2tf),
+                              parameters held as variables, signature "serving_default";
+  manifest.json               what a server needs: inputs, outputs, shapes, dtypes, guidance,
+                              platforms, versions, checksums; written last.
+
+Calling convention (nothing of shortcut_jax is needed to serve; see `CALLING_CONVENTION`)::
+
+    exported = jax.export.deserialize(open("sampler_4step.jax_export", "rb").read())
+    params = safetensors.numpy.load_file("params.safetensors")   # a flat {name: array} dict
+    out = exported.call(params, noise, labels, guidance_scale)
+
+noise (b, *noise_shape) float32 ~ N(0, I) (latent shape for latent runs); labels (b,) int32 in
+[0, num_classes], num_classes being the null class (all 0 for unconditional runs); guidance_scale
+() float32, present only when the run's guidance policy (`latent_space.guidance_scale`,
+config.sample_guidance) guides at k steps; 1 = no guidance. `out` is a dict: "images" (b, H, W,
+C) float32 clipped to [-1, 1] and "images_uint8" (b, H, W, C) uint8 = ((x + 1) * 127.5) clipped
+to [0, 255] and truncated (the ADM quantization of `python -m shortcut_jax.sample`); 2-D toy runs
+give "points" (b, D) float32 only. With --embed_params the parameters are constants of each
+artifact and `params` is left out of the call (one file per sampler; not for models near 2 GB).
+
+A guided artifact always evaluates the conditional and null-class batches (also at scale 1), so an
+unguided request costs two network calls per step; unguided artifacts cost one. The program is
+`sampling.sample` and `latent_space.pixel_fn` exactly: the same noise and labels give the images
+of `python -m shortcut_jax.sample`. Bad flags, a workdir that is not a run or an --out that is
+not an export give one line on stderr and exit status 2; failures while exporting or writing give
+one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from shortcut_jax import (
+    atomic_files,
+    checkpoint,
+    cli_inputs,
+    config_lib,
+    latent_space,
+    models,
+    objectives,
+    sampling,
+    sharding,
+    steps,
+)
+
+FORMAT = "shortcut_jax.export/1"
+MANIFEST = "manifest.json"
+PARAMS_FILE = "params.safetensors"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+MODEL_PREFIX, VAE_PREFIX = "model/", "vae/"
+CALLING_CONVENTION = (
+    "jax.export.deserialize(bytes of the artifact).call(*args) with args = [params,] noise, "
+    "labels[, guidance_scale] as listed in 'inputs'; params = "
+    "safetensors.numpy.load_file('params.safetensors') (a flat dict, left out when "
+    "params_embedded); returns a dict of the 'outputs'. The batch size b is symbolic: any b >= 1."
+)
+
+
+class ExportError(RuntimeError):
+    """Exporting or writing failed (exit status 1)."""
+
+
+def artifact_name(num_steps: int) -> str:
+    """The file of the `num_steps`-step sampler in --out."""
+    return f"sampler_{num_steps}step.jax_export"
+
+
+def saved_model_name(num_steps: int) -> str:
+    """The SavedModel folder of the `num_steps`-step sampler in --out."""
+    return f"saved_model_{num_steps}step"
+
+
+def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
+    """'1,4' -> (1, 4); each count in [1, denoise_timesteps], none twice.
+
+    Raises:
+      InputError: naming --steps, the bad entry and what is allowed.
+    """
+    allowed = f"allowed: integers 1..{denoise_timesteps} (denoise_timesteps), e.g. --steps 1,4"
+    entries = [entry.strip() for entry in str(text).split(",")]
+    counts = []
+    for entry in entries:
+        if not entry.isdigit() or not 1 <= int(entry) <= denoise_timesteps:
+            raise cli_inputs.InputError(f"--steps={text}: {entry!r} is not a step count; {allowed}")
+        if int(entry) in counts:
+            raise cli_inputs.InputError(f"--steps={text}: {entry} is listed twice")
+        counts.append(int(entry))
+    return tuple(counts)
+
+
+def parse_platforms(text: str) -> tuple[str, ...]:
+    """'cpu,tpu' -> ('cpu', 'tpu'). Raises InputError naming --platforms on an unknown one."""
+    names = tuple(name.strip().lower() for name in str(text).split(","))
+    bad = [name for name in names if name not in PLATFORMS]
+    if bad or len(set(names)) != len(names):
+        raise cli_inputs.InputError(
+            f"--platforms={text}: allowed a comma-separated subset of {', '.join(PLATFORMS)}"
+        )
+    return names
+
+
+def guides(config: ml_collections.ConfigDict, num_steps: int) -> bool:
+    """Whether the run samples `num_steps` steps with guidance (then the artifact takes a scale).
+
+    The policy is `latent_space.guidance_scale` (config.sample_guidance), asked with a scale that
+    is not 1; unconditional runs never guide.
+    """
+    probe = 2.0
+    return int(config.data.num_classes) > 0 and (
+        latent_space.guidance_scale(config, num_steps, probe) == probe
+    )
+
+
+def flat_params(model_params: Any, vae_params: Any | None) -> dict[str, np.ndarray]:
+    """The serving parameters as one flat {name: float32 array} dict (the safetensors names).
+
+    Names are "model/<path>" and, for latent runs, "vae/<path>", paths joined with "/".
+    """
+    from flax import traverse_util
+
+    flat = {}
+    for prefix, tree in ((MODEL_PREFIX, model_params), (VAE_PREFIX, vae_params)):
+        if tree is None:
+            continue
+        for path, leaf in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items():
+            flat[prefix + path] = np.ascontiguousarray(np.asarray(leaf))
+    return flat
+
+
+def split_params(flat: dict[str, Any]) -> tuple[Any, Any | None]:
+    """`flat_params`' inverse: (model parameter tree, VAE decoder tree or None)."""
+    from flax import traverse_util
+
+    model = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
+    vae = {k[len(VAE_PREFIX) :]: v for k, v in flat.items() if k.startswith(VAE_PREFIX)}
+    unflatten = lambda tree: traverse_util.unflatten_dict(tree, sep="/")  # noqa: E731
+    return unflatten(model), (unflatten(vae) if vae else None)
+
+
+class _TracedScale:
+    """The guidance input where `sampling.sample` takes a Python float `cfg_scale`.
+
+    `sampling.sample` skips the guided batch when ``cfg_scale == 1.0`` and otherwise mixes
+    ``out_null + cfg_scale * (out_cond - out_null)``. This stand-in is unequal to every number (the
+    guided program is always traced) and multiplies as the traced scalar, so the program is the
+    library's for any scale. Any other use (float(), hashing) fails loudly at export time.
+    """
+
+    def __init__(self, value: jax.Array):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __mul__(self, other: Any) -> jax.Array:
+        return self.value * other
+
+    __rmul__ = __mul__
+
+
+def serving_fn(
+    config: ml_collections.ConfigDict, vae: Any | None, num_steps: int, guided: bool
+) -> Callable[..., dict[str, jax.Array]]:
+    """``fn(params, noise, labels[, guidance_scale]) -> outputs``: the k-step sampler and decode.
+
+    params: the `flat_params` dict; noise: (B, *model_shape) float32; labels: (B,) int32;
+    guidance_scale: () float32 (only when `guided`). Returns {"images": (B, H, W, C) float32 in
+    [-1, 1], "images_uint8": uint8} for image runs, {"points": (B, D)} for toy runs.
+    """
+    apply_fn = steps.make_apply_fn(models.get_model(config))
+    pixels = latent_space.pixel_fn(vae)
+    settings = {
+        "num_steps": int(num_steps),
+        "denoise_timesteps": int(config.denoise_timesteps),
+        "num_classes": int(config.data.num_classes),
+        "objective": objectives.ObjectiveConfig.from_config(config),
+    }
+
+    def fn(params: dict[str, jax.Array], noise, labels, *scale) -> dict[str, jax.Array]:
+        model_params, vae_params = split_params(params)
+        cfg_scale = _TracedScale(jnp.asarray(scale[0], jnp.float32)) if guided else 1.0
+        samples = sampling.sample(
+            apply_fn, model_params, noise, labels.astype(jnp.int32), cfg_scale=cfg_scale, **settings
+        )
+        images = pixels(vae_params, samples)
+        if images.ndim < 4:
+            return {"points": images}
+        return {"images": images, "images_uint8": quantize(images)}
+
+    return fn
+
+
+def quantize(images: jax.Array) -> jax.Array:
+    """`images.quantize_adm` on the device: ((x + 1) * 127.5) clipped to [0, 255], truncated."""
+    scaled = jnp.nan_to_num(images.astype(jnp.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    return jnp.clip((scaled + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+
+
+def input_specs(
+    config: ml_collections.ConfigDict, guided: bool, batch: Any = "b"
+) -> list[dict[str, Any]]:
+    """The data inputs after params: name, shape ("b" = the symbolic batch), dtype, meaning."""
+    noise_shape = [batch, *latent_space.model_shape(config)]
+    num_classes = int(config.data.num_classes)
+    labels = (
+        f"class labels in [0, {num_classes - 1}]; {num_classes} (the null class) samples "
+        "unconditionally"
+        if num_classes
+        else "all 0 (unconditional run)"
+    )
+    specs = [
+        {"name": "noise", "shape": noise_shape, "dtype": "float32", "meaning": "x0 ~ N(0, I)"},
+        {"name": "labels", "shape": [batch], "dtype": "int32", "meaning": labels},
+    ]
+    if guided:
+        meaning = f"classifier-free guidance scale, 1 = none (run default {_default_scale(config)})"
+        specs.append(
+            {"name": "guidance_scale", "shape": [], "dtype": "float32", "meaning": meaning}
+        )
+    return specs
+
+
+def _default_scale(config: ml_collections.ConfigDict) -> float:
+    return float(config.sample_cfg_scale)
+
+
+def output_specs(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The outputs (a dict) of every artifact of the run."""
+    if len(latent_space.model_shape(config)) < 3:
+        shape = ["b", *latent_space.model_shape(config)]
+        return [{"name": "points", "shape": shape, "dtype": "float32", "meaning": "samples"}]
+    shape = ["b", *latent_space.pixel_shape(config)]
+    return [
+        {"name": "images", "shape": shape, "dtype": "float32", "meaning": "clipped to [-1, 1]"},
+        {
+            "name": "images_uint8",
+            "shape": shape,
+            "dtype": "uint8",
+            "meaning": "((images + 1) * 127.5) clipped to [0, 255], truncated (ADM)",
+        },
+    ]
+
+
+def export_sampler(
+    config: ml_collections.ConfigDict,
+    vae: Any | None,
+    params: dict[str, np.ndarray],
+    num_steps: int,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    embed_params: bool = False,
+) -> jax.export.Exported:
+    """The `serving_fn` of `num_steps` exported with a symbolic batch for `platforms`.
+
+    With `embed_params` the parameters are constants of the program and not an argument.
+    """
+    guided = guides(config, num_steps)
+    fn = serving_fn(config, vae, num_steps, guided)
+    (batch,) = jax.export.symbolic_shape("b")
+    arguments = [
+        jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]))
+        for spec in input_specs(config, guided, batch)
+    ]
+    if embed_params:
+        program = jax.jit(lambda *inputs: fn(params, *inputs))
+    else:
+        program = jax.jit(fn)
+        arguments.insert(0, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()})
+    try:
+        return jax.export.export(program, platforms=tuple(platforms))(*arguments)
+    except Exception as error:  # lowering failures name the platform or the primitive
+        raise ExportError(
+            f"exporting the {num_steps}-step sampler for {','.join(platforms)} failed: "
+            f"{type(error).__name__}: {' '.join(str(error).split())[:500]} (try --platforms cpu)"
+        ) from error
+
+
+def write_saved_model(
+    config: ml_collections.ConfigDict,
+    vae: Any | None,
+    params: dict[str, np.ndarray],
+    num_steps: int,
+    directory: str,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> None:
+    """Writes the `num_steps`-step sampler as a TensorFlow SavedModel (jax2tf) into `directory`.
+
+    The parameters are variables of the SavedModel; its "serving_default" signature takes the
+    `input_specs` (noise and labels with an unknown batch size) and returns the `output_specs`.
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    guided = guides(config, num_steps)
+    specs = input_specs(config, guided, None)
+    polymorphic = [None] + ["(" + ", ".join(_shape_text(s["shape"])) + ")" for s in specs]
+    converted = jax2tf.convert(
+        serving_fn(config, vae, num_steps, guided),
+        polymorphic_shapes=polymorphic,
+        native_serialization_platforms=tuple(platforms),
+        with_gradient=False,
+    )
+    module = tf.Module()
+    module.params = {
+        name: tf.Variable(value, trainable=False, name=name.replace("/", ".")[-200:])
+        for name, value in params.items()
+    }
+    signature = [tf.TensorSpec(s["shape"], s["dtype"], name=s["name"]) for s in specs]
+    module.sample = tf.function(
+        lambda *inputs: converted(module.params, *inputs),
+        input_signature=signature,
+        autograph=False,
+    )
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.sample})
+
+
+def _shape_text(shape: Sequence[Any]) -> list[str]:
+    return ["b" if size is None else str(size) for size in shape]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_sha256(config: ml_collections.ConfigDict) -> str:
+    """A hash of the run config as saved (without the `mesh` of the process that loaded it)."""
+    fields = json.loads(config_lib.to_json(config))
+    fields.pop("mesh", None)
+    return _sha256(json.dumps(fields, sort_keys=True).encode())
+
+
+def export_run(
+    workdir: str,
+    steps_text: str,
+    out: str,
+    *,
+    checkpoint_step: int | None = None,
+    raw_params: bool = False,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    embed_params: bool = False,
+    saved_model: bool = False,
+) -> dict[str, Any]:
+    """Exports the run's samplers of `steps_text` ('1,4') into `out`; returns the manifest.
+
+    Raises:
+      InputError, CheckpointError: bad inputs (exit status 2 from the CLI).
+      ExportError, OSError: exporting or writing failed (exit status 1).
+    """
+    if saved_model and importlib.util.find_spec("tensorflow") is None:
+        raise ExportError("--saved_model needs TensorFlow: pip install tensorflow-cpu")
+    step = cli_inputs.checkpoint_step(workdir, checkpoint_step)
+    config = checkpoint.restore_config(workdir, step)
+    counts = parse_steps(steps_text, int(config.denoise_timesteps))
+    out = out if atomic_files.is_remote(out) else os.path.abspath(os.path.expanduser(out))
+    _check_out(out)
+    mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices()[:1])
+    config, model_params, step = checkpoint.load_params(workdir, step, raw=raw_params, mesh=mesh)
+    vae = _run_vae(config)
+    params = flat_params(model_params, None if vae is None else vae.decoder_params)
+    del model_params
+    run = {
+        "workdir": str(workdir),
+        "checkpoint_step": int(step),
+        "params": "raw" if raw_params else "ema",
+        "config_sha256": config_sha256(config),
+        "objective": str(config.get("objective", "shortcut")),
+        "denoise_timesteps": int(config.denoise_timesteps),
+        "num_classes": int(config.data.num_classes),
+        "sample_guidance": str(config.get("sample_guidance", "auto")),
+        "sample_cfg_scale": _default_scale(config),
+        "noise_shape": list(latent_space.model_shape(config)),
+        "vae": None if vae is None else {"checksum": vae.checksum, "path": str(config.vae.path)},
+    }
+    with _staging(out) as staging:
+        params_bytes = _write_params(os.path.join(staging, PARAMS_FILE), params, run)
+        samplers = []
+        for count in counts:
+            started = time.perf_counter()
+            exported = export_sampler(
+                config, vae, params, count, platforms=platforms, embed_params=embed_params
+            )
+            data = bytes(exported.serialize())
+            with open(os.path.join(staging, artifact_name(count)), "wb") as handle:
+                handle.write(data)
+            entry = _sampler_entry(config, count, data, embed_params)
+            if saved_model:
+                folder = saved_model_name(count)
+                write_saved_model(
+                    config, vae, params, count, os.path.join(staging, folder), platforms
+                )
+                entry["saved_model"] = folder
+            entry["export_seconds"] = round(time.perf_counter() - started, 2)
+            entry["calling_convention_version"] = int(exported.calling_convention_version)
+            samplers.append(entry)
+        manifest = {
+            "format": FORMAT,
+            "calling_convention": CALLING_CONVENTION,
+            "jax_version": jax.__version__,
+            "platforms": list(platforms),
+            "params_file": PARAMS_FILE,
+            "params_sha256": _sha256(params_bytes),
+            "params_count": int(sum(value.size for value in params.values())),
+            "params_embedded": bool(embed_params),
+            "run": run,
+            "outputs": output_specs(config),
+            "samplers": samplers,
+        }
+        with open(os.path.join(staging, MANIFEST), "w") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+    return manifest
+
+
+def _run_vae(config: ml_collections.ConfigDict) -> Any | None:
+    """The run's VAE (latent runs) or None; InputError naming config.vae.path if it does not fit."""
+    if not latent_space.uses_vae(config):
+        return None
+    try:
+        return latent_space.load_run_vae(config)
+    except ValueError as error:
+        raise cli_inputs.InputError(f"config.vae.path={config.vae.path}: {error}") from None
+
+
+def _sampler_entry(
+    config: ml_collections.ConfigDict, count: int, data: bytes, embedded: bool
+) -> dict[str, Any]:
+    guided = guides(config, count)
+    t_start, step_size, _ = sampling.step_schedule(count, int(config.denoise_timesteps))
+    params_input = [] if embedded else [{"name": "params", "meaning": f"dict of {PARAMS_FILE}"}]
+    return {
+        "steps": count,
+        "file": artifact_name(count),
+        "bytes": len(data),
+        "sha256": _sha256(data),
+        "guidance": {
+            "input": guided,
+            "default_scale": _default_scale(config) if guided else 1.0,
+            "why": _guidance_reason(config, count, guided),
+        },
+        "schedule": {"t_start": t_start.tolist(), "step_size": step_size.tolist()},
+        "inputs": params_input + input_specs(config, guided),
+    }
+
+
+def _guidance_reason(config: ml_collections.ConfigDict, count: int, guided: bool) -> str:
+    if guided:
+        return "the run's policy guides at this step count: the scale is an input"
+    if not int(config.data.num_classes):
+        return "unconditional run: no guidance"
+    policy = config.get("sample_guidance", "auto")
+    return f"sample_guidance={policy} samples {count} steps without guidance (as sample does)"
+
+
+def _write_params(path: str, params: dict[str, np.ndarray], run: dict[str, Any]) -> bytes:
+    import safetensors.numpy
+
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in run.items()}}
+    data = safetensors.numpy.save(params, metadata=metadata)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return data
+
+
+def _check_out(out: str) -> None:
+    """Refuses an --out that holds files but is not an export (local) or holds files (bucket)."""
+    from etils import epath
+
+    path = epath.Path(out)
+    if path.exists() and not path.is_dir():
+        raise cli_inputs.InputError(f"--out={out} is a file: give a folder to export into")
+    if path.is_dir() and any(path.iterdir()):
+        if atomic_files.is_remote(out):
+            raise cli_inputs.InputError(f"--out={out} already holds files: give a new folder")
+        if not (path / MANIFEST).exists():
+            raise cli_inputs.InputError(
+                f"--out={out} holds files and is not an earlier export (no {MANIFEST}): give a "
+                "new folder (an earlier export is replaced whole)"
+            )
+    parent = out.rstrip("/").rsplit("/", 1)[0] if atomic_files.is_remote(out) else None
+    try:
+        atomic_files.probe_writable(parent or os.path.dirname(out))
+    except OSError as error:
+        raise cli_inputs.InputError(f"--out={out}: cannot write there ({error})") from None
+
+
+@contextlib.contextmanager
+def _staging(out: str) -> Iterator[str]:
+    """Yields a local folder to fill; on success it becomes `out` (a local folder, replacing an
+    older export) or its files are uploaded to the bucket folder `out`, manifest.json last."""
+    remote = atomic_files.is_remote(out)
+    directory = (
+        tempfile.mkdtemp(prefix="shortcut_jax_export_")
+        if remote
+        else atomic_files.temporary_sibling(out)
+    )
+    os.makedirs(directory, exist_ok=True)
+    try:
+        yield directory
+        if remote:
+            names = [
+                os.path.relpath(os.path.join(root, name), directory)
+                for root, _, files in os.walk(directory)
+                for name in files
+            ]
+            for name in sorted(names, key=lambda name: (name == MANIFEST, name)):
+                atomic_files.upload_file(os.path.join(directory, name), f"{out.rstrip('/')}/{name}")
+        else:
+            old = atomic_files.temporary_sibling(out) if os.path.lexists(out) else None
+            if old is not None:
+                os.replace(out, old)
+            os.replace(directory, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shortcut_jax.tools.export",
+        description="Export a run's k-step samplers (jax.export, StableHLO) for serving.",
+    )
+    parser.add_argument("--workdir", required=True, help="run directory (shortcut_jax.main)")
+    parser.add_argument("--steps", required=True, help="step counts, comma-separated: 1,4")
+    parser.add_argument("--out", required=True, help="output folder (local or gs://)")
+    parser.add_argument("--checkpoint_step", type=int, help="checkpoint step (default: newest)")
+    parser.add_argument("--raw_params", action="store_true", help="raw params, not the EMA")
+    parser.add_argument(
+        "--platforms",
+        default=",".join(DEFAULT_PLATFORMS),
+        help=f"platforms every artifact runs on, from {','.join(PLATFORMS)}",
+    )
+    parser.add_argument(
+        "--embed_params", action="store_true", help="parameters as constants of each artifact"
+    )
+    parser.add_argument(
+        "--saved_model", action="store_true", help="also a TensorFlow SavedModel (jax2tf)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 bad input, 1 failed export)."""
+    args = _parser().parse_args(argv)
+    try:
+        manifest = export_run(
+            args.workdir,
+            args.steps,
+            args.out,
+            checkpoint_step=args.checkpoint_step,
+            raw_params=args.raw_params,
+            platforms=parse_platforms(args.platforms),
+            embed_params=args.embed_params,
+            saved_model=args.saved_model,
+        )
+    except (cli_inputs.InputError, checkpoint.CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return cli_inputs.USAGE_EXIT_CODE
+    except (ExportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{s['file']} {s['bytes'] / 1e6:.2f} MB" for s in manifest["samplers"])
+    print(f"wrote {args.out}: {sizes}, {PARAMS_FILE} ({manifest['params_count']:,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
