@@ -71,6 +71,12 @@ class ObjectiveConfig:
     target_clip: float
     num_classes: int
     total_steps: int = 1
+    bootstrap_levels: str = "uniform"
+    bootstrap_curriculum_fraction: float = 0.5
+    bootstrap_level_weights: tuple[float, ...] = ()
+    flow_time: str = "uniform_grid"
+    flow_time_mean: float = 0.0
+    flow_time_std: float = 1.0
     meanflow_ratio_r_neq_t: float = 0.25
     meanflow_time_mean: float = -0.4
     meanflow_time_std: float = 1.0
@@ -110,6 +116,14 @@ class ObjectiveConfig:
             target_clip=float(config.target_clip),
             num_classes=int(config.data.num_classes),
             total_steps=int(config.total_steps),
+            bootstrap_levels=str(config.get("bootstrap_levels", "uniform")),
+            bootstrap_curriculum_fraction=float(config.get("bootstrap_curriculum_fraction", 0.5)),
+            bootstrap_level_weights=tuple(
+                float(w) for w in config.get("bootstrap_level_weights", ()) or ()
+            ),
+            flow_time=str(config.get("flow_time", "uniform_grid")),
+            flow_time_mean=float(config.get("flow_time_mean", 0.0)),
+            flow_time_std=float(config.get("flow_time_std", 1.0)),
             meanflow_ratio_r_neq_t=float(mean_flow.ratio_r_neq_t),
             meanflow_time_mean=float(mean_flow.time_mean),
             meanflow_time_std=float(mean_flow.time_std),
