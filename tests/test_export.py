@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -17,9 +18,20 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tiny import REPO, run_module, tiny_mnist_config
 
-from shortcut_jax import checkpoint, images, models, optim, sample, sampling, sharding
+from shortcut_jax import (
+    checkpoint,
+    cli_inputs,
+    gpu_compile,
+    images,
+    models,
+    optim,
+    sample,
+    sampling,
+    sharding,
+)
 from shortcut_jax.models import vae as vae_lib
 from shortcut_jax.state import init_state
 from shortcut_jax.tools import export
@@ -33,6 +45,9 @@ TINY_VAE = vae_lib.VaeArch(
     layers_per_block=1,
     norm_num_groups=4,
 )
+# cli_inputs' rule: a named file or directory that is missing or unfit exits 1 (2 in the
+# cli_inputs that predates InputFileError); a flag value the command cannot run with exits 2.
+FILE_EXIT = 1 if hasattr(cli_inputs, "InputFileError") else 2
 ATOL = 1e-5  # exported vs library images in [-1, 1]
 LABELS_5 = np.array([3, 10, 7, 0, 9], np.int32)  # 10 is the null class
 
@@ -243,6 +258,43 @@ def test_saved_model_reproduces_sample(served, pixel_export, pixel_run):
     assert np.abs(outputs["images"].numpy() - served["k4_b2_w3/images"]).max() < 1e-4
 
 
+def _compile_for(devices, directory: str, num_steps: int, batch: int):
+    """The artifact of `directory` compiled (not run) for the first of `devices`."""
+    entry = [e for e in _manifest(directory)["samplers"] if e["steps"] == num_steps][0]
+    exported = jax.export.deserialize(bytearray(Path(directory, entry["file"]).read_bytes()))
+    on_device = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    params = safetensors.numpy.load_file(os.path.join(directory, export.PARAMS_FILE))
+    arguments = [{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}]
+    for spec in entry["inputs"][1:]:
+        shape = tuple(batch if size == "b" else size for size in spec["shape"])
+        arguments.append(jax.ShapeDtypeStruct(shape, np.dtype(spec["dtype"])))
+    arguments = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device), arguments
+    )
+    with warnings.catch_warnings():  # a compile-only client cannot load cached executables
+        warnings.filterwarnings("ignore", "Error reading persistent compilation cache")
+        return jax.jit(exported.call).lower(*arguments).compile()
+
+
+def test_the_tpu_branch_of_an_artifact_compiles_for_a_v5e(pixel_export, tpu_compiler):
+    devices = tpu_compiler.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    compiled = _compile_for(devices, pixel_export, 4, batch=8)
+    assert "T(8,128)" in compiled.as_text()  # TPU tiled layouts: XLA:TPU compiled it
+
+
+def test_the_cuda_branch_of_an_artifact_compiles_for_an_h100(pixel_export):
+    how = f"to run: {gpu_compile.INSTALL}"
+    try:
+        _, devices = gpu_compile.gpu_devices("h100-8")
+    except gpu_compile.GpuCompileError as error:
+        if os.environ.get("SHORTCUT_JAX_REQUIRE_GPU_COMPILE") == "1":
+            pytest.fail(f"no compile-only GPUs: {error}; {how}")
+        pytest.skip(f"no compile-only GPUs: {error}; {how}")
+    compiled = _compile_for(devices, pixel_export, 4, batch=8)
+    assert {device.platform for device in devices} == {"gpu"}
+    assert "f32[8,28,28,1]" in compiled.as_text()
+
+
 def test_manifest_and_params_file_describe_the_export(pixel_export, pixel_run):
     manifest = _manifest(pixel_export)
     assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
@@ -311,7 +363,6 @@ def test_an_earlier_export_is_replaced_whole(pixel_run, tmp_path):
         (["--steps", ""], "--steps=: '' is not a step count"),
         (["--steps", "2,2"], "--steps=2,2: 2 is listed twice"),
         (["--steps", "1", "--platforms", "cpu,gpu"], "--platforms=cpu,gpu: allowed"),
-        (["--steps", "1", "--checkpoint_step", "7"], "--checkpoint_step=7: no checkpoint"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(pixel_run, tmp_path, capsys, flags, message):
@@ -322,32 +373,38 @@ def test_bad_flags_give_one_line_and_exit_2(pixel_run, tmp_path, capsys, flags, 
     assert not os.path.exists(out)
 
 
-def test_a_workdir_that_is_not_a_run_or_an_out_that_is_not_an_export_exit_2(
+def test_a_workdir_that_is_not_a_run_or_an_out_that_is_not_an_export_is_one_line(
     pixel_run, tmp_path, capsys
 ):
     missing = str(tmp_path / "nowhere")
-    assert export.main(["--workdir", missing, "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert export.main(["--workdir", missing, "--steps", "1", "--out", str(tmp_path / "o")]) == (
+        FILE_EXIT
+    )
     assert capsys.readouterr().err == f"error: --workdir={missing}: no such directory\n"
-    assert export.main(["--workdir", str(tmp_path), "--steps", "1", "--out", "o"]) == 2
+    assert export.main(["--workdir", str(tmp_path), "--steps", "1", "--out", "o"]) == FILE_EXIT
     assert "is not a training run" in capsys.readouterr().err
+    args = ["--workdir", pixel_run, "--steps", "1", "--checkpoint_step", "7", "--out", "o"]
+    assert export.main(args) == FILE_EXIT
+    assert "--checkpoint_step=7: no checkpoint at that step" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    assert export.main(["--workdir", pixel_run, "--steps", "1", "--out", str(busy)]) == 2
-    assert "holds files and is not an earlier export" in capsys.readouterr().err
+    assert export.main(["--workdir", pixel_run, "--steps", "1", "--out", str(busy)]) == 1
+    error = capsys.readouterr().err
+    assert "holds files and is not an earlier export" in error and error.count("\n") == 1
     assert os.listdir(busy) == ["notes.txt"]
     with pytest.raises(SystemExit) as exited:  # argparse: a required flag missing
         export.main(["--workdir", pixel_run, "--steps", "1"])
     assert exited.value.code == 2
 
 
-def test_the_module_entry_point_reports_a_missing_workdir_with_exit_2(tmp_path):
-    missing = str(tmp_path / "nowhere")
-    args = ["--workdir", missing, "--steps", "1,4", "--out", str(tmp_path / "out")]
+def test_the_module_entry_point_reports_a_bad_steps_with_exit_2(pixel_run, tmp_path):
+    args = ["--workdir", pixel_run, "--steps", "1,16", "--out", str(tmp_path / "out")]
     result = run_module("shortcut_jax.tools.export", *args, timeout=300)
     assert result.returncode == 2
-    assert (
-        result.stderr.strip().splitlines()[-1] == f"error: --workdir={missing}: no such directory"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --steps=1,16: '16' is not a step count; allowed: integers 1..8 "
+        "(denoise_timesteps), e.g. --steps 1,4"
     )
     assert not (tmp_path / "out").exists()
 

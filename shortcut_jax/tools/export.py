@@ -29,16 +29,16 @@ noise (b, *noise_shape) float32 ~ N(0, I) (latent shape for latent runs); labels
 () float32, present only when the run's guidance policy (`latent_space.guidance_scale`,
 config.sample_guidance) guides at k steps; 1 = no guidance. `out` is a dict: "images" (b, H, W,
 C) float32 clipped to [-1, 1] and "images_uint8" (b, H, W, C) uint8 = ((x + 1) * 127.5) clipped
-to [0, 255] and truncated (the ADM quantization of `python -m shortcut_jax.sample`); 2-D toy runs
-give "points" (b, D) float32 only. With --embed_params the parameters are constants of each
+to [0, 255] and truncated (the ADM quantization of `python -m shortcut_jax.sample`). Image runs
+only (2-D toy runs are refused). With --embed_params the parameters are constants of each
 artifact and `params` is left out of the call (one file per sampler; not for models near 2 GB).
 
 A guided artifact always evaluates the conditional and null-class batches (also at scale 1), so an
 unguided request costs two network calls per step; unguided artifacts cost one. The program is
 `sampling.sample` and `latent_space.pixel_fn` exactly: the same noise and labels give the images
-of `python -m shortcut_jax.sample`. Bad flags, a workdir that is not a run or an --out that is
-not an export give one line on stderr and exit status 2; failures while exporting or writing give
-one line and exit status 1.
+of `python -m shortcut_jax.sample`. Errors are one line on stderr, with the exit status of the
+`cli_inputs` rule: 2 for bad flags (a --steps outside 1..denoise_timesteps, unknown --platforms),
+1 for a workdir that is not a run, an --out that holds other files, a failed lowering or write.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ CALLING_CONVENTION = (
 
 
 class ExportError(RuntimeError):
-    """Exporting or writing failed (exit status 1)."""
+    """The export cannot be made or written (exit status 1): a lowering failed, --out holds other
+    files or cannot be written, the run's VAE does not fit it, TensorFlow is missing."""
 
 
 def artifact_name(num_steps: int) -> str:
@@ -112,7 +113,7 @@ def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
     entries = [entry.strip() for entry in str(text).split(",")]
     counts = []
     for entry in entries:
-        if not entry.isdigit() or not 1 <= int(entry) <= denoise_timesteps:
+        if not (entry.isascii() and entry.isdigit()) or not 1 <= int(entry) <= denoise_timesteps:
             raise cli_inputs.InputError(f"--steps={text}: {entry!r} is not a step count; {allowed}")
         if int(entry) in counts:
             raise cli_inputs.InputError(f"--steps={text}: {entry} is listed twice")
@@ -199,7 +200,7 @@ def serving_fn(
 
     params: the `flat_params` dict; noise: (B, *model_shape) float32; labels: (B,) int32;
     guidance_scale: () float32 (only when `guided`). Returns {"images": (B, H, W, C) float32 in
-    [-1, 1], "images_uint8": uint8} for image runs, {"points": (B, D)} for toy runs.
+    [-1, 1], "images_uint8": (B, H, W, C) uint8}.
     """
     apply_fn = steps.make_apply_fn(models.get_model(config))
     pixels = latent_space.pixel_fn(vae)
@@ -217,8 +218,6 @@ def serving_fn(
             apply_fn, model_params, noise, labels.astype(jnp.int32), cfg_scale=cfg_scale, **settings
         )
         images = pixels(vae_params, samples)
-        if images.ndim < 4:
-            return {"points": images}
         return {"images": images, "images_uint8": quantize(images)}
 
     return fn
@@ -260,9 +259,6 @@ def _default_scale(config: ml_collections.ConfigDict) -> float:
 
 def output_specs(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The outputs (a dict) of every artifact of the run."""
-    if len(latent_space.model_shape(config)) < 3:
-        shape = ["b", *latent_space.model_shape(config)]
-        return [{"name": "points", "shape": shape, "dtype": "float32", "meaning": "samples"}]
     shape = ["b", *latent_space.pixel_shape(config)]
     return [
         {"name": "images", "shape": shape, "dtype": "float32", "meaning": "clipped to [-1, 1]"},
@@ -303,9 +299,10 @@ def export_sampler(
     try:
         return jax.export.export(program, platforms=tuple(platforms))(*arguments)
     except Exception as error:  # lowering failures name the platform or the primitive
+        hint = " (does --platforms cpu work?)" if tuple(platforms) != ("cpu",) else ""
         raise ExportError(
             f"exporting the {num_steps}-step sampler for {','.join(platforms)} failed: "
-            f"{type(error).__name__}: {' '.join(str(error).split())[:500]} (try --platforms cpu)"
+            f"{type(error).__name__}: {' '.join(str(error).split())[:500]}{hint}"
         ) from error
 
 
@@ -377,14 +374,20 @@ def export_run(
     """Exports the run's samplers of `steps_text` ('1,4') into `out`; returns the manifest.
 
     Raises:
-      InputError, CheckpointError: bad inputs (exit status 2 from the CLI).
-      ExportError, OSError: exporting or writing failed (exit status 1).
+      InputError: a bad flag value (exit status 2) or, as `cli_inputs.checkpoint_step`, a
+        workdir that is not a run.
+      ExportError, CheckpointError, OSError: the export cannot be made or written (status 1).
     """
     if saved_model and importlib.util.find_spec("tensorflow") is None:
         raise ExportError("--saved_model needs TensorFlow: pip install tensorflow-cpu")
     step = cli_inputs.checkpoint_step(workdir, checkpoint_step)
     config = checkpoint.restore_config(workdir, step)
     counts = parse_steps(steps_text, int(config.denoise_timesteps))
+    if len(latent_space.model_shape(config)) != 3:
+        raise ExportError(
+            f"--workdir={workdir} samples {config.data.get('name')} points, not images: export "
+            "serves image runs (python -m shortcut_jax.sample writes toy points)"
+        )
     out = out if atomic_files.is_remote(out) else os.path.abspath(os.path.expanduser(out))
     _check_out(out)
     mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices()[:1])
@@ -446,13 +449,13 @@ def export_run(
 
 
 def _run_vae(config: ml_collections.ConfigDict) -> Any | None:
-    """The run's VAE (latent runs) or None; InputError naming config.vae.path if it does not fit."""
+    """The run's VAE (latent runs) or None; ExportError naming config.vae.path if it is unfit."""
     if not latent_space.uses_vae(config):
         return None
     try:
         return latent_space.load_run_vae(config)
     except ValueError as error:
-        raise cli_inputs.InputError(f"config.vae.path={config.vae.path}: {error}") from None
+        raise ExportError(f"config.vae.path={config.vae.path}: {error}") from None
 
 
 def _sampler_entry(
@@ -496,25 +499,25 @@ def _write_params(path: str, params: dict[str, np.ndarray], run: dict[str, Any])
 
 
 def _check_out(out: str) -> None:
-    """Refuses an --out that holds files but is not an export (local) or holds files (bucket)."""
+    """Refuses an --out that holds files but is not an export (local) or holds files (bucket), and
+    one that cannot be written, before anything is computed."""
     from etils import epath
 
     path = epath.Path(out)
     if path.exists() and not path.is_dir():
-        raise cli_inputs.InputError(f"--out={out} is a file: give a folder to export into")
+        raise ExportError(f"--out={out} is a file: give a folder to export into")
     if path.is_dir() and any(path.iterdir()):
         if atomic_files.is_remote(out):
-            raise cli_inputs.InputError(f"--out={out} already holds files: give a new folder")
+            raise ExportError(f"--out={out} already holds files: give a new folder")
         if not (path / MANIFEST).exists():
-            raise cli_inputs.InputError(
+            raise ExportError(
                 f"--out={out} holds files and is not an earlier export (no {MANIFEST}): give a "
                 "new folder (an earlier export is replaced whole)"
             )
-    parent = out.rstrip("/").rsplit("/", 1)[0] if atomic_files.is_remote(out) else None
     try:
-        atomic_files.probe_writable(parent or os.path.dirname(out))
+        atomic_files.probe_writable(out if atomic_files.is_remote(out) else os.path.dirname(out))
     except OSError as error:
-        raise cli_inputs.InputError(f"--out={out}: cannot write there ({error})") from None
+        raise ExportError(f"--out={out}: cannot write there ({error})") from None
 
 
 @contextlib.contextmanager
@@ -574,7 +577,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 bad input, 1 failed export)."""
+    """Command-line entry point; returns the exit status (2 bad flags, 1 failed export)."""
     args = _parser().parse_args(argv)
     try:
         manifest = export_run(
@@ -587,12 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             embed_params=args.embed_params,
             saved_model=args.saved_model,
         )
-    except (cli_inputs.InputError, checkpoint.CheckpointError, FileNotFoundError) as error:
+    except (cli_inputs.InputError, ExportError, checkpoint.CheckpointError, OSError) as error:
+        # cli_inputs' rule: a flag value the command cannot run with is 2; a named file that is
+        # missing or unfit, an output that cannot be written, a failed export are 1.
         print(f"error: {error}", file=sys.stderr)
-        return cli_inputs.USAGE_EXIT_CODE
-    except (ExportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        usage = isinstance(error, cli_inputs.InputError)
+        return getattr(error, "exit_code", cli_inputs.USAGE_EXIT_CODE) if usage else 1
     sizes = ", ".join(f"{s['file']} {s['bytes'] / 1e6:.2f} MB" for s in manifest["samplers"])
     print(f"wrote {args.out}: {sizes}, {PARAMS_FILE} ({manifest['params_count']:,} parameters)")
     return 0
