@@ -25,18 +25,26 @@ import argparse
 import json
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_runs import (  # noqa: E402
+    ROOT,
+    config_commit,
+    evaluate_command,
+    evaluation_rows,
+    images_per_second,
+    run_timed,
+    train_command,
+)
+
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIG = ROOT / "experiments" / "mnist.py"
+__all__ = ["images_per_second", "main", "parse_variant", "run_variant"]
 QUICK_OVERRIDES = (
     "total_steps=40,optim.warmup_steps=5,model.hidden_size=32,model.depth=1,model.num_heads=2,"
     "log_every_steps=10,checkpoint_every_steps=40,sample_every_steps=0,sample_num=8"
@@ -57,41 +65,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, overrides
 
 
-def images_per_second(train_log: Path) -> float | None:
-    """Median of the `perf/images_per_second` values the run logged, if any."""
-    values = [
-        float(match)
-        for match in re.findall(r"perf/images_per_second=([0-9.eE+-]+)", train_log.read_text())
-    ]
-    return statistics.median(values) if values else None
-
-
-def config_commit() -> str:
-    """The commit the base config was read at, with '+changes' when it differs from it."""
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    command = ["git", "status", "--porcelain", "--", str(CONFIG)]
-    status = subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (head or "unknown") + ("+changes" if status else "")
-
-
-def run_timed(command: list[str], log: Path) -> dict[str, float]:
-    """Runs a command to completion, its output to `log`; its wall and CPU seconds and peak RSS."""
-    start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; its output is in {log}")
-    return {
-        "wall_seconds": wall,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-    }
-
-
 def run_variant(
     name: str, overrides: dict[str, str], args: argparse.Namespace, concurrent: bool
 ) -> dict[str, Any]:
@@ -99,22 +72,18 @@ def run_variant(
     workdir = Path(args.workdir) / name
     workdir.mkdir(parents=True, exist_ok=True)
     all_overrides = {"eval_every_steps": "0", **overrides}
-    train = [sys.executable, "-m", "shortcut_jax.main", f"--config={CONFIG}"]
-    train += [f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in all_overrides.items()]
+    train = train_command(workdir, all_overrides)
     print(f"[{name}] training: {' '.join(train[2:])}", flush=True)
     training = run_timed(train, workdir / "train.log")
     out = workdir / "scores"
-    evaluate = [sys.executable, "-m", "shortcut_jax.evaluate", f"--workdir={workdir}"]
-    evaluate += [f"--num={args.num}", "--metrics=fd_mnist", f"--steps={args.steps}"]
-    evaluate += [f"--out={out}", f"--cache_dir={Path(args.workdir) / 'reference_cache'}"]
+    steps = [int(count) for count in args.steps.split(",")]
+    cache_dir = Path(args.workdir) / "reference_cache"
+    evaluate = evaluate_command(workdir, out, steps, args.num, cache_dir)
     print(f"[{name}] scoring", flush=True)
     scoring = run_timed(evaluate, workdir / "evaluate.log")
-    rows = json.loads((out / "results.json").read_text())["rows"]
     scores = {
-        str(row["steps"]): {
-            key: row[key] for key in ("fd_mnist", "fd_mnist/precision", "fd_mnist/recall")
-        }
-        for row in rows
+        str(count): {key: row[key] for key in ("fd_mnist", "fd_mnist/precision", "fd_mnist/recall")}
+        for count, row in evaluation_rows(out).items()
     }
     result = {
         "base_config": f"experiments/mnist.py of commit {config_commit()}",

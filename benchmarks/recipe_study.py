@@ -1,0 +1,810 @@
+"""Recipe study (issue 24): few-step quality of MNIST recipes trained for the default's wall time.
+
+    python benchmarks/recipe_study.py --phase screen --workdir /tmp/recipe   # every variant, 1 seed
+    python benchmarks/recipe_study.py --phase screen --workdir /tmp/recipe --only default batch_16
+    python benchmarks/recipe_study.py --phase full --workdir /tmp/recipe --only default NAME \
+        --combine NAME+OTHER                                     # 2 seeds each, full budget
+    python benchmarks/recipe_study.py --phase screen --report    # the table, from the result files
+    python benchmarks/recipe_study.py --list                     # the variants and their overrides
+    python benchmarks/recipe_study.py --quick --workdir /tmp/q   # smoke run (~1 min)
+
+Every variant is a named set of overrides of `experiments/mnist.py` (`VARIANTS`); it is trained by
+`python -m shortcut_jax.main` and scored by `python -m shortcut_jax.evaluate`, as a user would.
+
+Equal wall time, not equal steps. The machines drift (+-20 % over minutes) and are shared, so a
+wall-clock deadline would measure the machine's load, not the recipe. Instead each variant's step
+cost is measured against the default's back to back: both train steps are built as the train loop
+builds them, compiled, then timed in alternating bursts (A B, B A, ...; `study_runs.time_configs`,
+one process; the compiled step on a random batch of the config's shape: the data pipeline's host
+work, small next to the step on MNIST, is not timed), and the variant trains
+
+    steps = default_steps x t_default / t_variant
+
+so "the default's wall time" means the default's steps converted through measured per-step cost
+(a variant that is slower per step gets fewer). default_steps is experiments/mnist.py's
+total_steps times the phase's budget fraction (a quarter to screen, all of it in the full phase).
+Both step times, their ratio, every burst and the machine's float32 matmul rate
+(`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. A two-phase
+variant (flow matching first, then shortcut from it via config.init_from) splits the same budget:
+phase 1 gets fraction f of it converted through the flow-matching step's cost, phase 2 the rest
+converted through its own. Sampling and scoring cost is not part of the budget; sampling-only
+variants (guidance policy, raw parameters) score the default's run of the same phase and seed.
+
+Screen every variant at a quarter of the budget with one seed (`--phase screen`), then run the
+best few, alone and combined (`--combine a+b`), at the full budget with 2 seeds (`--phase full`;
+the report gives mean ± half the range). Give --workdir outside the repository.
+
+Scoring. FD-MNIST of 1,000 samples (`--num`) at 1, 2, 4, 8 and 128 steps (sampling seed 0) and
+FID of the 1-step samples (the FID Inception weights are needed). The guidance scale of each step
+count is tuned first on a separate sample set (sampling seed 1, `--tune_num` = 250 samples, the
+scales `--cfg_grid` = 1, 1.5, 2, 3, FD-MNIST: the same noise at every scale, so the comparison is
+paired) and the scores use the tuned scale; both are reported. Sampling at 128 steps dominates the
+cost (about 200 s per 1,000 guided samples on a slow machine), more than a screening run's training.
+
+Results: one JSON per run, benchmarks/results/recipe_study/<phase>/<variant>_seed<k>.json,
+written atomically when the run is scored; a finished file is skipped when the study is rerun, so
+sittings add up. Intermediate outputs (checkpoints, calibration, every evaluation) stay in
+--workdir and are reused by a rerun. `--report` assembles the tables from the result files only,
+and refuses a file whose recorded variant, protocol or resolved training config differs from what
+the script would run now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import study_runs  # noqa: E402
+from study_runs import ROOT  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "recipe_study"
+STEP_COUNTS = (1, 2, 4, 8, 128)
+CFG_GRID = (1.0, 1.5, 2.0, 3.0)
+SCORE_SEED, TUNE_SEED = 0, 1
+PHASES = {"screen": (0.25, (0,)), "full": (1.0, (0, 1))}  # budget fraction, default seeds
+# Every run of the study: no periodic evaluation (scores come from the evaluate CLI), sample grids
+# only at the end.
+STUDY_OVERRIDES = {"eval_every_steps": 0, "sample_every_steps": 0}
+QUICK_OVERRIDES = {
+    "optim.warmup_steps": 5,
+    "model.hidden_size": 32,
+    "model.depth": 1,
+    "model.num_heads": 2,
+    "log_every_steps": 10,
+    "checkpoint_every_steps": 1000,
+    "sample_num": 8,
+    "sample_steps": (1, 2),
+    "eval_ref_num": 500,  # the evaluations' reference and ceiling: small, for speed
+    "eval_ceiling_num": 32,
+}
+QUICK_STEPS = 40
+EXCLUDED_FIELDS = ("total_steps", "seed", "init_from")  # set by the study per run
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One recipe: overrides of experiments/mnist.py, and how it is trained and sampled.
+
+    Attributes:
+      name: its name in results and tables.
+      group: the lever it belongs to (a table section).
+      overrides: {'field.path': value} for the training run (phase 2 of a two-phase variant).
+      first_phase: (fraction of the budget, overrides) of a flow-matching-first variant.
+      raw_params: score the raw parameters instead of the EMA.
+      fixed_cfg: score at this guidance scale at every step count, without tuning.
+      sampling_only: no training of its own: scores the default's run of the same phase and seed.
+    """
+
+    name: str
+    group: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    first_phase: tuple[float, Mapping[str, Any]] | None = None
+    raw_params: bool = False
+    fixed_cfg: float | None = None
+    sampling_only: bool = False
+
+    def definition(self) -> dict[str, Any]:
+        """What the result file records and `--report` compares (JSON types)."""
+        return json.loads(
+            json.dumps(
+                {
+                    "group": self.group,
+                    "overrides": dict(sorted(self.overrides.items())),
+                    "first_phase": (
+                        None
+                        if self.first_phase is None
+                        else {
+                            "fraction": self.first_phase[0],
+                            "overrides": dict(sorted(self.first_phase[1].items())),
+                        }
+                    ),
+                    "raw_params": self.raw_params,
+                    "fixed_cfg": self.fixed_cfg,
+                    "sampling_only": self.sampling_only,
+                }
+            )
+        )
+
+
+def _variants() -> list[Variant]:
+    sc, fm, opt, model, two, sampling = (
+        "self-consistency",
+        "flow-matching part",
+        "optimisation",
+        "model",
+        "two phases",
+        "sampling",
+    )
+    flow_first = {"objective": "flow_matching"}
+    return [
+        Variant("default", "default"),
+        # Self-consistency: the bootstrap share (default 1/4), level draws, level weights (student
+        # levels 0 = one step .. 6), the teacher, guidance inside the targets.
+        Variant("boot_1_8", sc, {"bootstrap_every": 8}),
+        Variant("boot_1_2", sc, {"bootstrap_every": 2}),
+        Variant("levels_coarse", sc, {"bootstrap_levels": "coarse"}),
+        Variant("levels_curriculum", sc, {"bootstrap_levels": "curriculum"}),
+        Variant(
+            "weights_coarse", sc, {"bootstrap_level_weights": (2.0, 1.75, 1.5, 1.25, 1.0, 1.0, 1.0)}
+        ),
+        Variant(
+            "weights_fine", sc, {"bootstrap_level_weights": (1.0, 1.0, 1.0, 1.25, 1.5, 1.75, 2.0)}
+        ),
+        Variant("teacher_ema_0.99", sc, {"bootstrap_teacher": "ema", "teacher_ema_rate": 0.99}),
+        Variant("teacher_ema_0.999", sc, {"bootstrap_teacher": "ema", "teacher_ema_rate": 0.999}),
+        Variant("cfg_in_targets", sc, {"bootstrap_cfg": True}),
+        # Flow-matching part: time distribution, loss.
+        Variant("flow_logit_normal", fm, {"flow_time": "logit_normal"}),
+        Variant("loss_pseudo_huber", fm, {"loss.kind": "pseudo_huber"}),
+        Variant("loss_adaptive", fm, {"loss.adaptive_p": 1.0}),
+        # Optimisation around the default (lr 2e-3, 200 warm-up steps, batch 32, EMA 0.999, clip 1).
+        Variant("lr_1e-3", opt, {"optim.learning_rate": 1e-3}),
+        Variant("lr_4e-3", opt, {"optim.learning_rate": 4e-3}),
+        Variant("warmup_50", opt, {"optim.warmup_steps": 50}),
+        Variant("warmup_500", opt, {"optim.warmup_steps": 500}),
+        Variant("batch_16", opt, {"batch_size": 16}),
+        Variant("batch_64", opt, {"batch_size": 64}),
+        Variant("ema_0.99", opt, {"ema_rate": 0.99}),
+        Variant("ema_0.9995", opt, {"ema_rate": 0.9995}),
+        Variant("clip_off", opt, {"optim.grad_clip_norm": 0.0}),
+        Variant("clip_0.25", opt, {"optim.grad_clip_norm": 0.25}),
+        # Model (default: width 128, depth 4, 4 heads, MLP ratio 4, patch 4), at equal wall time.
+        Variant("w96_d6", model, {"model.hidden_size": 96, "model.depth": 6}),
+        Variant("w192_d2", model, {"model.hidden_size": 192, "model.depth": 2}),
+        Variant("mlp_ratio_2", model, {"model.mlp_ratio": 2.0}),
+        Variant("mlp_ratio_6", model, {"model.mlp_ratio": 6.0}),
+        Variant("patch2_w64", model, {"model.patch_size": 2, "model.hidden_size": 64}),
+        # Two phases at equal total time: flow matching for a fraction, then shortcut from it.
+        Variant("fm_first_25", two, first_phase=(0.25, flow_first)),
+        Variant("fm_first_50", two, first_phase=(0.5, flow_first)),
+        # Sampling the default's run: the untuned policy (1.5 everywhere) and the raw parameters.
+        Variant("sample_cfg_1.5_fixed", sampling, fixed_cfg=1.5, sampling_only=True),
+        Variant("sample_raw_params", sampling, raw_params=True, sampling_only=True),
+    ]
+
+
+VARIANTS: dict[str, Variant] = {variant.name: variant for variant in _variants()}
+
+
+def combine(names: Sequence[str]) -> Variant:
+    """The variant 'a+b+...' with the overrides of all of them (training variants only).
+
+    Raises:
+      ValueError for an unknown name, a sampling-only or two-phase part, or two parts that set
+      the same field to different values.
+    """
+    overrides: dict[str, Any] = {}
+    for name in names:
+        if name not in VARIANTS:
+            raise ValueError(f"--combine: unknown variant {name!r}")
+        part = VARIANTS[name]
+        if part.sampling_only or part.first_phase is not None:
+            raise ValueError(f"--combine: {name!r} is not a single-phase training variant")
+        for field, value in part.overrides.items():
+            if field in overrides and overrides[field] != value:
+                raise ValueError(f"--combine: {'+'.join(names)} sets {field} twice")
+            overrides[field] = value
+    return Variant("+".join(names), "combined", overrides)
+
+
+def resolve(name: str) -> Variant:
+    """A built-in variant, or a combination 'a+b' of built-in ones."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if "+" in name:
+        return combine(name.split("+"))
+    raise ValueError(f"unknown variant {name!r}; see --list")
+
+
+# ----------------------------------------------------------------------------- pure planning
+
+
+def converted_steps(
+    default_steps: int, default_seconds: float, variant_seconds: float, fraction: float = 1.0
+) -> int:
+    """The steps a variant trains in `fraction` of the default's wall time: at least 1.
+
+    default_steps x fraction x t_default / t_variant, rounded; t_* are seconds per train step
+    measured back to back.
+    """
+    if default_seconds <= 0 or variant_seconds <= 0:
+        raise ValueError(f"step times must be > 0, got {default_seconds}, {variant_seconds}")
+    return max(1, round(default_steps * fraction * default_seconds / variant_seconds))
+
+
+def plan_steps(
+    variant: Variant, default_steps: int, seconds: Mapping[str, float]
+) -> dict[str, int]:
+    """Steps of each training phase: {'train': n} or {'phase1': n1, 'train': n2}.
+
+    Args:
+      seconds: seconds per step measured back to back: 'default', 'train' and, for a two-phase
+        variant, 'phase1'.
+    """
+    if variant.first_phase is None:
+        return {"train": converted_steps(default_steps, seconds["default"], seconds["train"])}
+    fraction = variant.first_phase[0]
+    return {
+        "phase1": converted_steps(default_steps, seconds["default"], seconds["phase1"], fraction),
+        "train": converted_steps(default_steps, seconds["default"], seconds["train"], 1 - fraction),
+    }
+
+
+def tuned_scales(tuning: Mapping[float, Mapping[int, float]]) -> dict[int, float]:
+    """{step count: the scale with the lowest score} from {scale: {step count: score}}."""
+    counts = sorted({count for scores in tuning.values() for count in scores})
+    return {count: min(tuning, key=lambda scale: (tuning[scale][count], scale)) for count in counts}
+
+
+def score_groups(
+    scales: Mapping[int, float], fid: bool
+) -> list[tuple[float, tuple[int, ...], str]]:
+    """The evaluations that score every step count at its scale: (scale, step counts, metrics).
+
+    One evaluation per distinct scale; with `fid`, 1 step gets its own with FD-MNIST and FID.
+    """
+    groups: dict[float, list[int]] = {}
+    for count, scale in sorted(scales.items()):
+        if not (fid and count == 1):
+            groups.setdefault(scale, []).append(count)
+    result = [(scale, tuple(counts), "fd_mnist") for scale, counts in sorted(groups.items())]
+    if fid and 1 in scales:
+        result.append((scales[1], (1,), "fd_mnist,fid"))
+    return result
+
+
+def protocol(phase: str, args: argparse.Namespace, default_steps: int) -> dict[str, Any]:
+    """What every run of a phase shares; a result recorded under another protocol is refused."""
+    return {
+        "phase": phase,
+        "default_steps": default_steps,
+        "step_counts": list(args.step_counts),
+        "num": args.num,
+        "tune_num": args.tune_num,
+        "cfg_grid": list(args.cfg_grid),
+        "score_seed": SCORE_SEED,
+        "tune_seed": TUNE_SEED,
+        "fid_at_1_step": args.fid,
+        "quick": args.quick,
+    }
+
+
+def base_overrides(quick: bool) -> dict[str, Any]:
+    """The overrides every run of the study gets before its variant's."""
+    return {**STUDY_OVERRIDES, **(QUICK_OVERRIDES if quick else {})}
+
+
+def training_overrides(variant: Variant, quick: bool, phase1: bool = False) -> dict[str, Any]:
+    """The overrides of one training phase (without total_steps, seed and init_from)."""
+    own = variant.first_phase[1] if phase1 else variant.overrides
+    return {**base_overrides(quick), **own}
+
+
+def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Fields that change training between two flattened configs (`resume_policy` decides which
+    only change logging, sampling or layout); the study's own per-run fields are left out."""
+    from shortcut_jax import configs, resume_policy
+
+    defaults = resume_policy.flatten(configs.base_config())
+    changes = resume_policy.compare(recorded, current, step=0, defaults=defaults)
+    return [c.describe() for c in changes if not c.safe and c.field not in EXCLUDED_FIELDS]
+
+
+def refusals(result: Mapping[str, Any], expected_protocol: Mapping[str, Any]) -> list[str]:
+    """Why a result file does not belong to the study as the script defines it now ([] = fine)."""
+    from shortcut_jax import resume_policy
+
+    problems = []
+    try:
+        variant = resolve(result["variant"])
+    except ValueError as error:
+        return [str(error)]
+    if result.get("definition") != variant.definition():
+        problems.append(f"variant definition {result.get('definition')} != {variant.definition()}")
+    if result.get("protocol") != dict(expected_protocol):
+        problems.append(f"protocol {result.get('protocol')} != {dict(expected_protocol)}")
+    quick = bool(expected_protocol.get("quick"))
+    for key, recorded in (result.get("training_configs") or {}).items():
+        overrides = training_overrides(variant, quick, phase1=key == "phase1")
+        current = resume_policy.flatten(study_runs.load_config(overrides))
+        for difference in config_differences(recorded, current):
+            problems.append(f"{key} config: {difference}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def result_path(results_dir: Path, phase: str, name: str, seed: int) -> Path:
+    """benchmarks/results/recipe_study/<phase>/<variant>_seed<k>.json."""
+    return results_dir / phase / f"{name}_seed{seed}.json"
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def calibrate(
+    variant: Variant, run_dir: Path, args: argparse.Namespace, default_steps: int
+) -> dict[str, Any]:
+    """Back-to-back step times of the default and the variant's training configs (cached)."""
+    cached = run_dir / "calibration.json"
+    configs = {"default": training_overrides(VARIANTS["default"], args.quick)}
+    if variant.name != "default":
+        configs["train"] = training_overrides(variant, args.quick)
+        if variant.first_phase is not None:
+            configs["phase1"] = training_overrides(variant, args.quick, phase1=True)
+    request = {"configs": configs, "default_steps": default_steps, "quick": args.quick}
+    previous = _json(cached)
+    if previous is not None and previous["request"] == json.loads(json.dumps(request)):
+        return previous
+    rounds, burst = (2, 3) if args.quick else (args.calibration_rounds, args.calibration_steps)
+    worker = [sys.executable, __file__, "--calibrate_worker", json.dumps(request)]
+    worker += [f"--calibration_rounds={rounds}", f"--calibration_steps={burst}"]
+    log = run_dir / "calibration.log"
+    study_runs.run_timed(worker, log)
+    measured = json.loads(log.read_text().strip().splitlines()[-1])
+    calibration = {"request": request, **measured}
+    from shortcut_jax import atomic_files
+
+    atomic_files.write_json(cached, calibration)
+    return calibration
+
+
+def calibrate_worker(request: Mapping[str, Any], rounds: int, burst: int) -> dict[str, Any]:
+    """In a fresh process: the matmul rate, then the step times of the requested configs."""
+    from shortcut_jax import allocator
+
+    allocator.tune_glibc_malloc()  # before jax allocates, as in the train CLI
+    import matmul_benchmark
+
+    n, reps = (256, 3) if request["quick"] else (2048, 10)
+    before = matmul_benchmark.matmul_rate(n, reps)["gflops_median"]
+    configs = {
+        name: study_runs.load_config({**overrides, "total_steps": request["default_steps"]})
+        for name, overrides in request["configs"].items()
+    }
+    from shortcut_jax import config_lib
+
+    for config in configs.values():
+        config_lib.validate(config, device_count=1)
+    timed = {}
+    if len(configs) > 1:
+        timed = study_runs.time_configs(configs, rounds, burst)
+    after = matmul_benchmark.matmul_rate(n, reps)["gflops_median"]
+    return {
+        "matmul_gflops": {"n": n, "before": before, "after": after},
+        "load_average": list(os.getloadavg()),
+        **timed,
+    }
+
+
+def train_phase(
+    name: str, workdir: Path, overrides: Mapping[str, Any], stage_file: Path
+) -> dict[str, Any]:
+    """Trains one phase to completion through the CLI (a rerun resumes it); timings cached."""
+    done = _json(stage_file)
+    if done is not None and done["overrides"] == json.loads(json.dumps(dict(overrides))):
+        return done
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = study_runs.train_command(workdir, overrides)
+    print(f"[{name}] training: {' '.join(command[2:])}", flush=True)
+    load_before = list(os.getloadavg())
+    timing = study_runs.run_timed(command, workdir / "train.log")
+    record = {
+        "overrides": json.loads(json.dumps(dict(overrides))),
+        **timing,
+        "images_per_second_median": study_runs.images_per_second(workdir / "train.log"),
+        "load_average_before": load_before,
+        "load_average_after": list(os.getloadavg()),
+        "config": json.loads((workdir / "config.json").read_text()),
+    }
+    from shortcut_jax import atomic_files
+
+    atomic_files.write_json(stage_file, record)
+    return record
+
+
+def evaluate(
+    name: str,
+    train_dir: Path,
+    out: Path,
+    steps: Sequence[int],
+    num: int,
+    args: argparse.Namespace,
+    cfg: float,
+    seed: int,
+    metrics: str,
+    raw_params: bool,
+) -> Path:
+    """One evaluate CLI run into `out`, skipped when its results.json exists."""
+    if (out / "results.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.workdir) / "reference_cache"
+    inception = args.inception if "fid" in metrics.split(",") else None
+    command = study_runs.evaluate_command(
+        train_dir, out, steps, num, cache, metrics, cfg, seed, raw_params, inception
+    )
+    print(f"[{name}] evaluate: {' '.join(command[2:])}", flush=True)
+    study_runs.run_timed(command, out.parent / f"{out.name}.log")
+    return out
+
+
+def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Trains (unless sampling-only), tunes and scores one variant; writes its result file.
+
+    Returns the result, or None when the file exists already and matches (skipped).
+    """
+    from shortcut_jax import atomic_files
+
+    variant = resolve(name)
+    fraction, _ = PHASES[phase]
+    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
+    default_steps = max(1, round(full_steps * fraction))
+    expected = protocol(phase, args, default_steps)
+    path = result_path(Path(args.results_dir), phase, name, seed)
+    existing = _json(path)
+    if existing is not None:
+        problems = refusals(existing, expected)
+        if problems:
+            raise RuntimeError(f"{path} exists but differs ({'; '.join(problems)}): delete it")
+        print(f"[{name} seed {seed}] done already: {path}", flush=True)
+        return None
+    run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if variant.sampling_only:
+        default_path = result_path(Path(args.results_dir), phase, "default", seed)
+        if not default_path.exists():
+            run("default", phase, seed, args)
+        default_result = _json(default_path)
+        train_dir = Path(args.workdir) / phase / f"default_seed{seed}" / "train"
+        training = {"reused": f"default_seed{seed}", **default_result["training"]}
+        calibration = {"reused": True, "matmul_gflops": default_result["matmul_gflops"]}
+        steps = default_result["steps"]
+        training_configs = default_result["training_configs"]
+    else:
+        calibration = calibrate(variant, run_dir, args, default_steps)
+        seconds = dict(calibration.get("seconds_per_step") or {})
+        seconds.setdefault("default", 1.0)
+        seconds.setdefault("train", seconds["default"])
+        steps = plan_steps(variant, default_steps, seconds)
+        training, training_configs = {}, {}
+        common = {"seed": seed}
+        if variant.first_phase is not None:
+            phase1_overrides = {
+                **training_overrides(variant, args.quick, phase1=True),
+                **common,
+                "total_steps": steps["phase1"],
+            }
+            training["phase1"] = train_phase(
+                name, run_dir / "phase1", phase1_overrides, run_dir / "phase1_done.json"
+            )
+            common["init_from"] = str(run_dir / "phase1")
+        train_dir = run_dir / "train"
+        train_overrides = {
+            **training_overrides(variant, args.quick),
+            **common,
+            "total_steps": steps["train"],
+        }
+        training["train"] = train_phase(
+            name, train_dir, train_overrides, run_dir / "train_done.json"
+        )
+        training_configs = {key: _flat(record.pop("config")) for key, record in training.items()}
+
+    # Guidance: tuned per step count on the tuning set, unless the variant fixes it.
+    tuning: dict[float, dict[int, float]] = {}
+    if variant.fixed_cfg is None:
+        for scale in args.cfg_grid:
+            out = evaluate(
+                name,
+                train_dir,
+                run_dir / "tune" / f"cfg_{scale}",
+                args.step_counts,
+                args.tune_num,
+                args,
+                scale,
+                TUNE_SEED,
+                "fd_mnist",
+                variant.raw_params,
+            )
+            rows = study_runs.evaluation_rows(out)
+            tuning[scale] = {count: rows[count]["fd_mnist"] for count in args.step_counts}
+        scales = tuned_scales(tuning)
+    else:
+        scales = {count: variant.fixed_cfg for count in args.step_counts}
+
+    scores: dict[str, dict[str, Any]] = {}
+    metrics_info: dict[str, Any] = {}
+    for scale, counts, metrics in score_groups(scales, args.fid):
+        tag = f"cfg_{scale}" + ("_fid" if "fid" in metrics.split(",") else "")
+        out = evaluate(
+            name,
+            train_dir,
+            run_dir / "score" / tag,
+            counts,
+            args.num,
+            args,
+            scale,
+            SCORE_SEED,
+            metrics,
+            variant.raw_params,
+        )
+        metrics_info.update(study_runs.evaluation_metrics(out))
+        for count, row in study_runs.evaluation_rows(out).items():
+            scores.setdefault(str(count), {"cfg": scale}).update(row)
+
+    result = {
+        "variant": name,
+        "phase": phase,
+        "seed": seed,
+        "definition": variant.definition(),
+        "protocol": expected,
+        "base_config": f"experiments/mnist.py of commit {study_runs.config_commit()}",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "matmul_gflops": calibration.get("matmul_gflops"),
+        "calibration": {k: v for k, v in calibration.items() if k != "request"},
+        "steps": steps,
+        "training": training,
+        "training_configs": training_configs,
+        "tuning_fd_mnist": {str(s): {str(c): v for c, v in t.items()} for s, t in tuning.items()},
+        "cfg_by_steps": {str(count): scale for count, scale in scales.items()},
+        "scores": scores,
+        "metrics": metrics_info,
+    }
+    atomic_files.write_json(path, result)
+    print(f"[{name} seed {seed}] wrote {path}", flush=True)
+    return result
+
+
+def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    from shortcut_jax import resume_policy
+
+    return resume_policy.flatten(config)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def load_results(results_dir: Path, phase: str, expected: Mapping[str, Any]) -> list[dict]:
+    """Every result file of a phase; raises SystemExit listing the files it refuses."""
+    results, refused = [], []
+    for path in sorted((results_dir / phase).glob("*.json")):
+        result = json.loads(path.read_text())
+        problems = refusals(result, expected)
+        if problems:
+            refused.append(f"{path}: " + "; ".join(problems))
+        else:
+            results.append(result)
+    if refused:
+        raise SystemExit(
+            "refused result files (recorded settings differ from the script's):\n  "
+            + "\n  ".join(refused)
+        )
+    return results
+
+
+def _order(name: str) -> tuple[int, str]:
+    names = list(VARIANTS)
+    return (names.index(name), name) if name in names else (len(names), name)
+
+
+def _mean_spread(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
+
+
+def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int]) -> str:
+    """Markdown: one row per variant (mean ± half the range over its seeds), default first."""
+    by_variant: dict[str, list[Mapping[str, Any]]] = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], []).append(result)
+
+    def fd(result: Mapping[str, Any], count: int) -> float:
+        return float(result["scores"][str(count)]["fd_mnist"])
+
+    default = by_variant.get("default", [])
+    header = ["variant", "group", "seeds", "steps", "step time / default"]
+    header += [f"FD {count}" for count in step_counts] + ["FID 1"]
+    header += [f"Δ FD {step_counts[0]} / {step_counts[-1]} vs default"]
+    header += ["tuned CFG " + "/".join(map(str, step_counts)), "train min (loaded machine)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in sorted(by_variant, key=_order):
+        runs = sorted(by_variant[name], key=lambda r: r["seed"])
+        first = runs[0]
+        steps = first["steps"]
+        steps_text = (
+            f"{steps['phase1']:,} FM + {steps['train']:,}"
+            if "phase1" in steps
+            else f"{steps['train']:,}"
+        )
+        seconds = first["calibration"].get("seconds_per_step") or {}
+        ratio = (
+            f"{seconds['train'] / seconds['default']:.2f}"
+            if "train" in seconds
+            else ("(default's run)" if first["definition"]["sampling_only"] else "1")
+        )
+        cells = [name, first["definition"]["group"], str(len(runs)), steps_text, ratio]
+        cells += [_mean_spread([fd(r, count) for r in runs]) for count in step_counts]
+        fids = [r["scores"]["1"]["fid"] for r in runs if "fid" in r["scores"].get("1", {})]
+        cells.append(_mean_spread(fids))
+        if default and name != "default":
+            deltas = []
+            for count in (step_counts[0], step_counts[-1]):
+                mine = statistics.fmean(fd(r, count) for r in runs)
+                theirs = statistics.fmean(fd(r, count) for r in default)
+                deltas.append(f"{mine - theirs:+.1f}")
+            cells.append(" / ".join(deltas))
+        else:
+            cells.append("")
+        cells.append(
+            "; ".join("/".join(f"{r['cfg_by_steps'][str(c)]:g}" for c in step_counts) for r in runs)
+        )
+        minutes = [
+            sum(t.get("wall_seconds", 0.0) for t in r["training"].values() if isinstance(t, dict))
+            / 60
+            for r in runs
+        ]
+        cells.append("" if first["definition"]["sampling_only"] else _mean_spread(minutes))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(phase: str, args: argparse.Namespace) -> str:
+    """The phase's table and its settings, from the result files only."""
+    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
+    default_steps = max(1, round(full_steps * PHASES[phase][0]))
+    expected = protocol(phase, args, default_steps)
+    results = load_results(Path(args.results_dir), phase, expected)
+    if not results:
+        return f"no result files in {Path(args.results_dir) / phase}"
+    rates = [
+        rate
+        for r in results
+        for rate in (
+            (r.get("matmul_gflops") or {}).get("before"),
+            (r.get("matmul_gflops") or {}).get("after"),
+        )
+        if rate
+    ]
+    notes = [
+        f"Phase {phase}: the default's budget is {default_steps:,} steps "
+        f"({PHASES[phase][0]:g} of {full_steps:,}); other variants train that wall time "
+        "converted through their back-to-back step time. "
+        f"FD-MNIST of {args.num:,} samples (seed {SCORE_SEED}) at each step count's guidance "
+        f"scale tuned on {args.tune_num:,} other samples (seed {TUNE_SEED}) over "
+        f"{list(args.cfg_grid)}{'; FID of the 1-step samples' if args.fid else ''}. "
+        f"float32 matmul {min(rates):.0f}-{max(rates):.0f} GFLOP/s over the runs."
+        if rates
+        else f"Phase {phase}: {default_steps:,} default steps.",
+    ]
+    return "\n\n".join(notes + [report_table(results, args.step_counts)])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags; --quick replaces the protocol by a tiny one."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--phase", choices=sorted(PHASES), default="screen")
+    parser.add_argument("--workdir", help="where runs, calibrations and evaluations go")
+    parser.add_argument("--only", nargs="+", default=None, help="variant names (default: all)")
+    parser.add_argument("--combine", action="append", default=[], help="'a+b': a combination")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--results_dir", default=None, help=f"default {RESULTS}")
+    parser.add_argument("--num", type=int, default=1000, help="scored samples per step count")
+    parser.add_argument("--tune_num", type=int, default=250, help="tuning samples per count")
+    parser.add_argument("--cfg_grid", type=float, nargs="+", default=list(CFG_GRID))
+    parser.add_argument("--step_counts", type=int, nargs="+", default=list(STEP_COUNTS))
+    parser.add_argument("--no_fid", dest="fid", action="store_false", help="skip FID at 1 step")
+    parser.add_argument(
+        "--inception",
+        default=None,
+        help="converted FID Inception weights (default: the evaluate CLI's default path)",
+    )
+    parser.add_argument("--calibration_rounds", type=int, default=3)
+    parser.add_argument("--calibration_steps", type=int, default=30, help="steps per burst")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 40 steps (smoke)")
+    parser.add_argument("--report", action="store_true", help="print the tables and stop")
+    parser.add_argument("--report_out", default=None, help="also write the report here")
+    parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    parser.add_argument("--calibrate_worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.step_counts, args.cfg_grid = [1, 2], [1.0, 2.0]
+        args.num, args.tune_num, args.fid = 16, 16, False
+        if args.results_dir is None and args.workdir:
+            args.results_dir = str(Path(args.workdir) / "results")
+    args.results_dir = args.results_dir or str(RESULTS)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the requested variants (or the report); returns the exit status."""
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.calibrate_worker is not None:
+        request = json.loads(args.calibrate_worker)
+        result = calibrate_worker(request, args.calibration_rounds, args.calibration_steps)
+        print(json.dumps(result))
+        return 0
+    if args.list:
+        for variant in VARIANTS.values():
+            print(f"{variant.name}: {json.dumps(variant.definition())}")
+        return 0
+    if args.report:
+        text = report(args.phase, args)
+        print(text)
+        if args.report_out:
+            Path(args.report_out).write_text(text + "\n")
+        return 0
+    if not args.workdir:
+        raise SystemExit("error: --workdir is required to run variants")
+    if args.fid:
+        from shortcut_jax.evaluators import inception
+
+        weights = args.inception or inception.default_weights_path()
+        if not os.path.exists(weights):
+            raise SystemExit(
+                f"error: FID needs {weights} (python -m shortcut_jax.tools.convert_inception "
+                "--help; --inception names another file), or pass --no_fid"
+            )
+    names = list(args.only) if args.only else ([] if args.combine else list(VARIANTS))
+    names += list(args.combine)
+    for name in names:
+        resolve(name)  # unknown names fail before any training
+    seeds = args.seeds if args.seeds is not None else list(PHASES[args.phase][1])
+    failed = []
+    for name in names:
+        for seed in seeds:
+            try:
+                run(name, args.phase, seed, args)
+            except (RuntimeError, ValueError, KeyError, OSError) as error:
+                print(f"[{name} seed {seed}] FAILED: {error}", flush=True)
+                failed.append(f"{name} seed {seed}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The recipe study: equal-wall-time step conversion, guidance tuning, the report's refusal of
+stale result files, and a quick run through the real training and evaluation CLIs."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import recipe_study  # noqa: E402
+import study_runs  # noqa: E402
+
+
+def test_a_slower_variant_gets_fewer_steps_in_the_same_wall_time():
+    assert recipe_study.converted_steps(1750, 0.2, 0.4) == 875
+    assert recipe_study.converted_steps(1750, 0.2, 0.1) == 3500
+    assert recipe_study.converted_steps(1750, 0.2, 0.2, fraction=0.25) == 438
+    assert recipe_study.converted_steps(10, 0.1, 100.0) == 1  # never zero
+    with pytest.raises(ValueError, match="step times"):
+        recipe_study.converted_steps(1750, 0.0, 0.2)
+
+
+def test_two_phases_split_the_budget_each_at_its_own_step_cost():
+    variant = recipe_study.VARIANTS["fm_first_25"]
+    steps = recipe_study.plan_steps(variant, 1000, {"default": 0.3, "phase1": 0.2, "train": 0.3})
+    assert steps == {"phase1": 375, "train": 750}  # 250 x 1.5 flow-matching steps, then 750
+    single = recipe_study.plan_steps(
+        recipe_study.VARIANTS["batch_64"], 1000, {"default": 0.3, "train": 0.6}
+    )
+    assert single == {"train": 500}
+
+
+def test_each_step_count_gets_its_best_scale_and_one_evaluation_per_scale():
+    tuning = {1.0: {1: 40.0, 2: 20.0, 128: 9.0}, 2.0: {1: 30.0, 2: 25.0, 128: 9.0}}
+    scales = recipe_study.tuned_scales(tuning)
+    assert scales == {1: 2.0, 2: 1.0, 128: 1.0}  # a tie goes to the smaller scale
+    assert recipe_study.score_groups(scales, fid=False) == [
+        (1.0, (2, 128), "fd_mnist"),
+        (2.0, (1,), "fd_mnist"),
+    ]
+    assert recipe_study.score_groups(scales, fid=True) == [
+        (1.0, (2, 128), "fd_mnist"),
+        (2.0, (1,), "fd_mnist,fid"),
+    ]
+
+
+def test_combinations_merge_overrides_and_refuse_conflicts():
+    combined = recipe_study.resolve("lr_4e-3+boot_1_2")
+    assert combined.overrides == {"optim.learning_rate": 4e-3, "bootstrap_every": 2}
+    with pytest.raises(ValueError, match="sets optim.learning_rate twice"):
+        recipe_study.combine(["lr_4e-3", "lr_1e-3"])
+    with pytest.raises(ValueError, match="not a single-phase"):
+        recipe_study.combine(["lr_4e-3", "fm_first_25"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        recipe_study.resolve("lr_5e-3")
+
+
+def test_config_values_round_trip_through_the_command_line():
+    assert study_runs.cli_value((2.0, 1.5)) == "(2.0,1.5)"
+    assert study_runs.cli_value((1,)) == "(1,)"
+    assert study_runs.cli_value(True) == "true"
+    config = study_runs.load_config({"bootstrap_level_weights": [2.0] * 7, "optim.warmup_steps": 9})
+    assert config.bootstrap_level_weights == (2.0,) * 7 and config.optim.warmup_steps == 9
+    with pytest.raises(KeyError, match="config.optim.no_such_field"):
+        study_runs.load_config({"optim.no_such_field": 1})
+
+
+def _args(**changes) -> argparse.Namespace:
+    args = recipe_study.parse_args(["--quick", "--workdir", "/unused"])
+    vars(args).update(changes)
+    return args
+
+
+def _result(name: str, args: argparse.Namespace) -> dict:
+    """A result file as `run` writes it, for a run that trained exactly what the script says."""
+    variant = recipe_study.resolve(name)
+    overrides = {**recipe_study.training_overrides(variant, True), "total_steps": 10, "seed": 0}
+    from shortcut_jax import resume_policy
+
+    return {
+        "variant": name,
+        "seed": 0,
+        "definition": variant.definition(),
+        "protocol": recipe_study.protocol("screen", args, 10),
+        "training_configs": {"train": resume_policy.flatten(study_runs.load_config(overrides))},
+        "steps": {"train": 10},
+        "calibration": {"seconds_per_step": {"default": 0.1, "train": 0.1}},
+        "training": {"train": {"wall_seconds": 60.0}},
+        "cfg_by_steps": {"1": 1.0, "2": 2.0},
+        "scores": {"1": {"fd_mnist": 50.0}, "2": {"fd_mnist": 30.0}},
+    }
+
+
+def test_the_report_refuses_results_whose_settings_differ_from_the_script(tmp_path):
+    args = _args(results_dir=str(tmp_path))
+    expected = recipe_study.protocol("screen", args, 10)
+    good = _result("lr_4e-3", args)
+    assert recipe_study.refusals(good, expected) == []
+
+    stale_definition = copy.deepcopy(good)
+    stale_definition["definition"]["overrides"]["optim.learning_rate"] = 3e-3
+    stale_protocol = copy.deepcopy(good)
+    stale_protocol["protocol"]["tune_num"] = 8
+    stale_config = copy.deepcopy(good)
+    stale_config["training_configs"]["train"]["bootstrap_every"] = 8  # the base config moved
+    for stale, reason in [
+        (stale_definition, "variant definition"),
+        (stale_protocol, "protocol"),
+        (stale_config, "bootstrap_every"),
+    ]:
+        assert any(reason in problem for problem in recipe_study.refusals(stale, expected))
+
+    # Only the study's own per-run fields and fields that do not change training may differ.
+    harmless = copy.deepcopy(good)
+    harmless["training_configs"]["train"].update(total_steps=99, seed=3, sample_num=64)
+    assert recipe_study.refusals(harmless, expected) == []
+
+    (tmp_path / "screen").mkdir()
+    (tmp_path / "screen" / "lr_4e-3_seed0.json").write_text(json.dumps(good))
+    (tmp_path / "screen" / "default_seed0.json").write_text(json.dumps(_result("default", args)))
+    table = recipe_study.report("screen", args)
+    assert "| lr_4e-3 | optimisation | 1 | 10 | 1.00 | 50.0 | 30.0 |" in table
+    (tmp_path / "screen" / "boot_1_8_seed0.json").write_text(
+        json.dumps(stale_config | {"variant": "boot_1_8"})
+    )
+    with pytest.raises(SystemExit, match="boot_1_8_seed0.json"):
+        recipe_study.report("screen", args)
+
+
+@pytest.mark.slow
+def test_step_times_are_measured_back_to_back_and_a_bigger_model_is_slower():
+    small = study_runs.load_config({**recipe_study.QUICK_OVERRIDES, "total_steps": 10})
+    big = study_runs.load_config(
+        {
+            **recipe_study.QUICK_OVERRIDES,
+            "total_steps": 10,
+            "model.depth": 4,
+            "model.hidden_size": 128,
+        }
+    )
+    timed = study_runs.time_configs({"small": small, "big": big}, rounds=2, burst=3)
+    assert set(timed["bursts"]) == {"small", "big"} and all(
+        len(v) == 2 for v in timed["bursts"].values()
+    )
+    seconds = timed["seconds_per_step"]
+    assert 0 < seconds["small"] < seconds["big"]
+
+
+@pytest.mark.slow
+def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp_path):
+    base = [sys.executable, "benchmarks/recipe_study.py", "--quick", f"--workdir={tmp_path}"]
+    command = base + ["--only", "default", "sample_cfg_1.5_fixed"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = tmp_path / "results" / "screen"
+    default = json.loads((results / "default_seed0.json").read_text())
+    assert default["steps"] == {"train": 10}  # a quarter of the quick budget of 40
+    assert default["matmul_gflops"]["before"] > 0
+    assert set(default["tuning_fd_mnist"]) == {"1.0", "2.0"}
+    for count in ("1", "2"):
+        best = min(default["tuning_fd_mnist"], key=lambda s: default["tuning_fd_mnist"][s][count])
+        assert default["cfg_by_steps"][count] == float(best)
+        assert (
+            default["scores"][count]["cfg"] == float(best)
+            and default["scores"][count]["fd_mnist"] > 0
+        )
+    assert default["training_configs"]["train"]["total_steps"] == 10
+    fixed = json.loads((results / "sample_cfg_1.5_fixed_seed0.json").read_text())
+    assert fixed["cfg_by_steps"] == {"1": 1.5, "2": 1.5} and fixed["tuning_fd_mnist"] == {}
+    assert fixed["training"]["reused"] == "default_seed0"
+
+    rerun = subprocess.run(
+        base + ["--only", "default"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 0 and "done already" in rerun.stdout
+    report = subprocess.run(
+        base + ["--report"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| default | default | 1 | 10 | 1 |" in report.stdout
+    assert "| sample_cfg_1.5_fixed | sampling |" in report.stdout
