@@ -188,6 +188,7 @@ def _variants() -> list[Variant]:
         # Two phases at equal total time: flow matching for a fraction, then shortcut from it.
         Variant("fm_first_25", two, first_phase=(0.25, flow_first)),
         Variant("fm_first_50", two, first_phase=(0.5, flow_first)),
+        Variant("fm_first_75", two, first_phase=(0.75, flow_first)),
         # Sampling the default's run: the untuned policy (1.5 everywhere) and the raw parameters.
         Variant("sample_cfg_1.5_fixed", sampling, fixed_cfg=1.5, sampling_only=True),
         Variant("sample_raw_params", sampling, raw_params=True, sampling_only=True),
