@@ -357,9 +357,15 @@ def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable
         "an integer >= config.consistency.s0",
     )
     check("consistency.mu0", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
+    check("consistency.p_mean", lambda v: math.isfinite(v), "a finite float")
+    check("consistency.p_std", lambda v: v > 0.0, "a float > 0")
     check("live_reflow.steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     check("live_reflow.levels", lambda v: v in ("all", "one_step"), "'all' or 'one_step'")
-    check("loss.kind", lambda v: v in ("l2", "pseudo_huber"), "'l2' or 'pseudo_huber'")
+    check(
+        "loss.kind",
+        lambda v: v in ("auto", "l2", "pseudo_huber"),
+        "'auto' (the objective's own), 'l2' or 'pseudo_huber'",
+    )
     check("loss.huber_c", lambda v: v >= 0.0, "a float >= 0 (0 = 0.00054 * sqrt(H * W * C))")
     check(
         "loss.adaptive_p",

@@ -63,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.consistency.s0 = 2  # discretisation curriculum N(k) from s0 + 1 ... to s1 + 1 scales
     config.consistency.s1 = 150
     config.consistency.mu0 = 0.9  # target-network EMA rate at N = s0
+    # 'improved_consistency_training' (Song and Dhariwal 2023) draws the noise level n with
+    # p(n) ~ erf((ln sigma_{n+1} - p_mean) / (sqrt(2) p_std)) - erf((ln sigma_n - ...)) and its
+    # paper's curriculum is s0 = 10, s1 = 1280 (shortcut_jax.paper_settings has every setting).
+    config.consistency.p_mean = -1.1
+    config.consistency.p_std = 2.0
     config.live_reflow = ml_collections.ConfigDict()  # objective 'live_reflow' (Frans et al.)
     config.live_reflow.steps = 8  # Euler steps of the model's own flow behind each reflow target
     # The step sizes the reflow pairs train: 'all' (1 ... 2 / denoise_timesteps, every level the
@@ -164,12 +169,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.beta2 = 0.999
     config.optim.grad_clip_norm = 1.0  # 0 = no clipping
     config.ema_rate = 0.999  # EMA of the parameters used for sampling and evaluation
-    # The loss of every objective: 'l2' (mean squared error) or 'pseudo_huber' (iCT:
+    # The loss of every objective: 'auto' (the objective's own: 'pseudo_huber' for
+    # improved_consistency_training, else 'l2'), 'l2' (mean squared error) or 'pseudo_huber' (iCT:
     # sqrt(||e||^2 + c^2) - c, c = huber_c or, when 0, 0.00054 * sqrt(H * W * C)); adaptive_p > 0
     # weighs each example by 1 / (loss + adaptive_c)^p under stop-gradient (MeanFlow's weighting;
     # objective 'meanflow' has its own, config.meanflow.adaptive_p).
     config.loss = ml_collections.ConfigDict()
-    config.loss.kind = "l2"
+    config.loss.kind = "auto"
     config.loss.huber_c = 0.0
     config.loss.adaptive_p = 0.0
     config.loss.adaptive_c = 1e-3

@@ -6,9 +6,34 @@ import jax
 import ml_collections
 import optax
 
+from shortcut_jax import objectives
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to the end."""
+    """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to the end.
+
+    For an objective trained in stages (`objectives.Objective.stages`) the schedule runs over one
+    stage and restarts at each; the last stage decays over the steps left to total_steps.
+    """
+    name = config.get("objective")
+    stages = objectives.get(name).stages if name in objectives.names() else None
+    if stages is None:
+        return _one_schedule(config, int(config.total_steps))
+    length, count = stages(config)
+    last = max(int(config.total_steps) - (count - 1) * length, length)
+    per_stage, last_stage = _one_schedule(config, length), _one_schedule(config, last)
+
+    def schedule(step):
+        start = objectives.stage_start(step, (length, count))
+        in_stage = step - start
+        return jax.numpy.where(
+            start == (count - 1) * length, last_stage(in_stage), per_stage(in_stage)
+        )
+
+    return schedule
+
+
+def _one_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
     optim = config.optim
     peak = float(optim.learning_rate)
     if optim.schedule == "cosine":
@@ -16,7 +41,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
             init_value=0.0,
             peak_value=peak,
             warmup_steps=int(optim.warmup_steps),
-            decay_steps=max(int(config.total_steps), int(optim.warmup_steps) + 1),
+            decay_steps=max(steps, int(optim.warmup_steps) + 1),
             end_value=peak * float(optim.end_lr_fraction),
         )
     warmup = optax.linear_schedule(0.0, peak, max(int(optim.warmup_steps), 1))

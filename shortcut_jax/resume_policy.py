@@ -69,7 +69,11 @@ def _constant_schedule(old: Flat, new: Flat, step: int) -> bool:
 # Objectives whose training targets follow config.total_steps: consistency training's
 # discretisation curriculum N(k) runs over total_steps, and progressive distillation splits
 # total_steps into its stages when teacher.steps_per_stage is 0.
-TOTAL_STEPS_OBJECTIVES = ("consistency_training", "progressive_distillation")
+TOTAL_STEPS_OBJECTIVES = (
+    "consistency_training",
+    "improved_consistency_training",
+    "progressive_distillation",
+)
 
 
 def _total_steps_free(old: Flat, new: Flat, step: int) -> bool:

@@ -88,16 +88,18 @@ def make_loss_fn(
     """Builds loss_fn(params, regression) -> (loss, logged per-example loss) of the train step.
 
     loss: () the mean over the batch of weight * adaptive * l(e), where l is `config.loss.kind`
-    of the per-example error e, weight is `regression.weight` and adaptive the stop-gradient
+    ('auto': the objective's own) of the per-example error e (scaled by
+    `regression.error_scale`), weight is `regression.weight` and adaptive the stop-gradient
     weighting 1 / (l + c)^p of the objective (MeanFlow) or of `config.loss.adaptive_p` (1 when
-    neither). The logged per-example loss (B,) is `regression.weight` times the mean squared
-    error, whatever the loss kind and weighting, so the logged numbers of every run compare.
+    neither). The logged per-example loss (B,) is `regression.weight` times the (scaled) mean
+    squared error, whatever the loss kind and weighting, so the logged numbers of every run
+    compare.
     """
     objective = objectives.get(config.objective)
     objective_config = objectives.ObjectiveConfig.from_config(config)
     apply_fn = make_apply_fn(model)
     loss_config = config.get("loss") or ml_collections.ConfigDict()
-    kind = str(loss_config.get("kind", "l2"))
+    kind = objectives.loss_kind(config)
     adaptive_p = float(loss_config.get("adaptive_p", 0.0))
     adaptive_c = float(loss_config.get("adaptive_c", 1e-3))
     explicit_huber_c = float(loss_config.get("huber_c", 0.0))
@@ -106,6 +108,8 @@ def make_loss_fn(
         prediction = apply_fn(params, regression.x_t, regression.t, regression.d, regression.labels)
         error = jnp.square(prediction - regression.target)
         mean_square = jnp.mean(error.reshape(error.shape[0], -1), axis=1)
+        if regression.error_scale is not None:
+            mean_square = jnp.square(regression.error_scale) * mean_square
         dim = error[0].size
         huber_c = pseudo_huber_c(explicit_huber_c, dim) if kind == "pseudo_huber" else 0.0
         loss = per_example_loss(mean_square, dim, kind, huber_c)
@@ -126,6 +130,9 @@ def make_update_fn(
 ) -> Callable[[TrainState, Any], TrainState]:
     """Builds update(state, grads) -> state one step on: optimizer, EMA and EMA teacher.
 
+    The sampling EMA restarts at each stage of an objective trained in stages
+    (`objectives.Objective.stages`).
+
     A teacher that shares the EMA buffer (`objectives.shares_ema_buffer`) is updated once, as
     `ema_params`.
     """
@@ -139,15 +146,25 @@ def make_update_fn(
             return jnp.asarray(config.teacher_ema_rate, jnp.float32)
         return objective.teacher_ema_rate(step, objective_config)
 
+    stages = objective.stages(config) if objective.stages is not None else None
+
+    def sampling_ema_step_size(step: jax.Array) -> jax.Array | float:
+        if stages is None:
+            return 1.0 - ema_rate
+        # A fresh EMA per stage: the stage's first update copies the parameters.
+        starts = objectives.stage_start(step, stages) == step
+        return jnp.where(starts, 1.0, 1.0 - ema_rate).astype(jnp.float32)
+
     def update(state: TrainState, grads: Any) -> TrainState:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rate = teacher_rate(state.step)
+        ema_step_size = sampling_ema_step_size(state.step)
         return state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
-            ema_params=optax.incremental_update(params, state.ema_params, 1.0 - ema_rate),
+            ema_params=optax.incremental_update(params, state.ema_params, ema_step_size),
             teacher_params=(
                 optax.incremental_update(params, state.teacher_params, 1.0 - rate)
                 if ema_teacher

@@ -121,3 +121,74 @@ def test_one_step_sample_is_f_at_sigma_max_and_steps_renoise():
     renoised = expected + jnp.sqrt(sigma_half**2 - 0.002**2)[:, None] * fresh
     second = ct.consistency_function(network, renoised, jnp.full((3,), 0.5), settings)
     np.testing.assert_allclose(two, second, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------ improved consistency training (iCT)
+def ict_settings(**overrides) -> objectives.ObjectiveConfig:
+    return make_settings(
+        name="improved_consistency_training",
+        consistency_s0=10,
+        consistency_s1=1280,
+        total_steps=800,
+        **overrides,
+    )
+
+
+def test_ict_curriculum_doubles_from_s0_to_s1():
+    settings = ict_settings()
+    # K' = floor(800 / (log2(128) + 1)) = 100: N = 11, 21, 41, ..., 1281 from step 700 on.
+    counts = [int(ct.improved_num_scales(jnp.array(k), settings)) for k in (0, 99, 100, 650, 799)]
+    assert counts == [11, 11, 21, 641, 1281]
+
+
+def test_ict_noise_levels_follow_the_lognormal_schedule():
+    settings = ict_settings()
+    scales = jnp.array(41)
+    logits = ct.lognormal_index_logits(scales, 1281, settings)
+    assert np.all(np.isneginf(np.asarray(logits[40:])))  # only n = 1 ... N - 1 = 40
+    sigma = np.sort(np.asarray(ct.sigma_of(np.linspace(1.0, 0.0, 41), settings)))
+    from scipy.special import erf
+
+    cdf = erf((np.log(sigma) + 1.1) / (np.sqrt(2.0) * 2.0))
+    expected = np.diff(cdf) / np.sum(np.diff(cdf))
+    probs = np.exp(np.asarray(logits[:40]))
+    np.testing.assert_allclose(probs / probs.sum(), expected, rtol=1e-4)
+
+
+def test_ict_loss_is_the_weighted_pseudo_huber_of_the_two_f_values():
+    settings = ict_settings()
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(0), (16, 2)), "label": jnp.zeros(16)}
+    rng, step = jax.random.PRNGKey(1), jnp.array(300)
+    objective = objectives.get("improved_consistency_training")
+    assert objective.loss == "pseudo_huber" and objective.target_network
+    assert float(objective.teacher_ema_rate(step, settings)) == 0.0  # no EMA: a copy each step
+    student, target_params = 0.3, 0.9
+    regression, _ = objective.build_targets(
+        scaled_network, target_params, batch, rng, settings, step
+    )
+    t_student = np.asarray(regression.t)
+    scales = int(ct.improved_num_scales(step, settings))
+    t_target = t_student + 1.0 / (scales - 1)
+    z = jax.random.normal(jax.random.split(rng, 3)[0], (16, 2))
+    x = np.asarray(batch["image"])
+    sigma_s = np.asarray(ct.sigma_of(t_student, settings))
+    sigma_t = np.asarray(ct.sigma_of(t_target, settings))
+
+    def f(params, x, t):
+        return ct.consistency_function(
+            lambda x, t, d: scaled_network(params, x, t, d, None), x, jnp.asarray(t), settings
+        )
+
+    difference = f(student, x + sigma_s[:, None] * z, t_student) - f(
+        target_params, x + sigma_t[:, None] * z, t_target
+    )
+    c = 0.00054 * np.sqrt(2)
+    direct = (np.sqrt(np.sum(difference**2, axis=1) + c**2) - c) / (sigma_s - sigma_t)
+    prediction = scaled_network(student, regression.x_t, regression.t, regression.d, None)
+    mean_square = np.square(regression.error_scale) * np.mean(
+        (prediction - regression.target) ** 2, axis=1
+    )
+    from shortcut_jax import steps
+
+    loss = regression.weight * steps.per_example_loss(mean_square, 2, "pseudo_huber", c)
+    np.testing.assert_allclose(loss, direct, rtol=5e-3, atol=1e-6)

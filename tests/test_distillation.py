@@ -10,6 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from tiny import REPO, run_on_cpu_devices
 
@@ -29,7 +30,7 @@ from shortcut_jax import (
 )
 from shortcut_jax.data import pairs
 from shortcut_jax.objectives import consistency_distillation, progressive_distillation, reflow
-from shortcut_jax.state import init_state
+from shortcut_jax.state import TrainState, init_state
 from shortcut_jax.tools import reflow_pairs
 
 SETTINGS = objectives.ObjectiveConfig(
@@ -132,6 +133,57 @@ def test_default_stage_schedule_halves_from_half_the_denoise_timesteps():
     config.total_steps = 400
     assert objectives.stage_steps(config) == (8, 4, 2, 1)
     assert objectives.steps_per_stage(config) == 100
+
+
+def progressive_config(total_steps: int = 35) -> object:
+    config = configs.base_config()
+    config.objective = "progressive_distillation"
+    config.denoise_timesteps = 8
+    config.total_steps = total_steps
+    config.teacher.steps_per_stage = 10  # stages of 4, 2 and 1 student steps; the last runs to 35
+    config.optim.warmup_steps = 2
+    config.optim.schedule = "cosine"
+    return config
+
+
+def test_progressive_learning_rate_schedule_restarts_at_every_stage():
+    config = progressive_config()
+    schedule = optim.learning_rate_schedule(config)
+    lr = [float(schedule(step)) for step in range(35)]
+    peak = config.optim.learning_rate
+    assert lr[0] == lr[10] == lr[20] == 0.0  # each stage warms up from 0 again
+    assert lr[2] == pytest.approx(peak) and lr[12] == pytest.approx(peak)
+    np.testing.assert_allclose(lr[0:10], lr[10:20])  # stage 0 and 1: the same 10-step schedule
+    assert lr[9] < 0.1 * peak  # decayed by the end of a stage
+    # The last stage decays over the 15 steps left, not 10.
+    assert lr[22] == pytest.approx(peak) and lr[29] > lr[9] and lr[34] < 0.05 * peak
+    assert objectives.get("shortcut").stages is None  # other objectives: one schedule
+    single = optim.learning_rate_schedule(toy_config("flow_matching", total_steps=35))
+    assert float(single(10)) > 0.0
+
+
+def test_progressive_sampling_ema_starts_afresh_at_every_stage():
+    config = progressive_config()
+    config.ema_rate = 0.5
+    update = steps.make_update_fn(config, optax.sgd(1.0))
+    state = TrainState(
+        step=jnp.array(0, jnp.int32),
+        params=jnp.array(0.0),
+        opt_state=optax.sgd(1.0).init(jnp.array(0.0)),
+        ema_params=jnp.array(100.0),
+        teacher_params=jnp.array(0.0),
+        rng=jax.random.PRNGKey(0),
+    )
+    history = []
+    for _ in range(25):
+        state = update(state, jnp.array(-1.0))  # params go up by 1 per step
+        history.append((float(state.params), float(state.ema_params)))
+    # The first update of each stage (steps 0, 10, 20) copies the params into the EMA.
+    for first in (0, 10, 20):
+        assert history[first][1] == history[first][0], history[first]
+    # Within a stage it is an EMA at ema_rate of that stage's params only.
+    assert history[1][1] == pytest.approx(0.5 * history[0][1] + 0.5 * history[1][0])
+    assert history[11][1] == pytest.approx(0.5 * 11.0 + 0.5 * 12.0)
 
 
 # --------------------------------------------------------------------- consistency distillation

@@ -36,7 +36,8 @@ def _loss(config, prediction, target):
 
 def test_l2_is_the_weighted_mean_squared_error_and_is_the_default():
     config = configs.base_config()
-    assert config.loss.kind == "l2" and config.loss.adaptive_p == 0.0
+    assert config.loss.kind == "auto" and config.loss.adaptive_p == 0.0
+    assert objectives.loss_kind(config) == "l2"
     prediction = jnp.array([[1.0, 2.0], [0.0, 0.0]])
     target = jnp.array([[0.0, 0.0], [3.0, 1.0]])
     loss, logged = _loss(config, prediction, target)

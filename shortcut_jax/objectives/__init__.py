@@ -31,8 +31,9 @@ import jax.numpy as jnp
 class Regression:
     """One regression batch: regress apply_fn(params, x_t, t, d, labels) onto target.
 
-    The train step minimises mean(weight * loss_weighting(e) * e) with e the per-example mean
-    squared error (`Objective.loss_weighting`, stop-gradient; 1 when None).
+    The train step minimises mean(weight * loss_weighting(l) * l) with l the per-example loss
+    (`config.loss`) of the error error_scale * (output - target) (`Objective.loss_weighting`,
+    stop-gradient; 1 when None).
 
     Attributes:
       x_t: (B, ...) network input.
@@ -42,6 +43,9 @@ class Regression:
       target: (B, ...) regression target (already stop-gradient).
       is_bootstrap: (B,) bool, True for self-consistency examples.
       weight: (B,) float32 fixed per-example loss weights.
+      error_scale: (B,) float32 factors of each example's error before the loss, or None (1):
+        for a network whose output enters its prediction scaled (consistency models'
+        c_out F), so a non-quadratic loss sees the prediction's error, not the network's.
     """
 
     x_t: jax.Array
@@ -51,6 +55,7 @@ class Regression:
     target: jax.Array
     is_bootstrap: jax.Array
     weight: jax.Array
+    error_scale: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,8 @@ class ObjectiveConfig:
     consistency_s0: int = 2
     consistency_s1: int = 150
     consistency_mu0: float = 0.9
+    consistency_p_mean: float = -1.1
+    consistency_p_std: float = 2.0
     live_reflow_steps: int = 8
     live_reflow_levels: str = "all"
     distill_stage_steps: tuple[int, ...] = (1,)
@@ -140,6 +147,8 @@ class ObjectiveConfig:
             consistency_s0=int(consistency.s0),
             consistency_s1=int(consistency.s1),
             consistency_mu0=float(consistency.mu0),
+            consistency_p_mean=float(consistency.get("p_mean", -1.1)),
+            consistency_p_std=float(consistency.get("p_std", 2.0)),
             live_reflow_steps=int(live.steps),
             live_reflow_levels=str(live.get("levels", "all")),
             **_distillation_fields(config),
@@ -268,6 +277,13 @@ class Objective:
         (progressive distillation).
       uses_pairs: the objective trains on stored noise/sample pairs (`config.data.pairs_dir`,
         batches with a 'noise' entry).
+      loss: the objective's own loss kind, what `config.loss.kind = 'auto'` means ('l2', or
+        'pseudo_huber' for improved consistency training).
+      stages: (config) -> (steps per stage, number of stages) for an objective trained in stages
+        (progressive distillation): the learning-rate schedule (warm-up and decay over one stage)
+        and the sampling EMA (`ema_params`, started afresh from the parameters after each
+        stage's first update) restart at every stage; the last stage runs to total_steps.
+        None = one stage.
     """
 
     name: str
@@ -281,6 +297,28 @@ class Objective:
     needs_teacher_run: bool = False
     student_starts_as_teacher: bool = False
     uses_pairs: bool = False
+    stages: Callable[[Any], tuple[int, int]] | None = None
+    loss: str = "l2"
+
+
+def loss_kind(config: Any) -> str:
+    """`config.loss.kind`, with 'auto' resolved to the objective's own loss (`Objective.loss`)."""
+    kind = str((config.get("loss") or {}).get("kind", "auto"))
+    if kind != "auto":
+        return kind
+    name = config.get("objective")
+    return get(name).loss if name in _REGISTRY else "l2"
+
+
+def stage_start(step: jax.Array | int, stages: tuple[int, int]) -> jax.Array:
+    """() int32, the first training step of the stage that `step` belongs to.
+
+    Args:
+      step: () number of updates applied so far. stages: (steps per stage, number of stages).
+    """
+    length, count = stages
+    stage = jnp.minimum(jnp.asarray(step, jnp.int32) // length, count - 1)
+    return stage * length
 
 
 _REGISTRY: dict[str, Objective] = {}

@@ -32,6 +32,12 @@ into the train state's target slot and are the frozen teacher of the next stage:
 "EMA" whose rate is 1 (kept) except at the last step of a stage, where it is 0 (a copy). The
 student keeps its step-size input, so it samples at any step count with the Euler sampler; it is
 trained at the stage's level d = 1 / N_k.
+
+Each stage is its own training run, as in Algorithm 2: the learning-rate schedule (the run's
+warm-up and decay, over the stage's steps) restarts at every stage, and so does the sampling EMA
+(`ema_params` starts afresh from the student after the stage's first update), so each stage is
+scored from its own parameters and the final student's EMA holds nothing of earlier stages. The
+Adam moments carry over from stage to stage.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from shortcut_jax.objectives import (
     TeacherRun,
     expand,
     register,
+    stage_steps,
+    steps_per_stage,
     unit_weights,
 )
 from shortcut_jax.objectives.flow_matching import drop_labels
@@ -99,6 +107,7 @@ def two_step_target(
     teacher_ema_rate=stage_teacher_rate,
     needs_teacher_run=True,
     student_starts_as_teacher=True,
+    stages=lambda config: (steps_per_stage(config), len(stage_steps(config))),
 )
 def progressive_distillation_targets(
     apply_fn: ApplyFn,
