@@ -15,7 +15,8 @@ to donated inputs, temporaries and code against the chip's HBM, the FLOPs per ca
 SXM), `h100-16` (two hosts), `a100-8`; see `shortcut_jax.gpu_compile`.
 
 Exit status: 0 when every program fits, 1 when one does not (one line each: how far over, and
-what would help), 2 for bad input.
+what would help) or --json cannot be written, 2 for bad input: flags, topology, program names or a
+config that cannot be compiled (`shortcut_jax.cli_inputs` has the rule every CLI follows).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ml_collections import config_flags
 from shortcut_jax import aot, cli_inputs, config_lib, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an experiments/*.py config file (with :variant).", lock_config=True
+    "config", None, cli_inputs.CONFIG_FLAG_HELP, lock_config=True
 )
 _TOPOLOGY = flags.DEFINE_string(
     "topology",
@@ -250,33 +251,37 @@ def main(argv: list[str]) -> None:
     """Compiles, prints the table, writes --json; exit 1 when something does not fit."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    with cli_inputs.errors_as_one_line(
+        OSError,  # --json cannot be written
+        usage=(aot.AotError, config_lib.ConfigError, sharding.ShardingError),
+    ):
+        fits_all = _compile()
+    sys.exit(0 if fits_all else 1)
+
+
+def _compile() -> bool:
+    """Checks the flags, compiles, prints the table, writes --json; True when all fits."""
     if _PEAK_FRACTION.value <= 0 or _PEAK_FRACTION.value > 1:
-        print(f"error: --peak_fraction={_PEAK_FRACTION.value} must be in (0, 1]", file=sys.stderr)
-        sys.exit(2)
+        raise cli_inputs.InputError(f"--peak_fraction={_PEAK_FRACTION.value} must be in (0, 1]")
     if _SAMPLE_STEPS.value < 1:
-        print(f"error: --sample_steps={_SAMPLE_STEPS.value} must be >= 1", file=sys.stderr)
-        sys.exit(2)
+        raise cli_inputs.InputError(f"--sample_steps={_SAMPLE_STEPS.value} must be >= 1")
     # A compile-only client cannot load executables from the persistent cache: never use it here.
     jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        report, table = run(
-            _CONFIG.value,
-            _TOPOLOGY.value,
-            num_slices=_NUM_SLICES.value,
-            programs=_PROGRAMS.value,
-            sample_steps=_SAMPLE_STEPS.value,
-            peak_fraction=_PEAK_FRACTION.value,
-        )
-    except (aot.AotError, config_lib.ConfigError, sharding.ShardingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report, table = run(
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        num_slices=_NUM_SLICES.value,
+        programs=_PROGRAMS.value,
+        sample_steps=_SAMPLE_STEPS.value,
+        peak_fraction=_PEAK_FRACTION.value,
+    )
     print(table)
     if _JSON.value:
         from shortcut_jax import atomic_files
 
         atomic_files.write_json(_JSON.value, to_json(report, _PEAK_FRACTION.value))
-    sys.exit(0 if fits(report) else 1)
+    return fits(report)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli_inputs.parse_flags)
+    cli_inputs.run(main)

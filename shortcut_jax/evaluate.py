@@ -6,9 +6,11 @@
 Samples from the newest (or --checkpoint_step) checkpoint with the same noise at every budget,
 scores the samples (FD-MNIST for the embedded MNIST, FID when the Inception weights are there,
 with k-NN precision/recall), and writes results.json, results.md and scores_vs_nfe.png to
---out (default WORKDIR/eval/step_N; a bucket path works too), each file atomically. Bad flags, a
-workdir that is not a run, missing weights or statistics and NaN samples give one line on stderr
-and exit status 2.
+--out (default WORKDIR/eval/step_N; a bucket path works too), each file atomically. Bad flags
+(also --steps beyond the run's denoise_timesteps and --metrics that cannot score its data) give
+one line on stderr and exit status 2; a workdir that is not a run, missing weights or statistics,
+NaN samples and an output that cannot be written one line and exit status 1 (the rule of
+`shortcut_jax.cli_inputs`). Only this package's INFO lines are logged.
 
 Only the parameter set that is scored is read from the checkpoint (`checkpoint.load_params`).
 Host memory does not grow with --num: each chunk's features are added to float64 running moments
@@ -92,8 +94,8 @@ def main(argv: list[str]) -> None:
         preemption.exit_on_sigterm(unwritten),
         cli_inputs.errors_as_one_line(
             checkpoint.CheckpointError,
-            sharding.ShardingError,
-            sweep.EvaluationError,
+            sharding.ShardingError,  # the run's mesh does not fit these devices
+            sweep.EvaluationError,  # no metric's weights here, unreadable --ref_stats, ...
             features.WeightsError,
             features.NonFiniteImagesError,
             OSError,  # an output or cache path that cannot be made: one line naming it
@@ -114,6 +116,24 @@ def _budgets(denoise_timesteps: int) -> list[int]:
     if bad:
         raise cli_inputs.InputError(f"--steps: {bad} outside 1..{denoise_timesteps}")
     return budgets
+
+
+def _metric_names(config) -> list[str]:
+    """The --metrics names resolved for the run; InputError (a usage error) for a name that is
+    not a metric or cannot score the run's data. 'auto' finding none is a run-time failure."""
+    if _METRICS.value != "auto":
+        names = registry.split(_METRICS.value)
+        unknown = registry.unknown(names)
+        if not names or unknown:
+            raise cli_inputs.InputError(
+                f"--metrics={_METRICS.value}: unknown metric(s) {unknown or []}; use 'auto' or a "
+                f"comma list of {', '.join(registry.names())}"
+            )
+        for name in names:
+            problem = registry.get(name).data_problem(config)
+            if problem:
+                raise cli_inputs.InputError(f"--metrics={name} cannot score this run: {problem}")
+    return sweep.metric_names(config, _METRICS.value)
 
 
 def _evaluate() -> None:
@@ -144,7 +164,7 @@ def _evaluate() -> None:
     )
     cache_dir = _CACHE.value or str(checkpoint.workdir_path(_WORKDIR.value) / "eval")
     cli_inputs.check_output_directory("--out", str(out), 2**20)  # before hours of sampling
-    names = sweep.metric_names(config, _METRICS.value)
+    names = _metric_names(config)
     metrics = sweep.build_metrics(
         config, names=names, cache_dir=cache_dir, ref_stats=_REF_STATS.value, is_chief=is_chief
     )
@@ -189,4 +209,4 @@ def _evaluate() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_inputs.run(main)

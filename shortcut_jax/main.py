@@ -3,9 +3,14 @@
     python -m shortcut_jax.main --config experiments/mnist.py --workdir runs/mnist \
         [--config.total_steps=2000] [--config.model.preset=DiT-B/2]
 
+--config takes path/to/file.py or path/to/file.py:variant (e.g. experiments/imagenet256.py:tiny;
+the text after ':' goes to the file's get_config) and --config.FIELD=VALUE overrides any field.
 Rerunning the same command resumes from the newest checkpoint in --workdir. On SIGTERM (a
-preemption) it saves the step reached, waits for the save and exits 0; a NaN/inf loss or state and
-an unreadable checkpoint end it with one `error: ...` line and exit status 1.
+preemption) it saves the step reached, waits for the save and exits 0. Bad flags, an empty
+--workdir and a config that cannot be loaded or that config_lib.validate refuses end it with one
+`error: ...` line and exit status 2; a NaN/inf loss or state, an unreadable checkpoint, bad data
+and a workdir it must not train in (busy, unwritable, another run's config) with one line and
+exit status 1 (`shortcut_jax.cli_inputs` has the rule every CLI follows).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from shortcut_jax.data.checks import BadDataError
 from shortcut_jax.distributed import first_error, initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an experiments/*.py config file.", lock_config=True
+    "config", None, cli_inputs.CONFIG_FLAG_HELP, lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -36,23 +41,29 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-    """Drops INFO lines from Orbax and XLA's backend probing; warnings and errors still show."""
-
-    NOISY = ("/orbax/", "xla_bridge.py", "signaling_client.py", "replica_slices.py")
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(part in record.pathname for part in self.NOISY)
+# INFO lines of Orbax and of XLA's backend probing are hidden; the rest of the train log shows.
+NOISY_MODULES = ("/orbax/", "xla_bridge.py", "signaling_client.py", "replica_slices.py")
 
 
 def main(argv: list[str]) -> None:
     """Validates the config, then runs train.train_and_evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli_inputs.quiet_library_logs(shown=None, hidden=NOISY_MODULES)
+    with cli_inputs.errors_as_one_line(
+        run_guard.RunGuardError,  # refused before any work: say why, no traceback
+        checkpoint.CheckpointError,  # the messages name the checkpoint to use
+        checkpoint.NonFiniteStateError,
+        train.NonFiniteLossError,
+        BadDataError,
+    ):
+        _train()
+
+
+def _train() -> None:
     if not _WORKDIR.value.strip():  # "" would train into the current directory
-        raise SystemExit(
-            f"error: --workdir={_WORKDIR.value!r} is empty: pass the run's directory, "
+        raise cli_inputs.InputError(
+            f"--workdir={_WORKDIR.value!r} is empty: pass the run's directory, "
             "e.g. --workdir runs/mnist (rerunning with the same one resumes it)"
         )
     if _DISTRIBUTED.value:
@@ -66,20 +77,10 @@ def main(argv: list[str]) -> None:
         invalid = config_lib.ConfigError(f"--config: {' '.join(str(error).split())}")
     message = first_error(invalid)  # every process stops if any one's config is refused
     if message is not None:
-        raise SystemExit(f"error: {message}")
+        raise cli_inputs.InputError(message)
     logging.info("JAX devices: %s", jax.devices())
-    try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except run_guard.RunGuardError as error:  # refused before any work: say why, no traceback
-        raise SystemExit(f"error: {error}") from None
-    except (
-        checkpoint.CheckpointError,
-        checkpoint.NonFiniteStateError,
-        train.NonFiniteLossError,
-        BadDataError,
-    ) as error:
-        raise SystemExit(f"error: {error}") from None  # the message names the checkpoint to use
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: cli_inputs.parse_flags(argv, exit_code=1))
+    cli_inputs.run(main)

@@ -15,8 +15,10 @@ chunk by chunk (--batch_size), so --num 50000 needs memory for one chunk, not fo
   png        a folder --out holding 000000.png, 000001.png, ... (the adm pixels; sorted names
              are the sample order) and labels.txt (one label a line), for pytorch-fid / clean-fid.
 A PNG grid of the first samples is written beside (samples.npz -> samples.png). Every file
-appears whole or not at all, also on a bucket (gs://...). Bad flags or a workdir that is not a
-run give one line on stderr and exit status 2.
+appears whole or not at all, also on a bucket (gs://...). Bad flags give one line on stderr and
+exit status 2; a workdir that is not a run, an unreadable checkpoint or an output that cannot be
+written one line and exit status 1 (the rule of `shortcut_jax.cli_inputs`). Only this package's
+INFO lines are logged (--verbosity=1 shows the libraries' too).
 """
 
 from __future__ import annotations
@@ -379,4 +381,4 @@ def _sample() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli_inputs.run(main)

@@ -48,9 +48,10 @@ def bucket(gcs_bucket) -> epath.Path:
     return epath.Path(gcs_bucket)
 
 
-def _error_line(result) -> str:
-    """The CLI's one error line; asserts exit status 2 and no traceback."""
-    assert result.returncode == 2, result.stderr[-3000:]
+def _error_line(result, status: int) -> str:
+    """The CLI's one error line; asserts the exit status (2 usage, 1 run-time failure) and no
+    traceback."""
+    assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -65,10 +66,11 @@ def test_sample_and_evaluate_refuse_bad_flags_and_missing_steps_in_one_line(tiny
         "shortcut_jax.sample", f"--workdir={tiny_run}", "--num=0", f"--out={tmp_path}/s.npz"
     )
     assert (
-        _error_line(sample) == "error: --num=0: must be a positive integer (at most 2,147,483,647)"
+        _error_line(sample, 2)
+        == "error: --num=0: must be a positive integer (at most 2,147,483,647)"
     )
     evaluate = run_module("shortcut_jax.evaluate", f"--workdir={tiny_run}", "--checkpoint_step=7")
-    line = _error_line(evaluate)
+    line = _error_line(evaluate, 1)  # the flag is well formed; that checkpoint is missing
     assert "--checkpoint_step=7" in line and "saved steps: [3]" in line
     assert not (tiny_run / "eval").exists()
 
@@ -91,7 +93,7 @@ def test_evaluate_names_a_broken_classifier_cache_in_one_line(tiny_run, tmp_path
     result = run_module(
         "shortcut_jax.evaluate", f"--workdir={tiny_run}", "--metrics=fd_mnist", "--num=2"
     )
-    line = _error_line(result)
+    line = _error_line(result, 1)
     assert str(broken) in line and "Delete it and it will be retrained" in line
 
 
@@ -103,7 +105,7 @@ def test_fid_stats_names_a_truncated_images_file(tmp_path):
     result = run_module(
         "shortcut_jax.tools.fid_stats", f"--images={images}", "--network=fd_mnist", f"--out={out}"
     )
-    assert f"--images={images}: not a readable .npz" in _error_line(result)
+    assert f"--images={images}: not a readable .npz" in _error_line(result, 1)
     assert not out.exists()
 
 
@@ -122,16 +124,17 @@ def test_guidance_scale_must_be_finite_and_not_negative(value, message):
 
 def test_a_workdir_that_is_not_a_run_is_reported_and_left_untouched(tmp_path, tiny_run):
     (tmp_path / "notes.txt").write_text("not a run")
-    with pytest.raises(cli_inputs.InputError, match="is not a training run"):
+    with pytest.raises(cli_inputs.InputFileError, match="is not a training run"):
         cli_inputs.checkpoint_step(str(tmp_path), None)
     assert os.listdir(tmp_path) == ["notes.txt"]
-    with pytest.raises(cli_inputs.InputError, match="no such directory"):
+    with pytest.raises(cli_inputs.InputFileError, match="no such directory"):
         cli_inputs.checkpoint_step(str(tmp_path / "missing"), None)
     assert not (tmp_path / "missing").exists()
-    with pytest.raises(cli_inputs.InputError, match="--workdir is empty"):
+    with pytest.raises(cli_inputs.InputError, match="--workdir is empty") as empty:
         cli_inputs.checkpoint_step("", None)
+    assert cli_inputs.exit_code(empty.value) == 2  # malformed, where the others are missing (1)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(cli_inputs.InputError, match="no finished checkpoint"):
+    with pytest.raises(cli_inputs.InputFileError, match="no finished checkpoint"):
         cli_inputs.checkpoint_step(str(tmp_path), None)
     assert cli_inputs.checkpoint_step(str(tiny_run), None) == 3
     assert cli_inputs.checkpoint_step(str(tiny_run), 3) == 3
@@ -140,21 +143,36 @@ def test_a_workdir_that_is_not_a_run_is_reported_and_left_untouched(tmp_path, ti
 def test_an_unwritable_or_full_output_directory_is_refused_before_any_work(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(cli_inputs.InputError, match=r"--out: cannot write to .*a_file/eval"):
+    with pytest.raises(cli_inputs.InputFileError, match=r"--out: cannot write to .*a_file/eval"):
         cli_inputs.check_output_directory("--out", str(blocker / "eval"), 1)
     cli_inputs.check_output_directory("--out", str(tmp_path / "new"), 1)
     assert os.listdir(tmp_path / "new") == []  # the probe is gone
     free = mock.Mock(free=5 * 2**20)
     monkeypatch.setattr(cli_inputs.shutil, "disk_usage", lambda path: free)
-    with pytest.raises(cli_inputs.InputError, match="has 5 MiB free, the output needs about 40"):
+    with pytest.raises(
+        cli_inputs.InputFileError, match="has 5 MiB free, the output needs about 40"
+    ):
         cli_inputs.check_output_directory("--out", str(tmp_path), 40 * 2**20)
 
 
-def test_errors_as_one_line_exits_2_and_lets_other_errors_through(capsys):
+def test_errors_as_one_line_exits_2_for_usage_1_for_failures_and_lets_bugs_through(capsys):
     with pytest.raises(SystemExit) as exit_info, cli_inputs.errors_as_one_line(KeyError):
         raise cli_inputs.InputError("--num=0: must be a positive integer")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --num=0: must be a positive integer\n"
+    failures = [
+        cli_inputs.InputFileError("--workdir=/x: no such directory"),
+        KeyError("a named run-time failure"),
+    ]
+    for error in failures:
+        with pytest.raises(SystemExit) as exit_info, cli_inputs.errors_as_one_line(KeyError):
+            raise error
+        assert exit_info.value.code == 1, error
+    usage = cli_inputs.errors_as_one_line(KeyError, usage=(SyntaxError,))
+    with pytest.raises(SystemExit) as exit_info, usage:
+        raise SyntaxError("--config is not Python")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("error: ") == 3
     with pytest.raises(RuntimeError), cli_inputs.errors_as_one_line(KeyError):
         raise RuntimeError("a bug keeps its traceback")
 

@@ -1,6 +1,7 @@
 """Every flag of the sampling, evaluation and statistics CLIs, set to wrong values by kind
-through their entry points: each ends with a clean exit or runs, never with a traceback. The
-flags are read from the modules, so a flag added later is fuzzed without a new test."""
+through their entry points: each ends with a clean exit (status 2 for a usage error, 1 for a
+run-time failure) or runs, never with a traceback. The flags are read from the modules, so a flag
+added later is fuzzed without a new test."""
 
 from __future__ import annotations
 
@@ -45,3 +46,8 @@ def test_every_flag_ends_cleanly_on_wrong_values(tiny_run, tmp_path, module):
     assert not tracebacks, "\n".join(
         f"--{row['flag']}={row['value']!r}: {row['outcome']}" for row in tracebacks
     )
+    # cli_inputs' rule: 2 for the command line (a value the flag's parser refuses is one), 1 for
+    # a run-time failure; nothing else.
+    assert {row["outcome"] for row in outcomes} <= {"ran", "exit 1", "exit 2"}, outcomes
+    unparsable = [row for row in outcomes if row["value"] in ("abc", "maybe", "1e99")]
+    assert unparsable and all(row["outcome"] == "exit 2" for row in unparsable), unparsable

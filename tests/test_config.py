@@ -547,7 +547,7 @@ def _assert_no_work_done(workdir: Path) -> None:
 def test_cli_rejects_a_bad_override_before_any_work(tmp_path):
     workdir = tmp_path / "run"
     result = _run_main(workdir, "--config.denoise_timesteps=100")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "config.denoise_timesteps = 100" in result.stderr
     assert "power of two" in result.stderr
     _assert_no_work_done(workdir)
@@ -556,7 +556,7 @@ def test_cli_rejects_a_bad_override_before_any_work(tmp_path):
 def test_cli_rejects_a_misspelt_override(tmp_path):
     workdir = tmp_path / "run"
     result = _run_main(workdir, "--config.total_stepz=5")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "total_stepz" in result.stderr
     _assert_no_work_done(workdir)
 

@@ -272,8 +272,8 @@ def test_fid_stats_tool_writes_the_statistics_of_its_images(tmp_path):
     np.testing.assert_allclose(sigma, sigma_expected, rtol=1e-3, atol=1e-4)
 
     missing = run_module("shortcut_jax.tools.fid_stats", "--images=/no/such.npz", f"--out={out}")
-    assert (
-        missing.returncode == 2 and "error: --images=/no/such.npz: no such file" in missing.stderr
+    assert (  # a missing input file is a run-time failure (1), not a usage error (2)
+        missing.returncode == 1 and "error: --images=/no/such.npz: no such file" in missing.stderr
     )
 
 

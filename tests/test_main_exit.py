@@ -1,6 +1,6 @@
-"""How `python -m shortcut_jax.main` ends: one `error:` line and exit 1 for an empty --workdir, a
-missing config file and a checkpoint it must not train on, never a traceback or a run in the
-current directory.
+"""How `python -m shortcut_jax.main` ends: one `error:` line, exit 2 for an empty --workdir, a
+missing config file or variant (usage errors) and exit 1 for a checkpoint it must not train on,
+never a traceback or a run in the current directory.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_an_empty_workdir_is_refused_not_taken_for_the_current_directory(tmp_pat
     with pytest.raises(ValueError, match="the workdir is empty"):
         checkpoint.workdir_path("  ")
     result = run_main(tmp_path, "--workdir=")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --workdir='' is empty")
     assert list(tmp_path.iterdir()) == []  # nothing trained or written here
 
@@ -76,7 +76,7 @@ def test_a_missing_config_file_ends_with_one_error_line(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --config:") and "experiments/missing.py" in last
 
@@ -88,7 +88,7 @@ def test_an_unknown_config_variant_is_one_line_not_a_traceback(tmp_path):
         "experiments/imagenet256.py:bogus",
         f"--workdir={tmp_path / 'run'}",
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert (
         "error: flag --config=experiments/imagenet256.py:bogus: Error whilst parsing config "

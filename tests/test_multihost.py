@@ -192,7 +192,7 @@ def test_a_config_refused_on_one_process_ends_every_process_with_its_message(tmp
         for process in processes:
             process.kill()
     for process, stderr in zip(processes, errors, strict=True):
-        assert process.returncode == 1, stderr[-2000:]
+        assert process.returncode == 2, stderr[-2000:]  # a usage error, on every process
         last = stderr.strip().splitlines()[-1]
         assert last.startswith("error: process 1: Invalid config:") or (
             "process 1: Invalid config:" in stderr and "config.total_steps = -1" in stderr

@@ -154,7 +154,7 @@ def test_train_and_sample_clis_end_to_end(tmp_path):
     result = run_module(
         "shortcut_jax.sample", f"--workdir={workdir}", "--steps=200", f"--out={out}"
     )
-    assert result.returncode != 0 and "--steps=200" in result.stderr
+    assert result.returncode == 2 and "--steps=200" in result.stderr
 
 
 def test_bucket_workdirs_are_kept_as_bucket_paths(tmp_path, monkeypatch):

@@ -556,4 +556,4 @@ def test_convert_cli_writes_an_npz_with_the_same_checksum(tiny_state, tmp_path):
         vae.arch,
     )
     missing = run_module(module, f"--from={tmp_path / 'no.safetensors'}", f"--out={out}")
-    assert missing.returncode != 0 and "not found" in missing.stderr
+    assert missing.returncode == 1 and "not found" in missing.stderr

@@ -427,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         flat = convert_file(os.path.expanduser(args.source), os.path.expanduser(args.out))
-    except (ImportError, FileNotFoundError, InceptionWeightsError) as error:
+    except (ImportError, OSError, InceptionWeightsError) as error:
+        # argparse ends bad flags with 2; an input or output that fails is a run-time failure.
         print(f"error: {error}", file=sys.stderr)
         return 1
     count = sum(value.size for value in flat.values())

@@ -17,13 +17,18 @@ never unpickled. Reading needs only the ``safetensors`` package (numpy API), no 
 The output (see `shortcut_jax.models.vae_weights.save_vae`) holds the flattened Flax
 parameters, the architecture as JSON and the scaling factor;
 `shortcut_jax.models.vae_weights.load_vae` reads it (so does ``config.vae.path``). The printed
-checksum is the same for the .npz and its source file.
+checksum is the same for the .npz and its source file. A missing, refused or unreadable --from
+and an --out that cannot be written give one line on stderr and exit status 1, bad flags status 2
+(the rule of `shortcut_jax.cli_inputs`).
 """
 
 from __future__ import annotations
 
+import math
+
 from absl import app, flags
 
+from shortcut_jax import cli_inputs
 from shortcut_jax.models import vae as vae_lib
 
 _FROM = flags.DEFINE_string(
@@ -86,14 +91,20 @@ def describe(vae: vae_lib.Vae) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """Converts --from into --out and describes the result."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    # A file that is missing, pickled, or not a VAE (ValueError) is the input's fault: status 1.
+    with cli_inputs.errors_as_one_line(OSError, ValueError):
+        if _SCALING.value is not None and not (
+            math.isfinite(_SCALING.value) and _SCALING.value > 0
+        ):
+            raise cli_inputs.InputError(f"--scaling_factor={_SCALING.value}: a number > 0")
+        if _GROUPS.value is not None:
+            cli_inputs.check_positive("--norm_num_groups", _GROUPS.value)
         vae = convert(_FROM.value, _OUT.value, _SCALING.value, _GROUPS.value)
-    except (FileNotFoundError, ValueError) as error:
-        raise app.UsageError(str(error)) from error
     print(f"wrote {_OUT.value} from {_FROM.value}\n{describe(vae)}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_inputs.run(main)

@@ -27,6 +27,10 @@ What it does:
     class names, preprocessing, flip policy, storage dtype, shards with their counts, and moment
     statistics (including how large float16 rounding would be relative to the posterior std).
 
+Bad flags give one line on stderr and exit status 2; a config, VAE or dataset it cannot encode, an
+--out begun with another plan, and I/O errors one line and exit status 1 (the rule of
+`shortcut_jax.cli_inputs`).
+
 Storage: float32 by default (exact). --storage_dtype=float16 halves the files; metadata.json's
 `float16_rounding_over_std` (measured on every example in any case) says whether that is
 negligible for your VAE: it is the largest |float16(x) - x| / std over all latent elements.
@@ -50,7 +54,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from shortcut_jax import atomic_files
+from shortcut_jax import atomic_files, cli_inputs
 from shortcut_jax.data import latents, preprocess, shard_cache
 from shortcut_jax.distributed import initialize_distributed
 
@@ -560,12 +564,16 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
     values = {name: holder.value for name, holder in flag_values.items()}
     if values["config"] is None or not values["out"]:
         raise app.UsageError("--config and --out are required.")
+    with cli_inputs.errors_as_one_line():
+        cli_inputs.check_positive("--batch_size", values["batch_size"])
+        cli_inputs.check_positive("--shard_size", values["shard_size"])
     if values["distributed"]:
         initialize_distributed(
             values["coordinator_address"], values["num_processes"], values["process_id"]
         )
     interrupt = os.environ.get(INTERRUPT_ENV)
-    try:
+    # A config, VAE or dataset it cannot encode, an --out of another plan, I/O: status 1.
+    with cli_inputs.errors_as_one_line(ValueError, OSError, EncodingInterruptedError):
         metadata = encode_dataset(
             values["config"],
             values["out"],
@@ -574,8 +582,6 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
             storage_dtype=values["storage_dtype"],
             interrupt_after_shards=int(interrupt) if interrupt else None,
         )
-    except (ValueError, FileNotFoundError, EncodingInterruptedError) as error:
-        raise SystemExit(f"error: {error}") from None
     if metadata is not None:
         logging.info(
             "Wrote %d examples (latents %s) in %d shards to %s.",
@@ -585,4 +591,4 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _flag_values = _define_flags()
-    app.run(lambda argv: main(argv, _flag_values))
+    cli_inputs.run(lambda argv: main(argv, _flag_values))

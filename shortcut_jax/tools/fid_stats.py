@@ -19,7 +19,9 @@ at a time, gs:// included. The default network is the FID
 Inception (converted weights, see `shortcut_jax.tools.convert_inception`); --network takes any
 metric of `shortcut_jax.evaluators.registry` (fd_mnist: the project's MNIST classifier).
 Features are computed on all local devices. --out may be a bucket path (gs://...); the file is
-written atomically. Bad flags or input files give one line on stderr and exit status 2.
+written atomically. Bad flags give one line on stderr and exit status 2; a missing, unreadable
+or unusable input file, missing weights and an output that cannot be written one line and exit
+status 1 (the rule of `shortcut_jax.cli_inputs`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def load_images(path: str) -> np.ndarray:
     """Images from an .npz ('images' or 'arr_0'; uint8 or float in [-1, 1]) as float32 in [-1, 1].
 
     Raises:
-      InputError: naming the file when it is missing, unreadable or holds no usable images.
+      InputFileError: naming the file when it is missing, unreadable or holds no usable images.
     """
     chunks = list(image_chunks(path, num=2**62, chunk=2**62))
     return np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 1), np.float32)
@@ -110,15 +112,15 @@ def image_chunks(path: str, num: int, chunk: int) -> Iterator[np.ndarray]:
     iteration reaches it.
 
     Raises:
-      InputError: naming the file when it is missing, unreadable or holds no usable images.
+      InputFileError: naming the file when it is missing, unreadable or holds no usable images.
     """
     file = epath.Path(path)
     if not file.is_file():
-        raise cli_inputs.InputError(f"--images={path}: no such file")
+        raise cli_inputs.InputFileError(f"--images={path}: no such file")
     with _images_member(file, path) as (shape, _, _):
         pass
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
-        raise cli_inputs.InputError(
+        raise cli_inputs.InputFileError(
             f"--images={path}: images must be (N, H, W, C) with C in (1, 3), got {shape}"
         )
     return (_to_pixels(block) for block in _read_rows(file, path, min(shape[0], num), chunk))
@@ -137,11 +139,11 @@ def _images_member(file: epath.Path, path: str) -> Iterator[tuple[tuple[int, ...
                 shape, dtype = _npy_header(member)
                 yield shape, dtype, member
     except KeyError as missing:
-        raise cli_inputs.InputError(
+        raise cli_inputs.InputFileError(
             f"--images={path} has keys {missing.args[0]}; expected 'images' or 'arr_0'"
         ) from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
-        raise cli_inputs.InputError(
+        raise cli_inputs.InputFileError(
             f"--images={path}: not a readable .npz ({type(error).__name__}: {error})"
         ) from None
 
@@ -195,8 +197,8 @@ def main(argv: list[str]) -> None:
         sweep.EvaluationError,
         features.WeightsError,
         features.NonFiniteImagesError,
-        OSError,  # a --config file that cannot be loaded, an --out that cannot be written
-        SyntaxError,  # a --config path that is not a Python file
+        OSError,  # an --out that cannot be written
+        usage=(SyntaxError,),  # a --config path that is not a Python file
     ):
         _write_statistics()
 
@@ -257,6 +259,8 @@ def _features_of(
 def _write_statistics() -> None:
     num = cli_inputs.check_positive("--num", _NUM.value)
     chunk = cli_inputs.check_positive("--chunk", _CHUNK.value)
+    if num < 2:
+        raise cli_inputs.InputError(f"--num={num}: at least 2 images are needed for a covariance")
     if not _OUT.value:
         raise cli_inputs.InputError("--out is empty: pass the .npz path to write")
     mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices())
@@ -276,7 +280,7 @@ def _write_statistics() -> None:
             bar.update(len(images))
     what = f"{running.count} images of {source}"
     if running.count < 2:
-        raise cli_inputs.InputError(f"{what}: at least 2 images are needed for a covariance")
+        raise cli_inputs.InputFileError(f"{what}: at least 2 images are needed for a covariance")
     mu, sigma = running.statistics()
     if _SAVE_FEATURES.value:
         atomic_files.write_npz(_OUT.value, mu=mu, sigma=sigma, features=np.concatenate(kept))
@@ -288,4 +292,4 @@ def _write_statistics() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=cli_inputs.parse_flags)
+    cli_inputs.run(main)

@@ -13,7 +13,8 @@ split over them). DIR/pairs.json names the teacher run, its checkpoint step and 
 checksum; a rerun with another teacher, step count or layout is refused. Train on the pairs with
 --config.objective=reflow --config.data.pairs_dir=DIR and the teacher's data config. Class
 labels of a conditional teacher cycle through the classes. Bad flags give one line on stderr and
-exit status 2.
+exit status 2; a --workdir that is not a usable run and an --out of other pairs one line and exit
+status 1 (the rule of `shortcut_jax.cli_inputs`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def write_pairs(
       The metadata written to out/pairs.json.
 
     Raises:
-      InputError: bad arguments, or `out` holds pairs of another teacher or layout.
+      InputError: bad arguments.
+      InputFileError: `out` holds pairs of another teacher or layout.
       TeacherError: `workdir` is not a run that can be loaded.
     """
     num = cli_inputs.check_positive("--num", num)
@@ -99,7 +101,7 @@ def write_pairs(
         saved = json.loads(metadata_path.read_text())
         if saved != metadata:
             changed = sorted(k for k in metadata if saved.get(k) != metadata[k])
-            raise cli_inputs.InputError(
+            raise cli_inputs.InputFileError(
                 f"--out={out} holds pairs written with other settings ({', '.join(changed)} "
                 "differ): use a new --out, or the same flags and teacher to finish it"
             )
@@ -163,7 +165,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
-    with cli_inputs.errors_as_one_line(teacher_lib.TeacherError):
+    with cli_inputs.errors_as_one_line(teacher_lib.TeacherError, OSError):
         metadata = write_pairs(
             values.workdir,
             values.out,
@@ -179,4 +181,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli_inputs.run(main)

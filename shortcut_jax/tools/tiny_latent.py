@@ -24,7 +24,7 @@ from absl import app, flags
 from etils import epath
 from PIL import Image, ImageDraw
 
-from shortcut_jax import atomic_files
+from shortcut_jax import atomic_files, cli_inputs
 
 CLASS_NAMES = ("disc", "square")
 IMAGES_PER_CLASS = 24
@@ -140,11 +140,13 @@ def main(argv: list[str]) -> None:
     """Makes the assets and prints where they are."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    for name, path in ensure_assets(flags.FLAGS.out).items():
+    with cli_inputs.errors_as_one_line(OSError):  # --out cannot be written: status 1
+        assets = ensure_assets(flags.FLAGS.out)
+    for name, path in assets.items():
         print(f"{name}: {path}")
 
 
 if __name__ == "__main__":
     # Defined only when run as a script: the :tiny configs import this module from other CLIs.
     flags.DEFINE_string("out", None, "Directory for the assets (default: the user cache).")
-    app.run(main)
+    cli_inputs.run(main)

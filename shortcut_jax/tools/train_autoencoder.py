@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from shortcut_jax import atomic_files
+from shortcut_jax import atomic_files, cli_inputs
 from shortcut_jax.data.mnist import load_mnist
 from shortcut_jax.evaluators import fd_mnist
 from shortcut_jax.models import vae as vae_lib
@@ -512,9 +512,10 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
         DEFAULT_RECIPE, kl_weight=values["kl_weight"], reconstruction=values["reconstruction"]
     )
     vae, metrics = train_autoencoder(values["steps"], values["seed"], recipe)
-    vae_lib.save_vae(values["out"], vae)
-    if values["metrics_out"]:
-        atomic_files.write_json(values["metrics_out"], metrics, indent=1)
+    with cli_inputs.errors_as_one_line(OSError):  # an output that cannot be written: status 1
+        vae_lib.save_vae(values["out"], vae)
+        if values["metrics_out"]:
+            atomic_files.write_json(values["metrics_out"], metrics, indent=1)
     arch, out = vae.arch, values["out"]
     print(
         f"Wrote {out}: {metrics['num_params']:,} parameters, latents "
@@ -532,4 +533,4 @@ def main(argv: list[str], flag_values: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _flag_values = _define_flags()
-    app.run(lambda argv: main(argv, _flag_values))
+    cli_inputs.run(lambda argv: main(argv, _flag_values))
