@@ -48,6 +48,13 @@ from shortcut_jax.tools.official_pickle import (
 
 # ------------------------------------------------------------------ the run directory
 
+
+class ImportSettingError(OfficialCheckpointError, cli_inputs.InputError):
+    """A flag or the --config does not fit the checkpoint: the command must change."""
+
+    exit_code = cli_inputs.USAGE_EXIT_CODE
+
+
 # The official --model.train_type values whose models our Euler sampler runs, and our objective.
 TRAIN_TYPES = {"shortcut": "shortcut", "naive": "flow_matching", "livereflow": "live_reflow"}
 IGNORES_DT = ("naive",)  # the official DiT gets ignore_dt=True for these (dt is always 0)
@@ -64,14 +71,14 @@ def resolve_num_heads(num_heads: int | None, saved: dict[str, Any], arch: Archit
             h for w, depth, h, _ in PRESETS.values() if (w, depth) == (arch.hidden_size, arch.depth)
         }
         if len(matches) != 1:
-            raise OfficialCheckpointError(
+            raise ImportSettingError(
                 f"the number of attention heads of a DiT of width {arch.hidden_size} and depth "
                 f"{arch.depth} is not in the checkpoint: pass --num_heads (the official run's "
                 "--model.num_heads)"
             )
         num_heads = matches.pop()
     if num_heads <= 0 or arch.hidden_size % num_heads:
-        raise OfficialCheckpointError(
+        raise ImportSettingError(
             f"--num_heads={num_heads}: must divide the width {arch.hidden_size}"
         )
     return num_heads
@@ -93,7 +100,7 @@ def run_config(
     from shortcut_jax import models
 
     if train_type not in TRAIN_TYPES:
-        raise OfficialCheckpointError(
+        raise ImportSettingError(
             f"--train_type={train_type!r}: importable are {sorted(TRAIN_TYPES)} (the others use "
             "another sampler or are distilled from a teacher)"
         )
@@ -110,17 +117,24 @@ def run_config(
     config.model.time_scale = 1.0  # the official DiT embeds t in [0, 1] unscaled
     side, _, channels = latent_space.model_shape(config)
     if channels != arch.channels or side % arch.patch_size:
-        raise OfficialCheckpointError(
+        raise ImportSettingError(
             f"the config's model input is {side}x{side}x{channels} (data.image_size, channels, "
             f"vae), the checkpoint's DiT takes {arch.channels} channels in patches of "
             f"{arch.patch_size}: pass the --config of the official run's dataset"
+        )
+    classes = int(config.data.num_classes)
+    if classes not in (0, arch.label_rows - 1):
+        raise ImportSettingError(
+            f"the checkpoint has {arch.label_rows - 1} classes (+ the null label), the --config "
+            f"data.num_classes = {classes}: use {arch.label_rows - 1}, or 0 for a model always "
+            "sampled with the null label (the official CelebA runs)"
         )
     if int(arch.hidden_size * config.model.mlp_ratio) != arch.mlp_hidden:
         raise OfficialCheckpointError(f"MLP width {arch.mlp_hidden} is not a ratio of the width")
     try:
         config_lib.validate(config, check_files=False)
     except config_lib.ConfigError as error:
-        raise OfficialCheckpointError(f"the imported run's config is invalid: {error}") from None
+        raise ImportSettingError(f"the imported run's config is invalid: {error}") from None
     if getattr(models.get_model(config), "time_scale", None) != 1.0:
         raise OfficialCheckpointError(
             "this shortcut_jax's DiT embeds t * 1000 whatever the config says (no "

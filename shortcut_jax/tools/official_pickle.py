@@ -26,6 +26,8 @@ from etils import epath
 class OfficialCheckpointError(ValueError):
     """The file is not a checkpoint of the official code this tool can import."""
 
+    exit_code = 1  # a bad input file, not a bad command line (`cli_inputs` exit statuses)
+
 
 class UnsafeCheckpointError(OfficialCheckpointError):
     """The pickle names a class the restricted unpickler does not rebuild."""
