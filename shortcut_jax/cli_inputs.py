@@ -73,18 +73,15 @@ def errors_as_one_line(
 ) -> Iterator[None]:
     """Turns errors raised inside into ``error: <message>`` on stderr and an exit status.
 
-    `InputError` exits with its `exit_code` (2, or 1 for `InputFileError`), the `usage` kinds
-    with 2 and the `failures` kinds with 1; anything else keeps its traceback (a bug).
+    An error whose class has an `exit_code` exits with it (`InputError` 2, `InputFileError` 1),
+    other `usage` kinds with 2 and `failures` kinds with 1; anything else keeps its traceback.
     """
     try:
         yield
     except (InputError, *usage, *failures) as error:
         print(f"error: {error}", file=sys.stderr)
-        if isinstance(error, InputError):
-            code = exit_code(error)
-        else:
-            code = USAGE_EXIT_CODE if isinstance(error, usage) else FAILURE_EXIT_CODE
-        raise SystemExit(code) from None
+        default = USAGE_EXIT_CODE if isinstance(error, usage) else FAILURE_EXIT_CODE
+        raise SystemExit(getattr(error, "exit_code", default)) from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
