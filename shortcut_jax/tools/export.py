@@ -1,50 +1,49 @@
 """Export a run's k-step samplers for serving: `jax.export` artifacts, safetensors, a manifest.
 
-    python -m shortcut_jax.tools.export --workdir runs/mnist --steps 1,4 --out exported/
-        [--checkpoint_step N] [--raw_params] [--platforms cpu,cuda,tpu] [--embed_params]
+    python -m shortcut_jax.tools.export --workdir runs/mnist --steps 1,4 --out exported/ \
+        [--checkpoint_step N] [--raw_params] [--platforms cpu,cuda,tpu] [--embed_params] \
         [--saved_model]
 
---out receives (a local folder appears whole, replacing an older export; on a bucket the files
-are uploaded one by one, manifest.json last, into a folder that must be empty):
+--out receives (locally the folder appears whole, replacing an earlier export; on a bucket the
+files are uploaded into an empty folder, manifest.json last):
 
-  sampler_{k}step.jax_export  the k-step sampler, guidance and (latent runs) the VAE decode in one
-                              serialized `jax.export.Exported` (StableHLO), batch size symbolic
-                              ("b"), lowered for every --platforms (default cpu, cuda and tpu);
-  params.safetensors          the parameters it samples with (the EMA unless --raw_params):
-                              "model/<flax path>" for the denoiser, "vae/<flax path>" for the VAE
-                              decoder of latent runs; float32;
-  saved_model_{k}step/        (--saved_model) the same sampler as a TensorFlow SavedModel (jax2tf),
-                              parameters held as variables, signature "serving_default";
-  manifest.json               what a server needs: inputs, outputs, shapes, dtypes, guidance,
-                              platforms, versions, checksums; written last.
+  sampler_{k}step.jax_export  the k-step sampler with guidance and, for latent runs, the VAE
+                              decode: one serialized `jax.export.Exported` (StableHLO), batch size
+                              symbolic, lowered for each of --platforms (default cpu,cuda,tpu);
+  params.safetensors          the parameters (EMA unless --raw_params), float32: "model/<flax
+                              path>" for the denoiser, "vae/<flax path>" for the VAE decoder;
+  saved_model_{k}step/        with --saved_model, the same program as a TensorFlow SavedModel
+                              (jax2tf): parameters as variables, signature "serving_default";
+  manifest.json               inputs, outputs, shapes, dtypes, guidance, schedule, platforms,
+                              versions, checksums, config hash: all a server needs.
 
-Calling convention (nothing of shortcut_jax is needed to serve; see `CALLING_CONVENTION`)::
+Serving needs jax and safetensors, nothing of shortcut_jax (`CALLING_CONVENTION`)::
 
     exported = jax.export.deserialize(open("sampler_4step.jax_export", "rb").read())
     params = safetensors.numpy.load_file("params.safetensors")   # a flat {name: array} dict
-    out = exported.call(params, noise, labels, guidance_scale)
+    out = exported.call(params, noise, labels, guidance_scale)   # {"images", "images_uint8"}
 
-noise (b, *noise_shape) float32 ~ N(0, I) (latent shape for latent runs); labels (b,) int32 in
-[0, num_classes], num_classes being the null class (all 0 for unconditional runs); guidance_scale
-() float32, present only when the run's guidance policy (`latent_space.guidance_scale`,
-config.sample_guidance) guides at k steps; 1 = no guidance. `out` is a dict: "images" (b, H, W,
-C) float32 clipped to [-1, 1] and "images_uint8" (b, H, W, C) uint8 = ((x + 1) * 127.5) clipped
-to [0, 255] and truncated (the ADM quantization of `python -m shortcut_jax.sample`). Image runs
-only (2-D toy runs are refused). With --embed_params the parameters are constants of each
-artifact and `params` is left out of the call (one file per sampler; not for models near 2 GB).
+noise: (b, *noise_shape) float32 ~ N(0, I), the latent shape for latent runs; labels: (b,) int32 in
+[0, num_classes], num_classes being the null class (all 0 for unconditional runs);
+guidance_scale: () float32, an input only where the run's policy guides k-step sampling
+(`latent_space.guidance_scale`, config.sample_guidance): at 1 the artifact runs the unguided
+program (one network call per step), otherwise the guided one (conditional and null-class batches
+in one call). Outputs: "images" (b, H, W, C) float32 clipped to [-1, 1] and "images_uint8", the
+ADM quantization of `python -m shortcut_jax.sample` (((x + 1) * 127.5) clipped to [0, 255],
+truncated). The program is `sampling.sample` then `latent_space.pixel_fn`: the same noise, labels
+and scale give `sample`'s images (measured: equal). With --embed_params the parameters are
+constants of each artifact and `params` is left out of the call. Image runs only.
 
-A guided artifact always evaluates the conditional and null-class batches (also at scale 1), so an
-unguided request costs two network calls per step; unguided artifacts cost one. The program is
-`sampling.sample` and `latent_space.pixel_fn` exactly: the same noise and labels give the images
-of `python -m shortcut_jax.sample`. Errors are one line on stderr, with the exit status of the
-`cli_inputs` rule: 2 for bad flags (a --steps outside 1..denoise_timesteps, unknown --platforms),
-1 for a workdir that is not a run, an --out that holds other files, a failed lowering or write.
+Errors are one line on stderr, with the exit status of the `cli_inputs` rule: 2 for bad flags (a
+--steps outside 1..denoise_timesteps, unknown --platforms), 1 for a workdir that is not a run, an
+--out that holds other files, a failed lowering or write.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -75,11 +74,12 @@ from shortcut_jax import (
 )
 
 FORMAT = "shortcut_jax.export/1"
-MANIFEST = "manifest.json"
-PARAMS_FILE = "params.safetensors"
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+MANIFEST, PARAMS_FILE = "manifest.json", "params.safetensors"
+ARTIFACT, SAVED_MODEL = "sampler_{}step.jax_export", "saved_model_{}step"
+PLATFORMS, DEFAULT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu"), ("cpu", "cuda", "tpu")
 MODEL_PREFIX, VAE_PREFIX = "model/", "vae/"
+# A serialized artifact is one flatbuffer (2 GiB at most): embedded constants must stay below.
+MAX_EMBEDDED_BYTES = 3 * 2**29
 CALLING_CONVENTION = (
     "jax.export.deserialize(bytes of the artifact).call(*args) with args = [params,] noise, "
     "labels[, guidance_scale] as listed in 'inputs'; params = "
@@ -93,16 +93,6 @@ class ExportError(RuntimeError):
     files or cannot be written, the run's VAE does not fit it, TensorFlow is missing."""
 
 
-def artifact_name(num_steps: int) -> str:
-    """The file of the `num_steps`-step sampler in --out."""
-    return f"sampler_{num_steps}step.jax_export"
-
-
-def saved_model_name(num_steps: int) -> str:
-    """The SavedModel folder of the `num_steps`-step sampler in --out."""
-    return f"saved_model_{num_steps}step"
-
-
 def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
     """'1,4' -> (1, 4); each count in [1, denoise_timesteps], none twice.
 
@@ -110,9 +100,8 @@ def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
       InputError: naming --steps, the bad entry and what is allowed.
     """
     allowed = f"allowed: integers 1..{denoise_timesteps} (denoise_timesteps), e.g. --steps 1,4"
-    entries = [entry.strip() for entry in str(text).split(",")]
-    counts = []
-    for entry in entries:
+    counts: list[int] = []
+    for entry in (entry.strip() for entry in str(text).split(",")):
         if not (entry.isascii() and entry.isdigit()) or not 1 <= int(entry) <= denoise_timesteps:
             raise cli_inputs.InputError(f"--steps={text}: {entry!r} is not a step count; {allowed}")
         if int(entry) in counts:
@@ -124,8 +113,7 @@ def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
 def parse_platforms(text: str) -> tuple[str, ...]:
     """'cpu,tpu' -> ('cpu', 'tpu'). Raises InputError naming --platforms on an unknown one."""
     names = tuple(name.strip().lower() for name in str(text).split(","))
-    bad = [name for name in names if name not in PLATFORMS]
-    if bad or len(set(names)) != len(names):
+    if any(name not in PLATFORMS for name in names) or len(set(names)) != len(names):
         raise cli_inputs.InputError(
             f"--platforms={text}: allowed a comma-separated subset of {', '.join(PLATFORMS)}"
         )
@@ -133,30 +121,22 @@ def parse_platforms(text: str) -> tuple[str, ...]:
 
 
 def guides(config: ml_collections.ConfigDict, num_steps: int) -> bool:
-    """Whether the run samples `num_steps` steps with guidance (then the artifact takes a scale).
-
-    The policy is `latent_space.guidance_scale` (config.sample_guidance), asked with a scale that
-    is not 1; unconditional runs never guide.
-    """
+    """Whether the run samples `num_steps` steps with guidance (then the artifact takes a scale):
+    `latent_space.guidance_scale` asked with a scale other than 1; never for unconditional runs."""
     probe = 2.0
-    return int(config.data.num_classes) > 0 and (
-        latent_space.guidance_scale(config, num_steps, probe) == probe
-    )
+    guided = latent_space.guidance_scale(config, num_steps, probe) == probe
+    return int(config.data.num_classes) > 0 and guided
 
 
 def flat_params(model_params: Any, vae_params: Any | None) -> dict[str, np.ndarray]:
-    """The serving parameters as one flat {name: float32 array} dict (the safetensors names).
-
-    Names are "model/<path>" and, for latent runs, "vae/<path>", paths joined with "/".
-    """
+    """The parameters as one flat {name: array} dict: "model/<path>", "vae/<path>" (latent runs),
+    flax paths joined with "/" (the safetensors names)."""
     from flax import traverse_util
 
     flat = {}
     for prefix, tree in ((MODEL_PREFIX, model_params), (VAE_PREFIX, vae_params)):
-        if tree is None:
-            continue
-        for path, leaf in traverse_util.flatten_dict(jax.device_get(tree), sep="/").items():
-            flat[prefix + path] = np.ascontiguousarray(np.asarray(leaf))
+        for path, leaf in traverse_util.flatten_dict(jax.device_get(tree or {}), sep="/").items():
+            flat[prefix + path] = np.ascontiguousarray(leaf)
     return flat
 
 
@@ -164,10 +144,11 @@ def split_params(flat: dict[str, Any]) -> tuple[Any, Any | None]:
     """`flat_params`' inverse: (model parameter tree, VAE decoder tree or None)."""
     from flax import traverse_util
 
-    model = {k[len(MODEL_PREFIX) :]: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}
-    vae = {k[len(VAE_PREFIX) :]: v for k, v in flat.items() if k.startswith(VAE_PREFIX)}
-    unflatten = lambda tree: traverse_util.unflatten_dict(tree, sep="/")  # noqa: E731
-    return unflatten(model), (unflatten(vae) if vae else None)
+    trees = []
+    for prefix in (MODEL_PREFIX, VAE_PREFIX):
+        part = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        trees.append(traverse_util.unflatten_dict(part, sep="/") if part else None)
+    return trees[0], trees[1]
 
 
 class _TracedScale:
@@ -175,8 +156,8 @@ class _TracedScale:
 
     `sampling.sample` skips the guided batch when ``cfg_scale == 1.0`` and otherwise mixes
     ``out_null + cfg_scale * (out_cond - out_null)``. This stand-in is unequal to every number (the
-    guided program is always traced) and multiplies as the traced scalar, so the program is the
-    library's for any scale. Any other use (float(), hashing) fails loudly at export time.
+    guided program is traced) and multiplies as the traced scalar, so the program is the library's
+    for any scale. Any other use (float(), hashing) fails loudly at export time.
     """
 
     def __init__(self, value: jax.Array):
@@ -213,10 +194,14 @@ def serving_fn(
 
     def fn(params: dict[str, jax.Array], noise, labels, *scale) -> dict[str, jax.Array]:
         model_params, vae_params = split_params(params)
-        cfg_scale = _TracedScale(jnp.asarray(scale[0], jnp.float32)) if guided else 1.0
-        samples = sampling.sample(
-            apply_fn, model_params, noise, labels.astype(jnp.int32), cfg_scale=cfg_scale, **settings
-        )
+        run = functools.partial(sampling.sample, apply_fn, model_params, noise, labels, **settings)
+        if guided:  # scale 1 runs the unguided program, one network call per step, as `sample`
+            value = jnp.asarray(scale[0], jnp.float32)
+            samples = jax.lax.cond(
+                value == 1.0, lambda: run(cfg_scale=1.0), lambda: run(cfg_scale=_TracedScale(value))
+            )
+        else:
+            samples = run(cfg_scale=1.0)
         images = pixels(vae_params, samples)
         return {"images": images, "images_uint8": quantize(images)}
 
@@ -232,49 +217,36 @@ def quantize(images: jax.Array) -> jax.Array:
 def input_specs(
     config: ml_collections.ConfigDict, guided: bool, batch: Any = "b"
 ) -> list[dict[str, Any]]:
-    """The data inputs after params: name, shape ("b" = the symbolic batch), dtype, meaning."""
-    noise_shape = [batch, *latent_space.model_shape(config)]
-    num_classes = int(config.data.num_classes)
-    labels = (
-        f"class labels in [0, {num_classes - 1}]; {num_classes} (the null class) samples "
-        "unconditionally"
-        if num_classes
-        else "all 0 (unconditional run)"
-    )
+    """The inputs after params: name, shape (`batch` for the batch size), dtype, meaning."""
+    classes = int(config.data.num_classes)
+    labels = f"0..{classes - 1}; {classes} = null class" if classes else "all 0 (unconditional)"
     specs = [
-        {"name": "noise", "shape": noise_shape, "dtype": "float32", "meaning": "x0 ~ N(0, I)"},
+        {"name": "noise", "shape": [batch, *latent_space.model_shape(config)], "dtype": "float32",
+         "meaning": "x0 ~ N(0, I)"},
         {"name": "labels", "shape": [batch], "dtype": "int32", "meaning": labels},
-    ]
+    ]  # fmt: skip
     if guided:
-        meaning = f"classifier-free guidance scale, 1 = none (run default {_default_scale(config)})"
+        meaning = f"guidance scale, 1 = none (run default {float(config.sample_cfg_scale)})"
         specs.append(
             {"name": "guidance_scale", "shape": [], "dtype": "float32", "meaning": meaning}
         )
     return specs
 
 
-def _default_scale(config: ml_collections.ConfigDict) -> float:
-    return float(config.sample_cfg_scale)
-
-
 def output_specs(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The outputs (a dict) of every artifact of the run."""
     shape = ["b", *latent_space.pixel_shape(config)]
+    quantized = "((images + 1) * 127.5) clipped to [0, 255], truncated (ADM)"
     return [
         {"name": "images", "shape": shape, "dtype": "float32", "meaning": "clipped to [-1, 1]"},
-        {
-            "name": "images_uint8",
-            "shape": shape,
-            "dtype": "uint8",
-            "meaning": "((images + 1) * 127.5) clipped to [0, 255], truncated (ADM)",
-        },
+        {"name": "images_uint8", "shape": shape, "dtype": "uint8", "meaning": quantized},
     ]
 
 
 def export_sampler(
     config: ml_collections.ConfigDict,
     vae: Any | None,
-    params: dict[str, np.ndarray],
+    params: dict[str, Any],
     num_steps: int,
     *,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
@@ -282,12 +254,13 @@ def export_sampler(
 ) -> jax.export.Exported:
     """The `serving_fn` of `num_steps` exported with a symbolic batch for `platforms`.
 
-    With `embed_params` the parameters are constants of the program and not an argument.
+    `params` may be arrays or shape/dtype structs; with `embed_params` (arrays only) they are
+    constants of the program, not an argument.
     """
     guided = guides(config, num_steps)
     fn = serving_fn(config, vae, num_steps, guided)
     (batch,) = jax.export.symbolic_shape("b")
-    arguments = [
+    arguments: list[Any] = [
         jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]))
         for spec in input_specs(config, guided, batch)
     ]
@@ -317,17 +290,17 @@ def write_saved_model(
     """Writes the `num_steps`-step sampler as a TensorFlow SavedModel (jax2tf) into `directory`.
 
     The parameters are variables of the SavedModel; its "serving_default" signature takes the
-    `input_specs` (noise and labels with an unknown batch size) and returns the `output_specs`.
+    `input_specs` (an unknown batch size) and returns the `output_specs`.
     """
     import tensorflow as tf
     from jax.experimental import jax2tf
 
     guided = guides(config, num_steps)
     specs = input_specs(config, guided, None)
-    polymorphic = [None] + ["(" + ", ".join(_shape_text(s["shape"])) + ")" for s in specs]
+    shapes = [", ".join("b" if size is None else str(size) for size in s["shape"]) for s in specs]
     converted = jax2tf.convert(
         serving_fn(config, vae, num_steps, guided),
-        polymorphic_shapes=polymorphic,
+        polymorphic_shapes=[None] + [f"({shape})" for shape in shapes],
         native_serialization_platforms=tuple(platforms),
         with_gradient=False,
     )
@@ -336,28 +309,19 @@ def write_saved_model(
         name: tf.Variable(value, trainable=False, name=name.replace("/", ".")[-200:])
         for name, value in params.items()
     }
-    signature = [tf.TensorSpec(s["shape"], s["dtype"], name=s["name"]) for s in specs]
     module.sample = tf.function(
         lambda *inputs: converted(module.params, *inputs),
-        input_signature=signature,
+        input_signature=[tf.TensorSpec(s["shape"], s["dtype"], name=s["name"]) for s in specs],
         autograph=False,
     )
     tf.saved_model.save(module, directory, signatures={"serving_default": module.sample})
-
-
-def _shape_text(shape: Sequence[Any]) -> list[str]:
-    return ["b" if size is None else str(size) for size in shape]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def config_sha256(config: ml_collections.ConfigDict) -> str:
     """A hash of the run config as saved (without the `mesh` of the process that loaded it)."""
     fields = json.loads(config_lib.to_json(config))
     fields.pop("mesh", None)
-    return _sha256(json.dumps(fields, sort_keys=True).encode())
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def export_run(
@@ -384,17 +348,23 @@ def export_run(
     config = checkpoint.restore_config(workdir, step)
     counts = parse_steps(steps_text, int(config.denoise_timesteps))
     if len(latent_space.model_shape(config)) != 3:
-        raise ExportError(
-            f"--workdir={workdir} samples {config.data.get('name')} points, not images: export "
-            "serves image runs (python -m shortcut_jax.sample writes toy points)"
-        )
+        raise ExportError(f"--workdir={workdir} samples 2-D points, not images: export images runs")
     out = out if atomic_files.is_remote(out) else os.path.abspath(os.path.expanduser(out))
     _check_out(out)
     mesh = sharding.make_mesh(sharding.single_device_config(), jax.local_devices()[:1])
     config, model_params, step = checkpoint.load_params(workdir, step, raw=raw_params, mesh=mesh)
-    vae = _run_vae(config)
+    try:
+        vae = latent_space.load_run_vae(config) if latent_space.uses_vae(config) else None
+    except ValueError as error:
+        raise ExportError(f"config.vae.path={config.vae.path}: {error}") from None
     params = flat_params(model_params, None if vae is None else vae.decoder_params)
     del model_params
+    size = sum(value.nbytes for value in params.values())
+    if embed_params and size > MAX_EMBEDDED_BYTES:
+        raise ExportError(
+            f"--embed_params: the parameters are {size / 2**30:.2f} GiB, more than an artifact "
+            f"holds ({MAX_EMBEDDED_BYTES / 2**30:.1f} GiB of constants): leave --embed_params out"
+        )
     run = {
         "workdir": str(workdir),
         "checkpoint_step": int(step),
@@ -404,7 +374,7 @@ def export_run(
         "denoise_timesteps": int(config.denoise_timesteps),
         "num_classes": int(config.data.num_classes),
         "sample_guidance": str(config.get("sample_guidance", "auto")),
-        "sample_cfg_scale": _default_scale(config),
+        "sample_cfg_scale": float(config.sample_cfg_scale),
         "noise_shape": list(latent_space.model_shape(config)),
         "vae": None if vae is None else {"checksum": vae.checksum, "path": str(config.vae.path)},
     }
@@ -417,15 +387,13 @@ def export_run(
                 config, vae, params, count, platforms=platforms, embed_params=embed_params
             )
             data = bytes(exported.serialize())
-            with open(os.path.join(staging, artifact_name(count)), "wb") as handle:
+            with open(os.path.join(staging, ARTIFACT.format(count)), "wb") as handle:
                 handle.write(data)
             entry = _sampler_entry(config, count, data, embed_params)
             if saved_model:
-                folder = saved_model_name(count)
-                write_saved_model(
-                    config, vae, params, count, os.path.join(staging, folder), platforms
-                )
-                entry["saved_model"] = folder
+                entry["saved_model"] = SAVED_MODEL.format(count)
+                directory = os.path.join(staging, entry["saved_model"])
+                write_saved_model(config, vae, params, count, directory, platforms)
             entry["export_seconds"] = round(time.perf_counter() - started, 2)
             entry["calling_convention_version"] = int(exported.calling_convention_version)
             samplers.append(entry)
@@ -435,7 +403,7 @@ def export_run(
             "jax_version": jax.__version__,
             "platforms": list(platforms),
             "params_file": PARAMS_FILE,
-            "params_sha256": _sha256(params_bytes),
+            "params_sha256": hashlib.sha256(params_bytes).hexdigest(),
             "params_count": int(sum(value.size for value in params.values())),
             "params_embedded": bool(embed_params),
             "run": run,
@@ -443,19 +411,8 @@ def export_run(
             "samplers": samplers,
         }
         with open(os.path.join(staging, MANIFEST), "w") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-def _run_vae(config: ml_collections.ConfigDict) -> Any | None:
-    """The run's VAE (latent runs) or None; ExportError naming config.vae.path if it is unfit."""
-    if not latent_space.uses_vae(config):
-        return None
-    try:
-        return latent_space.load_run_vae(config)
-    except ValueError as error:
-        raise ExportError(f"config.vae.path={config.vae.path}: {error}") from None
 
 
 def _sampler_entry(
@@ -466,26 +423,16 @@ def _sampler_entry(
     params_input = [] if embedded else [{"name": "params", "meaning": f"dict of {PARAMS_FILE}"}]
     return {
         "steps": count,
-        "file": artifact_name(count),
+        "file": ARTIFACT.format(count),
         "bytes": len(data),
-        "sha256": _sha256(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "guidance": {
             "input": guided,
-            "default_scale": _default_scale(config) if guided else 1.0,
-            "why": _guidance_reason(config, count, guided),
+            "default_scale": float(config.sample_cfg_scale) if guided else 1.0,
         },
         "schedule": {"t_start": t_start.tolist(), "step_size": step_size.tolist()},
         "inputs": params_input + input_specs(config, guided),
     }
-
-
-def _guidance_reason(config: ml_collections.ConfigDict, count: int, guided: bool) -> str:
-    if guided:
-        return "the run's policy guides at this step count: the scale is an input"
-    if not int(config.data.num_classes):
-        return "unconditional run: no guidance"
-    policy = config.get("sample_guidance", "auto")
-    return f"sample_guidance={policy} samples {count} steps without guidance (as sample does)"
 
 
 def _write_params(path: str, params: dict[str, np.ndarray], run: dict[str, Any]) -> bytes:
@@ -499,8 +446,8 @@ def _write_params(path: str, params: dict[str, np.ndarray], run: dict[str, Any])
 
 
 def _check_out(out: str) -> None:
-    """Refuses an --out that holds files but is not an export (local) or holds files (bucket), and
-    one that cannot be written, before anything is computed."""
+    """Refuses, before anything is computed, an --out that holds files but is not an earlier
+    export (local) or holds any files (bucket), or that cannot be written."""
     from etils import epath
 
     path = epath.Path(out)
@@ -523,13 +470,9 @@ def _check_out(out: str) -> None:
 @contextlib.contextmanager
 def _staging(out: str) -> Iterator[str]:
     """Yields a local folder to fill; on success it becomes `out` (a local folder, replacing an
-    older export) or its files are uploaded to the bucket folder `out`, manifest.json last."""
+    earlier export) or its files are uploaded to the bucket folder `out`, manifest.json last."""
     remote = atomic_files.is_remote(out)
-    directory = (
-        tempfile.mkdtemp(prefix="shortcut_jax_export_")
-        if remote
-        else atomic_files.temporary_sibling(out)
-    )
+    directory = tempfile.mkdtemp() if remote else atomic_files.temporary_sibling(out)
     os.makedirs(directory, exist_ok=True)
     try:
         yield directory
@@ -552,7 +495,8 @@ def _staging(out: str) -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 bad flags, 1 failed export)."""
     parser = argparse.ArgumentParser(
         prog="python -m shortcut_jax.tools.export",
         description="Export a run's k-step samplers (jax.export, StableHLO) for serving.",
@@ -565,20 +509,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--platforms",
         default=",".join(DEFAULT_PLATFORMS),
-        help=f"platforms every artifact runs on, from {','.join(PLATFORMS)}",
+        help=f"where each artifact runs, a subset of {','.join(PLATFORMS)}",
     )
-    parser.add_argument(
-        "--embed_params", action="store_true", help="parameters as constants of each artifact"
-    )
-    parser.add_argument(
-        "--saved_model", action="store_true", help="also a TensorFlow SavedModel (jax2tf)"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 bad flags, 1 failed export)."""
-    args = _parser().parse_args(argv)
+    parser.add_argument("--embed_params", action="store_true", help="params as constants")
+    parser.add_argument("--saved_model", action="store_true", help="also a TF SavedModel")
+    args = parser.parse_args(argv)
     try:
         manifest = export_run(
             args.workdir,
