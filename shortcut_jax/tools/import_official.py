@@ -31,6 +31,8 @@ import json
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -152,9 +154,6 @@ def train_state(config: ml_collections.ConfigDict, params: Any, ema_params: Any,
     """
     import functools
 
-    import jax
-    import jax.numpy as jnp
-
     from shortcut_jax import models, optim
     from shortcut_jax.state import TrainState, init_state
 
@@ -170,7 +169,7 @@ def train_state(config: ml_collections.ConfigDict, params: Any, ema_params: Any,
             f"the mapped parameters do not match the model: {described(params)} vs "
             f"{described(abstract.params)}"
         )
-    params, ema_params = jax.tree.map(jnp.asarray, (params, ema_params))
+    params, ema_params = jax.tree.map(jnp.asarray, (params, ema_params))  # no copy of jax arrays
     return TrainState(
         step=jnp.asarray(step, jnp.int32),
         params=params,
@@ -239,11 +238,14 @@ def import_checkpoint(
         if architecture(official) != arch:
             raise OfficialCheckpointError(f"{name} and params have different shapes")
         check_finite(official, name)
-        mapped[name] = map_params(
+        ours = map_params(
             official, arch, num_heads, int(config.data.num_classes), train_type in IGNORES_DT
         )
         del official
-    mapped.setdefault("params_ema", mapped["params"])
+        mapped[name] = jax.tree.map(jnp.asarray, ours)  # one host copy of each set at a time
+        del ours
+    if "params_ema" not in mapped:
+        mapped["params_ema"] = jax.tree.map(jnp.copy, mapped["params"])
     checkpoint_state = train_state(config, mapped.pop("params"), mapped.pop("params_ema"), step)
     manager = checkpoint.make_manager(str(path), for_training=True)
     try:
