@@ -305,7 +305,9 @@ def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads FID statistics from an ``.npz`` with keys ``'mu'`` and ``'sigma'``.
 
-    This is the format of published FID reference statistics (extra keys are ignored).
+    This is the format of published FID reference statistics (extra keys are ignored): ADM's
+    reference batches, and the official shortcut-models code's ``*_fidstats_ours.npz`` files
+    (which its ``train.py`` reads as ``np.load(path)['mu']`` and ``['sigma']``).
 
     Args:
       path: the ``.npz`` file.
