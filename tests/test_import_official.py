@@ -28,7 +28,7 @@ from official_dit import (
 )
 from tiny import REPO, run_module, tiny_mnist_config
 
-from shortcut_jax import checkpoint, models
+from shortcut_jax import checkpoint, cli_inputs, models
 from shortcut_jax.evaluators import fid
 from shortcut_jax.tools import import_official, official_params, official_pickle
 
@@ -202,8 +202,22 @@ def test_malicious_pickle_is_refused_naming_the_class_and_nothing_runs(tmp_path)
         f"--out={tmp_path / 'run'}",
         timeout=300,
     )
-    assert result.returncode != 0 and not marker.exists()
+    assert result.returncode == cli_inputs.FAILURE_EXIT_CODE and not marker.exists()
     assert "posix.system" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_flags_that_do_not_fit_the_checkpoint_exit_2(tmp_path):
+    source = write_official_checkpoint(tmp_path / "checkpoint", _params(9), _params(9), 10)
+    result = run_module(  # width 32, depth 2 is no DiT preset: the heads must be given
+        "shortcut_jax.tools.import_official",
+        f"--from={source}",
+        f"--config={REPO / 'tests' / 'tiny.py'}",
+        f"--out={tmp_path / 'run'}",
+        timeout=300,
+    )
+    assert result.returncode == cli_inputs.USAGE_EXIT_CODE, result.stderr[-2000:]
+    assert "--num_heads" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -21,7 +21,8 @@ The run directory holds config.json, import.json (source file, sha256, official 
 Orbax checkpoint written by `checkpoint.save` at step = official step - 1 (the official counter
 starts at 1): params -> params, params_ema -> ema_params. `sample`, `evaluate` and the notebooks
 use it as any run (--raw_params samples the official `params`, which the official evaluation uses
-unless --model.use_ema=1). Bad flags or files give one line on stderr and exit status 2.
+unless --model.use_ema=1). Errors are one line on stderr: exit status 2 for flags or a --config
+that do not fit the checkpoint, 1 for a file that cannot be imported (`cli_inputs`).
 """
 
 from __future__ import annotations
@@ -309,4 +310,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=cli_inputs.parse_flags)
+    cli_inputs.run(main)
