@@ -97,8 +97,9 @@ def run_config(
     """`base` (data, VAE, sampling, evaluation) with the model and objective of the checkpoint.
 
     Raises:
-      OfficialCheckpointError: when the config's model input does not fit the checkpoint, the
-        train type cannot be sampled here, or our DiT lacks config.model.time_scale.
+      ImportSettingError: when the config's model input or classes do not fit the checkpoint, or
+        the train type cannot be sampled here.
+      OfficialCheckpointError: when our DiT lacks config.model.time_scale.
     """
     from shortcut_jax import models
 
