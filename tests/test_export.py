@@ -25,7 +25,6 @@ from tiny import REPO, run_module, tiny_mnist_config
 from shortcut_jax import (
     atomic_files,
     checkpoint,
-    cli_inputs,
     gpu_compile,
     images,
     models,
@@ -47,9 +46,6 @@ TINY_VAE = vae_lib.VaeArch(
     layers_per_block=1,
     norm_num_groups=4,
 )
-# cli_inputs' rule: a named file or directory that is missing or unfit exits 1 (2 in the
-# cli_inputs that predates InputFileError); a flag value the command cannot run with exits 2.
-FILE_EXIT = 1 if hasattr(cli_inputs, "InputFileError") else 2
 ATOL = 1e-5  # exported vs library images in [-1, 1]
 LABELS_5 = np.array([3, 10, 7, 0, 9], np.int32)  # 10 is the null class
 
@@ -396,15 +392,14 @@ def test_bad_flags_give_one_line_and_exit_2(pixel_run, tmp_path, capsys, flags, 
 def test_a_workdir_that_is_not_a_run_or_an_out_that_is_not_an_export_is_one_line(
     pixel_run, tmp_path, capsys
 ):
+    # cli_inputs' rule: a named file or directory that is missing or unfit exits 1.
     missing = str(tmp_path / "nowhere")
-    assert export.main(["--workdir", missing, "--steps", "1", "--out", str(tmp_path / "o")]) == (
-        FILE_EXIT
-    )
+    assert export.main(["--workdir", missing, "--steps", "1", "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == f"error: --workdir={missing}: no such directory\n"
-    assert export.main(["--workdir", str(tmp_path), "--steps", "1", "--out", "o"]) == FILE_EXIT
+    assert export.main(["--workdir", str(tmp_path), "--steps", "1", "--out", "o"]) == 1
     assert "is not a training run" in capsys.readouterr().err
     args = ["--workdir", pixel_run, "--steps", "1", "--checkpoint_step", "7", "--out", "o"]
-    assert export.main(args) == FILE_EXIT
+    assert export.main(args) == 1
     assert "--checkpoint_step=7: no checkpoint at that step" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -92,6 +92,8 @@ class ExportError(RuntimeError):
     """The export cannot be made or written (exit status 1): a lowering failed, --out holds other
     files or cannot be written, the run's VAE does not fit it, TensorFlow is missing."""
 
+    exit_code = cli_inputs.FAILURE_EXIT_CODE
+
 
 def parse_steps(text: str, denoise_timesteps: int) -> tuple[int, ...]:
     """'1,4' -> (1, 4); each count in [1, denoise_timesteps], none twice.
@@ -526,11 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved_model=args.saved_model,
         )
     except (cli_inputs.InputError, ExportError, checkpoint.CheckpointError, OSError) as error:
-        # cli_inputs' rule: a flag value the command cannot run with is 2; a named file that is
-        # missing or unfit, an output that cannot be written, a failed export are 1.
         print(f"error: {error}", file=sys.stderr)
-        usage = isinstance(error, cli_inputs.InputError)
-        return getattr(error, "exit_code", cli_inputs.USAGE_EXIT_CODE) if usage else 1
+        return cli_inputs.exit_code(error)  # 2 for a bad flag value (InputError), else 1
     sizes = ", ".join(f"{s['file']} {s['bytes'] / 1e6:.2f} MB" for s in manifest["samplers"])
     print(f"wrote {args.out}: {sizes}, {PARAMS_FILE} ({manifest['params_count']:,} parameters)")
     return 0
