@@ -489,6 +489,12 @@ def _as_tuple(axes: Any) -> tuple:
 def _check_dit(config: ml_collections.ConfigDict, check: Callable, problems: list[str]) -> None:
     from shortcut_jax.models import PRESETS, dit_preset
 
+    if "time_scale" in config.model:
+        check(
+            "model.time_scale",
+            lambda v: 0.0 < v < math.inf,
+            "a finite float > 0 (1000 = ours, 1.0 = the official code's DiT)",
+        )
     preset = config.model.get("preset", "")
     if preset:
         try:

@@ -153,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.patch_size = 4
     config.model.mlp_ratio = 4.0
     config.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # t in [0, 1] is multiplied by this before its sinusoidal features ('dit' only); 1.0 is the
+    # official code's DiT (runs made by python -m shortcut_jax.tools.import_official).
+    config.model.time_scale = 1000.0
     # Rematerialise each block in the backward pass (memory for compute; results unchanged):
     # 'none' keeps every activation, 'dots' keeps the weight matmuls' outputs, 'full' only the
     # blocks' inputs.

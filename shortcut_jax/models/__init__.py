@@ -37,6 +37,7 @@ import ml_collections
 from shortcut_jax import latent_space
 from shortcut_jax.models.adaln import REMAT_POLICIES
 from shortcut_jax.models.dit import PRESETS, DiT, dit_preset
+from shortcut_jax.models.embeddings import TIME_SCALE
 from shortcut_jax.models.mlp import MLP
 
 __all__ = [
@@ -128,6 +129,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
             dtype=dtype,
             max_level=max_level,
             remat=remat,
+            time_scale=float(config.model.get("time_scale", TIME_SCALE)),
         )
     if name == "mlp":
         if config.model.preset:

@@ -42,7 +42,7 @@ from shortcut_jax.models.adaln import (
     modulation,
     remat_block,
 )
-from shortcut_jax.models.embeddings import Conditioning
+from shortcut_jax.models.embeddings import TIME_SCALE, Conditioning
 
 Dtype = Any
 
@@ -213,6 +213,8 @@ class DiT(nn.Module):
       max_level: the finest step-size level log2(denoise_timesteps); smaller d embed as it.
       remat: 'none', 'dots' or 'full': what each block keeps for the backward pass
         (`adaln.REMAT_POLICIES`); parameters and results are the same for all three.
+      time_scale: t is multiplied by it before its sinusoidal features (1000; 1.0 for checkpoints
+        of the official code, `tools.import_official`).
     """
 
     hidden_size: int
@@ -224,6 +226,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     max_level: float = 7.0
     remat: str = "none"
+    time_scale: float = TIME_SCALE
 
     @nn.compact
     def __call__(
@@ -283,6 +286,7 @@ class DiT(nn.Module):
             self.hidden_size,
             self.num_classes,
             max_level=self.max_level,
+            time_scale=self.time_scale,
             dtype=self.dtype,
             name="conditioning",
         )(t, d, labels)

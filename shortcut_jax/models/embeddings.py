@@ -130,12 +130,15 @@ class Conditioning(nn.Module):
       num_classes: number of real classes (label num_classes is the null class).
       max_level: the finest level log2(denoise_timesteps); smaller step sizes embed as it.
       dtype: compute dtype.
+      time_scale: t is multiplied by it before the sinusoidal features (TIME_SCALE; the
+        official code's DiT, and checkpoints imported from it, use 1.0).
     """
 
     hidden_size: int
     num_classes: int
     max_level: float = 7.0
     dtype: Dtype = jnp.float32
+    time_scale: float = TIME_SCALE
 
     @nn.compact
     def __call__(self, t: jax.Array, d: jax.Array, labels: jax.Array) -> jax.Array:
@@ -159,7 +162,7 @@ class Conditioning(nn.Module):
                 "integer levels k are d = timesteps.step_size(k) = 2**-k"
             )
         t_emb = ScalarEmbedder(
-            self.hidden_size, scale=TIME_SCALE, dtype=self.dtype, name="t_embedder"
+            self.hidden_size, scale=self.time_scale, dtype=self.dtype, name="t_embedder"
         )(t)
         d_emb = ScalarEmbedder(self.hidden_size, scale=1.0, dtype=self.dtype, name="d_embedder")(
             timesteps.level_of(d, self.max_level)
