@@ -50,6 +50,13 @@ class AotError(ValueError):
     """A topology, program name or config that cannot be compiled ahead of time."""
 
 
+class AotRuntimeError(AotError):
+    """A well-formed request the machine could not carry out (no libtpu, a compiler failure):
+    a run-time failure, exit status 1 (`cli_inputs`), not a usage error."""
+
+    exit_code = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """One TPU chip generation.
@@ -209,7 +216,7 @@ def resolve_slice(name: str, num_slices: int = 1) -> Slice:
     import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
-        raise AotError(
+        raise AotRuntimeError(
             "compiling for TPU needs the TPU compiler of the libtpu wheel: "
             'pip install -e ".[tpu]" (it runs on a CPU host; no TPU is used)'
         )
@@ -328,7 +335,7 @@ def _analyse(report: ProgramReport, lower: Callable[[], Any], loop_flops: Callab
             report.over_what = (match.group("what") or "").replace("HLO ", "")
         report.compile_seconds = time.perf_counter() - start
         if not ("RESOURCE_EXHAUSTED" in message or match):
-            raise AotError(
+            raise AotRuntimeError(
                 f"program {report.name!r}: the compiler failed (not for memory): {message[:600]}"
             ) from None
         return

@@ -154,8 +154,6 @@ def test_every_cli_module_runs_through_the_shared_rules():
         if 'if __name__ == "__main__":' not in text or path.name in own_argparse:
             continue
         entry = text.split('if __name__ == "__main__":')[1]
-        if path.name == "import_official.py" and "cli_inputs.run(" not in entry:
-            continue  # being written elsewhere; uses cli_inputs.parse_flags
         assert "cli_inputs.run(" in entry and "app.run(" not in entry, path
         checked.append(path.name)
     assert {"main.py", "sample.py", "evaluate.py", "compile.py", "fid_stats.py"} <= set(checked)
