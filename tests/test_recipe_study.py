@@ -160,6 +160,7 @@ def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = tmp_path / "results" / "screen"
+    assert (results / "sample_cfg_1.5_fixed_seed0.json").exists(), first.stdout[-3000:]
     default = json.loads((results / "default_seed0.json").read_text())
     assert default["steps"] == {"train": 10}  # a quarter of the quick budget of 40
     assert default["matmul_gflops"]["before"] > 0
