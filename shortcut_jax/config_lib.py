@@ -7,7 +7,6 @@ bad value as `config.<field> = <value>: <what is allowed>`.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import json
 import math
 import os
@@ -249,20 +248,20 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
 
-# Recipe fields of the shortcut objective and their defaults (the draws before they existed).
-SHORTCUT_RECIPE_DEFAULTS = {
-    "bootstrap_levels": "uniform",
-    "bootstrap_curriculum_fraction": 0.5,
-    "bootstrap_level_weights": (),
-    "flow_time": "uniform_grid",
-    "flow_time_mean": 0.0,
-    "flow_time_std": 1.0,
-}
+# Recipe fields of the shortcut objective (configs saved before they existed lack them).
+SHORTCUT_RECIPE_FIELDS = (
+    "bootstrap_levels",
+    "bootstrap_curriculum_fraction",
+    "bootstrap_level_weights",
+    "flow_time",
+    "flow_time_mean",
+    "flow_time_std",
+)
 
 
 def _check_shortcut_recipe(config: ml_collections.ConfigDict, check: Callable) -> None:
     """Level draws, per-level loss weights and flow-part times (see timesteps.TimeSampling)."""
-    present = [field for field in SHORTCUT_RECIPE_DEFAULTS if field in config]
+    present = [field for field in SHORTCUT_RECIPE_FIELDS if field in config]
     if "bootstrap_levels" in present:
         check(
             "bootstrap_levels",
@@ -302,26 +301,10 @@ def _check_shortcut_recipe(config: ml_collections.ConfigDict, check: Callable) -
         check("flow_time_mean", lambda v: _is_number(v) and math.isfinite(v), "a finite float")
     if "flow_time_std" in present:
         check("flow_time_std", lambda v: _is_number(v) and v > 0.0, "a float > 0")
-    carried = {field.name for field in dataclasses.fields(objectives.ObjectiveConfig)}
-    for field in present:
-        if field not in carried:
-            default = SHORTCUT_RECIPE_DEFAULTS[field]
-            check(
-                field,
-                lambda v, default=default: _same_value(v, default),
-                f"{default!r} until objectives.ObjectiveConfig carries the field {field!r} "
-                "(the objective would not see another value)",
-            )
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _same_value(value: Any, default: Any) -> bool:
-    if isinstance(default, tuple):
-        return isinstance(value, (tuple, list)) and tuple(value) == default
-    return value == default
 
 
 def _check_objective_sections(config: ml_collections.ConfigDict, check: Callable) -> None:

@@ -51,25 +51,13 @@ class TimeSampling:
 
     @classmethod
     def from_settings(cls, settings: Any) -> TimeSampling:
-        """Reads the config fields of the same meaning from an `objectives.ObjectiveConfig`.
-
-        A settings object without a field (an ObjectiveConfig that does not carry it yet) gives
-        the default; `config_lib.validate` refuses a non-default value of a field the
-        ObjectiveConfig does not carry, so a configured value is never dropped silently.
-        """
-        names = {
-            "levels": "bootstrap_levels",
-            "curriculum_fraction": "bootstrap_curriculum_fraction",
-            "flow_time": "flow_time",
-            "flow_time_mean": "flow_time_mean",
-            "flow_time_std": "flow_time_std",
-        }
-        defaults = cls()
+        """Reads the config fields of the same meaning from an `objectives.ObjectiveConfig`."""
         return cls(
-            **{
-                mine: getattr(settings, theirs, getattr(defaults, mine))
-                for mine, theirs in names.items()
-            }
+            levels=settings.bootstrap_levels,
+            curriculum_fraction=settings.bootstrap_curriculum_fraction,
+            flow_time=settings.flow_time,
+            flow_time_mean=settings.flow_time_mean,
+            flow_time_std=settings.flow_time_std,
         )
 
 

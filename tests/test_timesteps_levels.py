@@ -4,7 +4,6 @@ defaults drawing exactly what every run drew before the schemes existed."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -96,12 +95,14 @@ def test_unknown_schemes_are_refused_with_their_field():
         timesteps.flow_times(jax.random.PRNGKey(0), 4, T, TimeSampling(flow_time="beta"))
 
 
-def test_settings_without_the_fields_give_the_defaults():
-    class Bare:
-        pass
+def test_the_sampling_is_read_from_the_objective_settings():
+    from shortcut_jax import configs
+    from shortcut_jax.objectives import ObjectiveConfig
 
-    assert TimeSampling.from_settings(Bare()) == TimeSampling()
-    bare = Bare()
-    bare.bootstrap_levels, bare.flow_time_std = "coarse", 2.0
-    assert TimeSampling.from_settings(bare) == TimeSampling(levels="coarse", flow_time_std=2.0)
-    assert jnp.isfinite(timesteps.coarsest_open_level(TimeSampling(), LEVELS, 0.3))
+    config = configs.base_config()
+    assert TimeSampling.from_settings(ObjectiveConfig.from_config(config)) == TimeSampling()
+    config.bootstrap_levels, config.bootstrap_curriculum_fraction = "curriculum", 0.3
+    config.flow_time, config.flow_time_mean, config.flow_time_std = "logit_normal", 0.4, 2.0
+    assert TimeSampling.from_settings(ObjectiveConfig.from_config(config)) == TimeSampling(
+        "curriculum", 0.3, "logit_normal", 0.4, 2.0
+    )

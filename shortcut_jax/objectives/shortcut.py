@@ -176,13 +176,12 @@ def level_loss_weights(d_level: jax.Array, settings: ObjectiveConfig) -> jax.Arr
 
     Args:
       d_level: (B,) int student levels.
-      settings: objective config (a settings object without the field gives weights 1; see
-        `timesteps.TimeSampling.from_settings`).
+      settings: objective config.
 
     Returns:
       (B,) float32.
     """
-    weights = tuple(getattr(settings, "bootstrap_level_weights", ()))
+    weights = tuple(settings.bootstrap_level_weights)
     if not weights:
         return unit_weights(d_level.shape[0])
     return jnp.asarray(weights, jnp.float32)[d_level]
