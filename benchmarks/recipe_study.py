@@ -22,7 +22,9 @@ work, small next to the step on MNIST, is not timed), and the variant trains
 
 so "the default's wall time" means the default's steps converted through measured per-step cost
 (a variant that is slower per step gets fewer). default_steps is experiments/mnist.py's
-total_steps times the phase's budget fraction (a quarter to screen, all of it in the full phase).
+total_steps times the phase's budget fraction (a quarter to screen, all of it in the full phase);
+the fields counted in steps (warm-up, EMA rates: `BUDGET_SCALED`) are scaled with the fraction, so
+a screening run has the full run's schedule shape (`scaled_to_budget`).
 Both step times, their ratio, every burst and the machine's float32 matmul rate
 (`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. A two-phase
 variant (flow matching first, then shortcut from it via config.init_from) splits the same budget:
@@ -90,6 +92,8 @@ QUICK_OVERRIDES = {
 }
 QUICK_STEPS = 40
 EXCLUDED_FIELDS = ("total_steps", "seed", "init_from")  # set by the study per run
+# Fields counted in steps, scaled with the phase's budget fraction (`scaled_to_budget`).
+BUDGET_SCALED = ("optim.warmup_steps", "ema_rate", "teacher_ema_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +302,8 @@ def protocol(phase: str, args: argparse.Namespace, default_steps: int) -> dict[s
         "tune_seed": TUNE_SEED,
         "fid_at_1_step": args.fid,
         "quick": args.quick,
+        "budget_fraction": PHASES[phase][0],
+        "budget_scaled_fields": list(BUDGET_SCALED),
     }
 
 
@@ -306,10 +312,37 @@ def base_overrides(quick: bool) -> dict[str, Any]:
     return {**STUDY_OVERRIDES, **(QUICK_OVERRIDES if quick else {})}
 
 
-def training_overrides(variant: Variant, quick: bool, phase1: bool = False) -> dict[str, Any]:
-    """The overrides of one training phase (without total_steps, seed and init_from)."""
+def scale_rate(rate: float, fraction: float) -> float:
+    """An EMA rate whose horizon 1 / (1 - rate) is `fraction` of the given one's (>= 0)."""
+    return round(max(0.0, 1.0 - (1.0 - float(rate)) / fraction), 10)
+
+
+def scaled_to_budget(overrides: Mapping[str, Any], fraction: float) -> dict[str, Any]:
+    """The fields counted in steps (`BUDGET_SCALED`) of a run at `fraction` of the full budget.
+
+    The values a variant states are those of a full-budget run; a shorter run gets the same
+    schedule shape: warm-up steps times the fraction, EMA horizons times the fraction. (Unscaled,
+    the EMA at 0.999 still holds 0.999**1750 = 17 % of the random initialisation after a quarter
+    budget's 1,750 steps, and its samples are noise.)
+    """
+    if fraction == 1.0:
+        return {}
+    config = study_runs.load_config(overrides)
+    return {
+        "optim.warmup_steps": round(config.optim.warmup_steps * fraction),
+        "ema_rate": scale_rate(config.ema_rate, fraction),
+        "teacher_ema_rate": scale_rate(config.teacher_ema_rate, fraction),
+    }
+
+
+def training_overrides(
+    variant: Variant, quick: bool, fraction: float, phase1: bool = False
+) -> dict[str, Any]:
+    """The overrides of one training phase (without total_steps, seed and init_from), with the
+    step-counted fields scaled to the phase's budget fraction."""
     own = variant.first_phase[1] if phase1 else variant.overrides
-    return {**base_overrides(quick), **own}
+    overrides = {**base_overrides(quick), **own}
+    return {**overrides, **scaled_to_budget(overrides, fraction)}
 
 
 def config_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -336,8 +369,9 @@ def refusals(result: Mapping[str, Any], expected_protocol: Mapping[str, Any]) ->
     if result.get("protocol") != dict(expected_protocol):
         problems.append(f"protocol {result.get('protocol')} != {dict(expected_protocol)}")
     quick = bool(expected_protocol.get("quick"))
+    fraction = PHASES[expected_protocol["phase"]][0]
     for key, recorded in (result.get("training_configs") or {}).items():
-        overrides = training_overrides(variant, quick, phase1=key == "phase1")
+        overrides = training_overrides(variant, quick, fraction, phase1=key == "phase1")
         current = resume_policy.flatten(study_runs.load_config(overrides))
         for difference in config_differences(recorded, current):
             problems.append(f"{key} config: {difference}")
@@ -361,11 +395,12 @@ def calibrate(
 ) -> dict[str, Any]:
     """Back-to-back step times of the default and the variant's training configs (cached)."""
     cached = run_dir / "calibration.json"
-    configs = {"default": training_overrides(VARIANTS["default"], args.quick)}
+    fraction = PHASES[args.phase][0]
+    configs = {"default": training_overrides(VARIANTS["default"], args.quick, fraction)}
     if variant.name != "default":
-        configs["train"] = training_overrides(variant, args.quick)
+        configs["train"] = training_overrides(variant, args.quick, fraction)
         if variant.first_phase is not None:
-            configs["phase1"] = training_overrides(variant, args.quick, phase1=True)
+            configs["phase1"] = training_overrides(variant, args.quick, fraction, phase1=True)
     request = {"configs": configs, "default_steps": default_steps, "quick": args.quick}
     previous = _json(cached)
     if previous is not None and previous["request"] == json.loads(json.dumps(request)):
@@ -506,7 +541,7 @@ def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str,
         common = {"seed": seed}
         if variant.first_phase is not None:
             phase1_overrides = {
-                **training_overrides(variant, args.quick, phase1=True),
+                **training_overrides(variant, args.quick, fraction, phase1=True),
                 **common,
                 "total_steps": steps["phase1"],
             }
@@ -516,7 +551,7 @@ def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str,
             common["init_from"] = str(run_dir / "phase1")
         train_dir = run_dir / "train"
         train_overrides = {
-            **training_overrides(variant, args.quick),
+            **training_overrides(variant, args.quick, fraction),
             **common,
             "total_steps": steps["train"],
         }

@@ -81,7 +81,11 @@ def _args(**changes) -> argparse.Namespace:
 def _result(name: str, args: argparse.Namespace) -> dict:
     """A result file as `run` writes it, for a run that trained exactly what the script says."""
     variant = recipe_study.resolve(name)
-    overrides = {**recipe_study.training_overrides(variant, True), "total_steps": 10, "seed": 0}
+    overrides = {
+        **recipe_study.training_overrides(variant, True, 0.25),
+        "total_steps": 10,
+        "seed": 0,
+    }
     from shortcut_jax import resume_policy
 
     return {
@@ -96,6 +100,20 @@ def _result(name: str, args: argparse.Namespace) -> dict:
         "cfg_by_steps": {"1": 1.0, "2": 2.0},
         "scores": {"1": {"fd_mnist": 50.0}, "2": {"fd_mnist": 30.0}},
     }
+
+
+def test_a_screening_run_has_the_full_runs_schedule_shape():
+    default = recipe_study.training_overrides(recipe_study.VARIANTS["default"], False, 0.25)
+    assert default["optim.warmup_steps"] == 50  # 200 of 7,000 steps -> 50 of 1,750
+    assert default["ema_rate"] == pytest.approx(0.996)  # a horizon of 1,000 -> 250 steps
+    ema = recipe_study.training_overrides(recipe_study.VARIANTS["ema_0.99"], False, 0.25)
+    assert ema["ema_rate"] == pytest.approx(0.96)
+    teacher = recipe_study.VARIANTS["teacher_ema_0.999"]
+    scaled = recipe_study.training_overrides(teacher, False, 0.25)
+    assert scaled["teacher_ema_rate"] == scaled["ema_rate"]  # still one shared EMA buffer
+    assert recipe_study.training_overrides(teacher, False, 1.0)["teacher_ema_rate"] == 0.999
+    assert "ema_rate" not in recipe_study.training_overrides(teacher, False, 1.0)
+    assert recipe_study.scale_rate(0.5, 0.25) == 0.0
 
 
 def test_the_report_refuses_results_whose_settings_differ_from_the_script(tmp_path):
