@@ -13,15 +13,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up to `optim.learning_rate`, then constant or cosine decay to the end.
 
     For an objective trained in stages (`objectives.Objective.stages`) the schedule runs over one
-    stage and restarts at each; the last stage decays over the steps left to total_steps.
+    stage and restarts at each; the last stage decays over the steps left to total_steps. Each
+    stage warms up for `optim.warmup_steps` but at most a tenth of the stage.
     """
     name = config.get("objective")
     stages = objectives.get(name).stages if name in objectives.names() else None
     if stages is None:
-        return _one_schedule(config, int(config.total_steps))
+        return _one_schedule(config, int(config.total_steps), int(config.optim.warmup_steps))
     length, count = stages(config)
     last = max(int(config.total_steps) - (count - 1) * length, length)
-    per_stage, last_stage = _one_schedule(config, length), _one_schedule(config, last)
+    warmup = min(int(config.optim.warmup_steps), length // 10)
+    per_stage = _one_schedule(config, length, warmup)
+    last_stage = _one_schedule(config, last, warmup)
 
     def schedule(step):
         start = objectives.stage_start(step, (length, count))
@@ -33,19 +36,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return schedule
 
 
-def _one_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+def _one_schedule(config: ml_collections.ConfigDict, steps: int, warmup: int) -> optax.Schedule:
     optim = config.optim
     peak = float(optim.learning_rate)
     if optim.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=peak,
-            warmup_steps=int(optim.warmup_steps),
-            decay_steps=max(steps, int(optim.warmup_steps) + 1),
+            warmup_steps=warmup,
+            decay_steps=max(steps, warmup + 1),
             end_value=peak * float(optim.end_lr_fraction),
         )
-    warmup = optax.linear_schedule(0.0, peak, max(int(optim.warmup_steps), 1))
-    return optax.join_schedules([warmup, optax.constant_schedule(peak)], [optim.warmup_steps])
+    ramp = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
 
 
 def weight_decay_mask(params: optax.Params) -> optax.Params:
