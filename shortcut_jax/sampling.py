@@ -92,16 +92,22 @@ def step_schedule(
 
 
 def _guided_network(
-    apply_fn: ApplyFn, params: Any, labels: jax.Array, cfg_scale: float, num_classes: int
+    apply_fn: ApplyFn,
+    params: Any,
+    labels: jax.Array,
+    cfg_scale: float | jax.Array,
+    num_classes: int,
 ) -> objectives.Network:
     """network(x, t, d) -> output, with classifier-free guidance in one batched call if it applies.
 
     Guided: out_null + cfg_scale * (out_cond - out_null), the null class being label num_classes.
-    x: (B, ...), t: (B,) float32, d: (B,) float32. Returns (B, ...).
+    A Python scale of 1 skips the null branch; a traced scale (an exported sampler's input) always
+    guides. x: (B, ...), t: (B,) float32, d: (B,) float32. Returns (B, ...).
     """
+    unguided = num_classes <= 0 or (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0)
 
     def network(x: jax.Array, t: jax.Array, d: jax.Array) -> jax.Array:
-        if cfg_scale == 1.0 or num_classes <= 0:
+        if unguided:
             return apply_fn(params, x, t, d, labels)
         batch = x.shape[0]
         null_labels = jnp.full_like(labels, num_classes)
@@ -142,7 +148,7 @@ def sample(
     *,
     num_steps: int,
     denoise_timesteps: int,
-    cfg_scale: float = 1.0,
+    cfg_scale: float | jax.Array = 1.0,
     num_classes: int = 0,
     objective: objectives.ObjectiveConfig | None = None,
 ) -> jax.Array:

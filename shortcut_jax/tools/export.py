@@ -153,29 +153,6 @@ def split_params(flat: dict[str, Any]) -> tuple[Any, Any | None]:
     return trees[0], trees[1]
 
 
-class _TracedScale:
-    """The guidance input where `sampling.sample` takes a Python float `cfg_scale`.
-
-    `sampling.sample` skips the guided batch when ``cfg_scale == 1.0`` and otherwise mixes
-    ``out_null + cfg_scale * (out_cond - out_null)``. This stand-in is unequal to every number (the
-    guided program is traced) and multiplies as the traced scalar, so the program is the library's
-    for any scale. Any other use (float(), hashing) fails loudly at export time.
-    """
-
-    def __init__(self, value: jax.Array):
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return False
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __mul__(self, other: Any) -> jax.Array:
-        return self.value * other
-
-    __rmul__ = __mul__
-
-
 def serving_fn(
     config: ml_collections.ConfigDict, vae: Any | None, num_steps: int, guided: bool
 ) -> Callable[..., dict[str, jax.Array]]:
@@ -200,7 +177,7 @@ def serving_fn(
         if guided:  # scale 1 runs the unguided program, one network call per step, as `sample`
             value = jnp.asarray(scale[0], jnp.float32)
             samples = jax.lax.cond(
-                value == 1.0, lambda: run(cfg_scale=1.0), lambda: run(cfg_scale=_TracedScale(value))
+                value == 1.0, lambda: run(cfg_scale=1.0), lambda: run(cfg_scale=value)
             )
         else:
             samples = run(cfg_scale=1.0)
