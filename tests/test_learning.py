@@ -45,15 +45,13 @@ def toy_config(objective: str):
     return config
 
 
-def one_and_many_step_distances(
-    objective: str, workdir: Path, data: np.ndarray
-) -> dict[int, float]:
-    config = toy_config(objective)
+def trained_distances(config, workdir: Path, data: np.ndarray, step_counts) -> dict[int, float]:
+    """Trains `config` in `workdir`; SW2 of its EMA samples to `data` at each step count."""
     train.train_and_evaluate(config, str(workdir))
     _, state = checkpoint.load_run(str(workdir))
     apply_fn = steps.make_apply_fn(models.get_model(config))
     distances = {}
-    for num_steps in (1, 128):
+    for num_steps in step_counts:
         samples, _ = sampling.sample_batch(
             apply_fn,
             state.ema_params,
@@ -65,6 +63,12 @@ def one_and_many_step_distances(
         )
         distances[num_steps] = sliced_wasserstein(np.asarray(samples), data)
     return distances
+
+
+def one_and_many_step_distances(
+    objective: str, workdir: Path, data: np.ndarray
+) -> dict[int, float]:
+    return trained_distances(toy_config(objective), workdir, data, (1, 128))
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shortcut_jax import checkpoint, configs, models, objectives, sampling, steps, train
+from shortcut_jax import configs, objectives
 from shortcut_jax.data import toy2d
 from shortcut_jax.objectives import live_reflow
-from tests.test_learning import sliced_wasserstein, toy_config
+from tests.test_learning import toy_config, trained_distances
 
 
 def make_settings(**overrides) -> objectives.ObjectiveConfig:
@@ -123,19 +123,9 @@ def test_few_step_samples_beat_the_variant_that_trains_one_step_only(tmp_path):
         config.total_steps = 300
         config.checkpoint_every_steps = 300
         config.live_reflow.levels = levels
-        train.train_and_evaluate(config, str(tmp_path / levels))
-        _, state = checkpoint.load_run(str(tmp_path / levels))
-        apply_fn = steps.make_apply_fn(models.get_model(config))
-        for num_steps in (2, 4, 8):
-            samples, _ = sampling.sample_batch(
-                apply_fn,
-                state.ema_params,
-                jax.random.PRNGKey(7),
-                num=len(data),
-                shape=(2,),
-                num_steps=num_steps,
-                denoise_timesteps=config.denoise_timesteps,
-            )
-            distances[levels, num_steps] = sliced_wasserstein(np.asarray(samples), data)
+        for num_steps, distance in trained_distances(
+            config, tmp_path / levels, data, (2, 4, 8)
+        ).items():
+            distances[levels, num_steps] = distance
     for num_steps in (2, 4, 8):
         assert distances["all", num_steps] < distances["one_step", num_steps], distances

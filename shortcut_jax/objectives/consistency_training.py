@@ -167,6 +167,35 @@ def consistency_training_targets(
     scales = num_scales(step, settings)
     # n in {1, ..., N - 1}; sigma_n sits at t = (N - n) / (N - 1), sigma_{n+1} one grid step lower.
     n = jax.random.randint(index_rng, (batch_size,), 1, scales)
+    regression = adjacent_levels_regression(
+        apply_fn, teacher_params, x1, z, labels, scales, n, settings
+    )
+    c_out = regression.error_scale
+    regression = regression.replace(weight=c_out**2, error_scale=None)
+    return regression, {"consistency_scales": scales.astype(jnp.float32)}
+
+
+def adjacent_levels_regression(
+    apply_fn: ApplyFn,
+    teacher_params: Any,
+    x1: jax.Array,
+    z: jax.Array,
+    labels: jax.Array,
+    scales: jax.Array,
+    n: jax.Array,
+    settings: ObjectiveConfig,
+) -> Regression:
+    """The student at sigma_{n+1} regresses the target network's f at sigma_n (the same noise).
+
+    Written in F's terms: target (f_target - c_skip x) / c_out at the student's level, so that
+    c_out (F - target) is the difference of the two f values; `error_scale` holds c_out and
+    `weight` is 1 (the callers set their weighting).
+
+    Args:
+      x1: (B, ...) data. z: (B, ...) the noise of both levels. labels: (B,) after dropout.
+      scales: () int32 N, the discretisation. n: (B,) int32 in {1, ..., N - 1}.
+    """
+    batch_size = x1.shape[0]
     spacing = 1.0 / (scales - 1).astype(jnp.float32)
     t_target = (scales - n).astype(jnp.float32) * spacing
     t_student = t_target - spacing
@@ -181,16 +210,16 @@ def consistency_training_targets(
     )
     c_skip, c_out, c_in = coefficients(sigma_of(t_student, settings), settings)
     target = (f_target - expand(c_skip, x1.ndim) * x_student) / expand(c_out, x1.ndim)
-    regression = Regression(
+    return Regression(
         x_t=expand(c_in, x1.ndim) * x_student,
         t=t_student,
         d=jnp.zeros((batch_size,), jnp.float32),
         labels=labels,
         target=jax.lax.stop_gradient(target),
         is_bootstrap=jnp.ones((batch_size,), bool),
-        weight=c_out**2,
+        weight=jnp.ones((batch_size,), jnp.float32),
+        error_scale=c_out,
     )
-    return regression, {"consistency_scales": scales.astype(jnp.float32)}
 
 
 def improved_num_scales(step: jax.Array, settings: ObjectiveConfig) -> jax.Array:
@@ -255,29 +284,12 @@ def improved_consistency_training_targets(
     scales = improved_num_scales(step, settings)
     logits = lognormal_index_logits(scales, settings.consistency_s1 + 1, settings)
     n = jax.random.categorical(index_rng, logits, shape=(batch_size,)) + 1
-    spacing = 1.0 / (scales - 1).astype(jnp.float32)
-    t_target = (scales - n).astype(jnp.float32) * spacing
-    t_student = t_target - spacing
-    sigma_target, sigma_student = sigma_of(t_target, settings), sigma_of(t_student, settings)
-    x_target = x1 + expand(sigma_target, x1.ndim) * z
-    x_student = x1 + expand(sigma_student, x1.ndim) * z
-
-    def target_network(x: jax.Array, t: jax.Array, d: jax.Array) -> jax.Array:
-        return apply_fn(teacher_params, x, t, d, labels)
-
-    f_target = jax.lax.stop_gradient(
-        consistency_function(target_network, x_target, t_target, settings)
+    regression = adjacent_levels_regression(
+        apply_fn, teacher_params, x1, z, labels, scales, n, settings
     )
-    c_skip, c_out, c_in = coefficients(sigma_student, settings)
-    target = (f_target - expand(c_skip, x1.ndim) * x_student) / expand(c_out, x1.ndim)
-    regression = Regression(
-        x_t=expand(c_in, x1.ndim) * x_student,
-        t=t_student,
-        d=jnp.zeros((batch_size,), jnp.float32),
-        labels=labels,
-        target=jax.lax.stop_gradient(target),
-        is_bootstrap=jnp.ones((batch_size,), bool),
-        weight=1.0 / (sigma_student - sigma_target),
-        error_scale=c_out,
+    sigma_student, sigma_target = (
+        sigma_of(regression.t, settings),
+        sigma_of(regression.t + 1.0 / (scales - 1).astype(jnp.float32), settings),
     )
+    regression = regression.replace(weight=1.0 / (sigma_student - sigma_target))
     return regression, {"consistency_scales": scales.astype(jnp.float32)}
