@@ -24,7 +24,9 @@ so "the default's wall time" means the default's steps converted through measure
 (a variant that is slower per step gets fewer). default_steps is experiments/mnist.py's
 total_steps times the phase's budget fraction (a quarter to screen, all of it in the full phase);
 the fields counted in steps (warm-up, EMA rates: `BUDGET_SCALED`) are scaled with the fraction, so
-a screening run has the full run's schedule shape (`scaled_to_budget`).
+a screening run has the full run's schedule shape (`scaled_to_budget`). A variant that changes
+only elementwise work of the step (learning rate, schedule, EMA rate, level draws and weights,
+flow times, loss kind: `STEP_COST_NEUTRAL`) runs the default's program and gets its steps untimed.
 Both step times, their ratio, every burst and the machine's float32 matmul rate
 (`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. A two-phase
 variant (flow matching first, then shortcut from it via config.init_from) splits the same budget:
@@ -92,6 +94,27 @@ QUICK_OVERRIDES = {
 }
 QUICK_STEPS = 40
 EXCLUDED_FIELDS = ("total_steps", "seed", "init_from")  # set by the study per run
+# Fields that change only elementwise work or numbers of the train step, not its matmuls or its
+# batch: a variant that changes nothing else runs the default's step and gets the default's steps
+# without timing (its measured ratio would be noise of a few per cent).
+STEP_COST_NEUTRAL = (
+    "optim.learning_rate",
+    "optim.warmup_steps",
+    "optim.schedule",
+    "optim.end_lr_fraction",
+    "optim.grad_clip_norm",
+    "ema_rate",
+    "bootstrap_levels",
+    "bootstrap_curriculum_fraction",
+    "bootstrap_level_weights",
+    "flow_time",
+    "flow_time_mean",
+    "flow_time_std",
+    "loss.kind",
+    "loss.huber_c",
+    "loss.adaptive_p",
+    "loss.adaptive_c",
+)
 # Fields counted in steps, scaled with the phase's budget fraction (`scaled_to_budget`).
 BUDGET_SCALED = ("optim.warmup_steps", "ema_rate", "teacher_ema_rate")
 
@@ -390,17 +413,34 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def calibration_configs(variant: Variant, quick: bool, fraction: float) -> dict[str, dict]:
+    """The training configs (overrides) whose step times a variant's budget needs.
+
+    'default' always; 'train' unless it differs from the default's config only in
+    `STEP_COST_NEUTRAL` fields (then its step is the default's: the default itself, the
+    optimisation and loss variants, a two-phase variant's shortcut phase); 'phase1' for two-phase
+    variants.
+    """
+    configs = {"default": training_overrides(VARIANTS["default"], quick, fraction)}
+    train = training_overrides(variant, quick, fraction)
+    changed = {
+        field
+        for field in set(train) | set(configs["default"])
+        if train.get(field) != configs["default"].get(field)
+    }
+    if not changed <= set(STEP_COST_NEUTRAL):
+        configs["train"] = train
+    if variant.first_phase is not None:
+        configs["phase1"] = training_overrides(variant, quick, fraction, phase1=True)
+    return configs
+
+
 def calibrate(
     variant: Variant, run_dir: Path, args: argparse.Namespace, default_steps: int
 ) -> dict[str, Any]:
     """Back-to-back step times of the default and the variant's training configs (cached)."""
     cached = run_dir / "calibration.json"
-    fraction = PHASES[args.phase][0]
-    configs = {"default": training_overrides(VARIANTS["default"], args.quick, fraction)}
-    if variant.name != "default":
-        configs["train"] = training_overrides(variant, args.quick, fraction)
-        if variant.first_phase is not None:
-            configs["phase1"] = training_overrides(variant, args.quick, fraction, phase1=True)
+    configs = calibration_configs(variant, args.quick, PHASES[args.phase][0])
     request = {"configs": configs, "default_steps": default_steps, "quick": args.quick}
     previous = _json(cached)
     if previous is not None and previous["request"] == json.loads(json.dumps(request)):

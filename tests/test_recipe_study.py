@@ -37,6 +37,19 @@ def test_two_phases_split_the_budget_each_at_its_own_step_cost():
     assert single == {"train": 500}
 
 
+def test_only_configs_with_their_own_step_are_timed():
+    def timed(name):
+        return set(recipe_study.calibration_configs(recipe_study.VARIANTS[name], False, 0.25))
+
+    assert timed("default") == {"default"}
+    assert timed("batch_64") == {"default", "train"}
+    assert timed("fm_first_50") == {"default", "phase1"}  # phase 2 trains the default's config
+    assert timed("ema_0.99") == {"default"}  # the default's program: the default's steps
+    assert timed("levels_coarse") == timed("loss_pseudo_huber") == {"default"}
+    assert timed("teacher_ema_0.99") == {"default", "train"}  # keeps a second EMA buffer
+    assert timed("boot_1_2") == timed("w96_d6") == {"default", "train"}
+
+
 def test_each_step_count_gets_its_best_scale_and_one_evaluation_per_scale():
     tuning = {1.0: {1: 40.0, 2: 20.0, 128: 9.0}, 2.0: {1: 30.0, 2: 25.0, 128: 9.0}}
     scales = recipe_study.tuned_scales(tuning)
