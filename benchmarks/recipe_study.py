@@ -41,8 +41,9 @@ the report gives mean ± half the range). Give --workdir outside the repository.
 Scoring. FD-MNIST of 1,000 samples (`--num`) at 1, 2, 4, 8 and 128 steps (sampling seed 0) and
 FID of the 1-step samples (the FID Inception weights are needed). The guidance scale of each step
 count is tuned first on a separate sample set (sampling seed 1, `--tune_num` = 250 samples, the
-scales `--cfg_grid` = 1, 1.5, 2, 3, FD-MNIST: the same noise at every scale, so the comparison is
-paired) and the scores use the tuned scale; both are reported. Sampling at 128 steps dominates the
+scales `--cfg_grid` = 1, 1.5, 2, 3, 4.5, FD-MNIST: the same noise at every scale, so the
+comparison is paired) and the scores use the tuned scale; both are reported (a scale at the top of
+the grid is marked: the best may lie beyond it). Sampling at 128 steps dominates the
 cost (about 200 s per 1,000 guided samples on a slow machine), more than a screening run's training.
 
 Results: one JSON per run, benchmarks/results/recipe_study/<phase>/<variant>_seed<k>.json,
@@ -74,7 +75,7 @@ from study_runs import ROOT  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "recipe_study"
 STEP_COUNTS = (1, 2, 4, 8, 128)
-CFG_GRID = (1.0, 1.5, 2.0, 3.0)
+CFG_GRID = (1.0, 1.5, 2.0, 3.0, 4.5)
 SCORE_SEED, TUNE_SEED = 0, 1
 PHASES = {"screen": (0.25, (0,)), "full": (1.0, (0, 1))}  # budget fraction, default seeds
 # Every run of the study: no periodic evaluation (scores come from the evaluate CLI), sample grids
@@ -707,6 +708,11 @@ def _mean_spread(values: Sequence[float]) -> str:
     return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}"
 
 
+def _scale_text(scale: float, top: float | None) -> str:
+    """A tuned guidance scale, '^' marking the top of the tuning grid (None: not tuned)."""
+    return f"{scale:g}" + ("^" if scale == top else "")
+
+
 def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int]) -> str:
     """Markdown: one row per variant (mean ± half the range over its seeds), default first."""
     by_variant: dict[str, list[Mapping[str, Any]]] = {}
@@ -750,8 +756,14 @@ def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int
             cells.append(" / ".join(deltas))
         else:
             cells.append("")
+        top = (
+            max(first["protocol"]["cfg_grid"]) if first["definition"]["fixed_cfg"] is None else None
+        )
         cells.append(
-            "; ".join("/".join(f"{r['cfg_by_steps'][str(c)]:g}" for c in step_counts) for r in runs)
+            "; ".join(
+                "/".join(_scale_text(r["cfg_by_steps"][str(c)], top) for c in step_counts)
+                for r in runs
+            )
         )
         minutes = [
             sum(t.get("wall_seconds", 0.0) for t in r["training"].values() if isinstance(t, dict))
@@ -786,7 +798,8 @@ def report(phase: str, args: argparse.Namespace) -> str:
         "converted through their back-to-back step time. "
         f"FD-MNIST of {args.num:,} samples (seed {SCORE_SEED}) at each step count's guidance "
         f"scale tuned on {args.tune_num:,} other samples (seed {TUNE_SEED}) over "
-        f"{list(args.cfg_grid)}{'; FID of the 1-step samples' if args.fid else ''}. "
+        f"{list(args.cfg_grid)} (^ = the top of the grid)"
+        f"{'; FID of the 1-step samples' if args.fid else ''}. "
         f"float32 matmul {min(rates):.0f}-{max(rates):.0f} GFLOP/s over the runs."
         if rates
         else f"Phase {phase}: {default_steps:,} default steps.",
