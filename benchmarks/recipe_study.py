@@ -567,7 +567,11 @@ def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str,
         if not default_path.exists():
             run("default", phase, seed, args)
         default_result = _json(default_path)
-        train_dir = Path(args.workdir) / phase / f"default_seed{seed}" / "train"
+        default_dir = Path(args.workdir) / phase / f"default_seed{seed}"
+        train_dir = default_dir / "train"
+        if not (train_dir / "checkpoints").is_dir():  # a new --workdir: retrain it (deterministic)
+            recorded = default_result["training"]["train"]["overrides"]
+            train_phase("default", train_dir, recorded, default_dir / "train_done.json")
         training = {"reused": f"default_seed{seed}", **default_result["training"]}
         calibration = {"reused": True, "matmul_gflops": default_result["matmul_gflops"]}
         steps = default_result["steps"]
