@@ -79,8 +79,8 @@ CFG_GRID = (1.0, 1.5, 2.0, 3.0, 4.5)
 SCORE_SEED, TUNE_SEED = 0, 1
 PHASES = {"screen": (0.25, (0,)), "full": (1.0, (0, 1))}  # budget fraction, default seeds
 # Every run of the study: no periodic evaluation (scores come from the evaluate CLI), sample grids
-# only at the end.
-STUDY_OVERRIDES = {"eval_every_steps": 0, "sample_every_steps": 0}
+# only at the end, a checkpoint every 500 steps (a run cut off by the end of a sitting resumes).
+STUDY_OVERRIDES = {"eval_every_steps": 0, "sample_every_steps": 0, "checkpoint_every_steps": 500}
 QUICK_OVERRIDES = {
     "optim.warmup_steps": 5,
     "model.hidden_size": 32,
@@ -492,7 +492,7 @@ def train_phase(
 ) -> dict[str, Any]:
     """Trains one phase to completion through the CLI (a rerun resumes it); timings cached."""
     done = _json(stage_file)
-    if done is not None and done["overrides"] == json.loads(json.dumps(dict(overrides))):
+    if done is not None and _same_training(done["overrides"], overrides):
         return done
     workdir.mkdir(parents=True, exist_ok=True)
     command = study_runs.train_command(workdir, overrides)
@@ -511,6 +511,21 @@ def train_phase(
 
     atomic_files.write_json(stage_file, record)
     return record
+
+
+def _same_training(recorded: Mapping[str, Any], overrides: Mapping[str, Any]) -> bool:
+    """Whether two phases' overrides train the same parameters: they differ at most in fields
+    that only change logging, checkpointing or sampling (`resume_policy.SAFE_FIELDS`)."""
+    import fnmatch
+
+    from shortcut_jax import resume_policy
+
+    now = json.loads(json.dumps(dict(overrides)))
+    changed = {key for key in set(recorded) | set(now) if recorded.get(key) != now.get(key)}
+    return all(
+        any(fnmatch.fnmatchcase(key, pattern) for pattern in resume_policy.SAFE_FIELDS)
+        for key in changed
+    )
 
 
 def evaluate(

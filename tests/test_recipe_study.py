@@ -50,6 +50,14 @@ def test_only_configs_with_their_own_step_are_timed():
     assert timed("boot_1_2") == timed("w96_d6") == {"default", "train"}
 
 
+def test_a_finished_phase_is_reused_unless_its_training_would_change():
+    recorded = {"total_steps": 1750, "checkpoint_every_steps": 2000, "ema_rate": 0.996}
+    same = dict(recorded, checkpoint_every_steps=500, sample_num=8)
+    assert recipe_study._same_training(recorded, same)
+    assert not recipe_study._same_training(recorded, dict(recorded, ema_rate=0.99))
+    assert not recipe_study._same_training(recorded, dict(recorded, total_steps=1751))
+
+
 def test_each_step_count_gets_its_best_scale_and_one_evaluation_per_scale():
     tuning = {1.0: {1: 40.0, 2: 20.0, 128: 9.0}, 2.0: {1: 30.0, 2: 25.0, 128: 9.0}}
     scales = recipe_study.tuned_scales(tuning)
