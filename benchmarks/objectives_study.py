@@ -37,6 +37,7 @@ this script would run now.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -169,10 +170,16 @@ def _shown(command: list[str], work: Path) -> list[str]:
     return shown
 
 
+@functools.cache
+def suite_warmup_steps(suite: str) -> int:
+    """The suite config's warm-up steps (read once per suite)."""
+    return int(suite_config(suite).optim.warmup_steps)
+
+
 def train_overrides(suite: str, method: str, steps: int, seed: int) -> dict[str, Any]:
     """The --config overrides of one training run: its paper's settings, steps and seed."""
     spec = paper_settings.get(method)
-    warmup = int(suite_config(suite).optim.warmup_steps)
+    warmup = suite_warmup_steps(suite)
     return {
         "objective": spec.objective,
         **spec.overrides,
