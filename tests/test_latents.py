@@ -313,11 +313,6 @@ def test_latent_source_errors_name_the_problem(encoded, tmp_path):
 # --- Other sources for encoding -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tfds():
-    return pytest.importorskip("tensorflow_datasets")
-
-
 def test_mocked_tfds_imagenet_is_decoded_with_pil_and_encoded(tfds, workspace, tmp_path):
     config = encode_config(workspace, name="tfds", tfds_name="imagenet2012", num_classes=1000)
     with tfds.testing.mock_data(num_examples=5):
