@@ -305,3 +305,16 @@ def test_a_missing_wandb_fails_at_once_saying_how_to_install_it(tmp_path, monkey
         metric_files.create_writer(str(tmp_path / "run"), config=wandb_config())
     assert "config.wandb_project='shortcut'" in str(error.value)
     assert not list((tmp_path / "run").glob(tensorboard_events.EVENTS_GLOB))
+
+
+def test_the_config_check_names_wandb_project_when_wandb_is_missing(monkeypatch):
+    from shortcut_jax import config_lib, configs
+
+    config = configs.base_config()
+    assert config.wandb_project == "" and config.wandb_entity == ""
+    config_lib.validate(config, device_count=1)  # off by default: no wandb needed
+    config.wandb_project = "shortcut"
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(config_lib.ConfigError, match=r"config.wandb_project = 'shortcut'.*pip"):
+        config_lib.validate(config, device_count=1)
+    config_lib.validate(config, device_count=1, check_files=False)  # planning for another machine
