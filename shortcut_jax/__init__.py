@@ -13,4 +13,11 @@ _allocator.tune_glibc_malloc()
 # route through TensorFlow instead.
 _os.environ.setdefault("EPATH_USE_TF", "false")
 
+# TensorFlow is not a dependency: CLU's metric writers (`from clu import metric_writers`) get the
+# TensorBoard writer of tensorboard_events.py instead of importing TensorFlow's. Before anything
+# imports clu.metric_writers.
+from shortcut_jax import tensorboard_events as _tensorboard_events  # noqa: E402
+
+_tensorboard_events.install_clu_summary_writer()
+
 __version__ = "0.1.0"

@@ -7,9 +7,11 @@ bad value as `config.<field> = <value>: <what is allowed>`.
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +53,26 @@ def validate(
         _validate(config, device_count)
     finally:
         _CHECK_FILES.reset(token)
+
+
+def _wandb_installed() -> bool:
+    if "wandb" in sys.modules:  # imported already, or blocked (None)
+        return sys.modules["wandb"] is not None
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _check_wandb(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """The optional Weights & Biases fields: strings, and wandb importable when a project is set."""
+    for field in ("wandb_project", "wandb_entity"):
+        if not isinstance(config.get(field, ""), str):
+            problems.append(f"config.{field} = {config.get(field)!r}: a string ('' = off/default)")
+            return
+    project = config.get("wandb_project", "")
+    if project and _CHECK_FILES.get() and not _wandb_installed():
+        problems.append(
+            f"config.wandb_project = {project!r}: logging to Weights & Biases needs the wandb "
+            "package (not a dependency): pip install wandb, or set config.wandb_project=''"
+        )
 
 
 def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> None:
@@ -198,6 +220,7 @@ def _validate(config: ml_collections.ConfigDict, device_count: int | None) -> No
     )
     check("sample_num", lambda v: _is_int(v) and v > 0, "a positive integer")
     check("sample_cfg_scale", lambda v: v >= 0.0, "a float >= 0 (1 = no guidance)")
+    _check_wandb(config, problems)
     check(
         "sample_guidance",
         lambda v: v in latent_space.GUIDANCE_POLICIES,

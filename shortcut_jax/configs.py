@@ -214,6 +214,11 @@ def base_config() -> ml_collections.ConfigDict:
     # paper's code evaluates runs trained with bootstrap_cfg, whose coarse step sizes learned guided
     # targets already); 'auto' = 'finest' with bootstrap_cfg, else 'all'.
     config.sample_guidance = "auto"
+    # Weights & Biases beside TensorBoard: the project to log to ('' = off; needs `pip install
+    # wandb`, not a dependency) and its entity ('' = W&B's default). W&B's own environment
+    # variables (WANDB_API_KEY, WANDB_MODE=offline, ...) apply.
+    config.wandb_project = ""
+    config.wandb_entity = ""
 
     # --- Evaluation (python -m shortcut_jax.evaluate, and periodically during training) -------
     # Scores use the sampling settings above (EMA or raw params, guidance sample_cfg_scale).

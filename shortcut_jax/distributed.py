@@ -19,6 +19,12 @@ def has_accelerator_plugin() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
+def _cached_gloo_collectives_can_hang() -> bool:
+    """Whether this jax is one whose cached CPU (gloo) collectives may never return (>= 0.11)."""
+    major, minor = (int(part) for part in jax.__version__.split(".")[:2])
+    return (major, minor) >= (0, 11)
+
+
 def initialize_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
@@ -28,6 +34,14 @@ def initialize_distributed(
     """
     if jax.config.jax_platforms in ("cpu",) or not has_accelerator_plugin():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if _cached_gloo_collectives_can_hang():
+            # Measured on jax 0.12.1: two CPU processes that load a cross-process psum from the
+            # persistent compilation cache can both wait in it forever (not on jax 0.10.2).
+            logging.info(
+                "CPU collectives on jax %s: the persistent compilation cache is off.",
+                jax.__version__,
+            )
+            jax.config.update("jax_enable_compilation_cache", False)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

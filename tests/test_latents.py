@@ -129,7 +129,9 @@ def test_records_hold_the_vae_moments_of_the_cropped_images_and_of_their_mirrors
     np.testing.assert_array_equal(indices, np.arange(COUNT))
     np.testing.assert_array_equal(labels, [row[2] for row in rows])
     for position, expected in enumerate((mean, std, mirror_mean, mirror_std)):
-        np.testing.assert_allclose(moments[:, position], expected, rtol=1e-5, atol=1e-6)
+        # The same float32 VAE at another batch size: jax 0.12.1's XLA differs by 1.2e-6 in one
+        # element of 3,840 (a reduction order).
+        np.testing.assert_allclose(moments[:, position], expected, rtol=1e-5, atol=2e-6)
     assert not np.allclose(mirror_mean, mean[:, :, ::-1], atol=1e-3)  # the VAE is not equivariant
 
 
@@ -311,11 +313,6 @@ def test_latent_source_errors_name_the_problem(encoded, tmp_path):
 
 
 # --- Other sources for encoding -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tfds():
-    return pytest.importorskip("tensorflow_datasets")
 
 
 def test_mocked_tfds_imagenet_is_decoded_with_pil_and_encoded(tfds, workspace, tmp_path):

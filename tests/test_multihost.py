@@ -50,16 +50,10 @@ def environment(devices: int) -> dict[str, str]:
 
 
 def scalar_history(workdir: Path, tag: str) -> dict[int, float]:
-    """Reads one scalar from the TensorBoard event files process 0 wrote."""
-    import tensorflow as tf
+    """Reads one scalar from the TensorBoard event files process 0 wrote (no TensorFlow)."""
+    from shortcut_jax import tensorboard_events
 
-    values = {}
-    for path in workdir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
+    return tensorboard_events.read_scalars(str(workdir), tag)
 
 
 @pytest.mark.slow

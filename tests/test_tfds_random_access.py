@@ -31,11 +31,6 @@ def random_images() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tfds():
-    return pytest.importorskip("tensorflow_datasets")
-
-
-@pytest.fixture(scope="module")
 def builder_class(tfds):
     class ShortcutJaxRandomShapes(tfds.core.GeneratorBasedBuilder):
         """COUNT random images of varied shapes, in index order; label = index % 2."""

@@ -21,7 +21,9 @@ This module owns what the image sources have in common, and imports none of them
 Image folders may live in a bucket (`gs://...`): listing and reading go through `etils.epath`
 (fsspec/gcsfs; the package sets EPATH_USE_TF=false). TFDS datasets are read with
 `tfds.data_source` random access, which needs an ArrayRecord (or Parquet) build; a TFRecord build
-is refused with the command that converts it.
+is refused with the command that converts it. Reading a prepared ArrayRecord build needs no
+TensorFlow; building or converting one does (`TFDS_EXTRA`), and an error that TFDS raises for
+want of TensorFlow is re-raised naming that extra.
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ FOLDER_LAYOUT = (
 # Datasets whose source files must be downloaded by hand before `tfds build` (plus any builder
 # declaring MANUAL_DOWNLOAD_INSTRUCTIONS).
 MANUAL_TFDS_DATASETS = ("imagenet2012", "celeb_a_hq")
+# TensorFlow is not a dependency: building a TFDS dataset (or converting it) needs this extra.
+TFDS_EXTRA = 'pip install -e ".[tf]"'
+BUILD_NEEDS = (
+    f"(building needs TensorFlow: {TFDS_EXTRA}, or any TensorFlow already installed; the "
+    "tfds command-line tool also imports apache-beam and mlcroissant: "
+    "pip install apache-beam mlcroissant)"
+)
 
 
 # --- Pixels ------------------------------------------------------------------------------------
@@ -471,13 +480,31 @@ def prepare_instructions(config: ml_collections.ConfigDict, manual: bool = False
             f"  {build} --manual_dir {manual_dir}\n"
             f"or in Python: {python}.download_and_prepare("
             f"download_config=tfds.download.DownloadConfig(manual_dir={manual_dir!r}))\n"
-            "and set config.data.data_dir (and config.data.manual_dir) accordingly."
+            "and set config.data.data_dir (and config.data.manual_dir) accordingly "
+            f"{BUILD_NEEDS}."
         )
     return (
         "Prepare it once on a machine with network access:\n"
         f"  {build}\n"
         f"or in Python: {python}.download_and_prepare()\n"
-        "and set config.data.data_dir to that directory."
+        f"and set config.data.data_dir to that directory {BUILD_NEEDS}."
+    )
+
+
+def _needs_tensorflow(error: ImportError) -> bool:
+    """Whether `error` is the import of TensorFlow failing."""
+    name = getattr(error, "name", None) or ""
+    return name.split(".")[0] == "tensorflow" or "No module named 'tensorflow" in str(error)
+
+
+def _tensorflow_missing(config: ml_collections.ConfigDict, error: ImportError) -> ImportError:
+    """The ImportError to raise when TFDS needs TensorFlow for `config.data.tfds_name`."""
+    return ModuleNotFoundError(
+        f"config.data.tfds_name={config.data.tfds_name!r}: TFDS needs TensorFlow for this "
+        f"({type(error).__name__}: {error}). TensorFlow is not a dependency of shortcut_jax: "
+        f"install it with the tf extra, {TFDS_EXTRA} (where a TensorFlow is installed already, "
+        "as on Colab, skip the extra). Reading a prepared ArrayRecord build needs none.",
+        name="tensorflow",
     )
 
 
@@ -497,6 +524,10 @@ def tfds_builder(config: ml_collections.ConfigDict) -> Any:
         )
     try:
         return tfds.builder(name, data_dir=config.data.data_dir or None)
+    except ImportError as error:
+        if _needs_tensorflow(error):
+            raise _tensorflow_missing(config, error) from error
+        raise
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(
             f"config.data.tfds_name={name!r} is not a TFDS dataset: {str(error).splitlines()[0]}"
@@ -516,6 +547,7 @@ def _tfrecord_message(config: ml_collections.ConfigDict, builder: Any) -> str:
         "which has no random access. Training reads TFDS by index so that resuming at step k "
         "reads nothing before k; a TFRecord stream would re-read k * batch_size records on every "
         "restart. Convert it once to ArrayRecord, in place (the TFRecord files stay):\n"
+        f"  {TFDS_EXTRA}   # TensorFlow, unless one is installed already\n"
         "  pip install apache-beam mlcroissant   # the tfds command-line tool imports both\n"
         f"  tfds convert_format --dataset_version_dir={builder.data_dir} "
         "--out_file_format=array_record\n"
@@ -545,6 +577,10 @@ def tfds_data_source(config: ml_collections.ConfigDict, builder: Any) -> Any:
         return builder.as_data_source(
             split=data.tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
         )
+    except ImportError as error:
+        if _needs_tensorflow(error):
+            raise _tensorflow_missing(config, error) from error
+        raise
     except (NotImplementedError, AssertionError) as error:
         if not builder.is_prepared():  # never downloads here
             raise FileNotFoundError(
@@ -593,7 +629,12 @@ def tfds_images(config: ml_collections.ConfigDict, channels: int = 3) -> Indexed
     name, split, size = data.tfds_name, data.tfds_split, data.image_size
 
     def load(index: int) -> tuple[np.ndarray, int]:
-        example = source[index]
+        try:
+            example = source[index]
+        except ImportError as error:  # a feature whose decoding needs TensorFlow
+            if _needs_tensorflow(error):
+                raise _tensorflow_missing(config, error) from error
+            raise
         image = decode_image_bytes(example["image"], size, channels, f"{name}/{split}[{index}]")
         return image, int(example["label"]) if has_label else 0
 

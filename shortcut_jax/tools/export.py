@@ -322,7 +322,9 @@ def export_run(
       ExportError, CheckpointError, OSError: the export cannot be made or written (status 1).
     """
     if saved_model and importlib.util.find_spec("tensorflow") is None:
-        raise ExportError("--saved_model needs TensorFlow: pip install tensorflow-cpu")
+        raise ExportError(
+            '--saved_model needs TensorFlow: pip install -e ".[tf]" (or use an installed one)'
+        )
     step = cli_inputs.checkpoint_step(workdir, checkpoint_step)
     config = checkpoint.restore_config(workdir, step)
     counts = parse_steps(steps_text, int(config.denoise_timesteps))
