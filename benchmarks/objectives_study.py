@@ -31,7 +31,8 @@ Every (method, seed) run writes its own result file benchmarks/results/objective
 the plan's digest, its FLOPs, wall times, the machine's float32 matmul rate and its scores. A run
 whose file exists is skipped, so the study adds up over several sittings. `--report` assembles
 the tables from those files only and refuses any file whose commands or plan differ from what
-this script would run now.
+this script would run now, or whose scores come from other feature-network weights than the
+rest (FD-MNIST's classifier ships with the package for this reason).
 """
 
 from __future__ import annotations
@@ -300,6 +301,7 @@ def score(suite: str, run_dir: Path) -> dict[str, Any]:
         described = study_runs.evaluation_metrics(run_dir / f"eval_{metric}")[metric]
         scores[f"{metric}_floor"] = described.get("floor")
         scores[f"{metric}_ceiling"] = described.get("ceiling")
+        scores[f"{metric}_weights"] = described.get("weights_digest")
     return scores
 
 
@@ -360,16 +362,55 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------- report
+# Floors of one feature network on one reference agree to float rounding across machines (~1e-6);
+# two trainings of the FD-MNIST classifier on different CPUs gave floors 1 % apart.
+FLOOR_RTOL = 1e-3
+
+
+def check_same_networks(results: list[tuple[Path, dict]]) -> None:
+    """Refuses results scored by different feature networks than the first file's.
+
+    The weights digest decides where both files record one; files without it (written before
+    evaluations recorded it) are compared by their floor, which the network fixes.
+
+    Raises:
+      StudyError: naming both files, the floors and the digests.
+    """
+    for metric in ("fd_mnist", "fid"):
+        first: tuple[Path, dict] | None = None
+        for path, result in results:
+            scores = result["scores"]
+            if scores.get(f"{metric}_floor") is None:
+                continue
+            if first is None:
+                first = (path, scores)
+                continue
+            other = first[1]
+            digests = (scores.get(f"{metric}_weights"), other.get(f"{metric}_weights"))
+            floors = (scores[f"{metric}_floor"], other[f"{metric}_floor"])
+            differ = digests[0] != digests[1] if all(digests) else False
+            differ |= abs(floors[0] - floors[1]) > FLOOR_RTOL * abs(floors[1])
+            if differ:
+                raise StudyError(
+                    f"{path}: its {metric} comes from another feature network than "
+                    f"{first[0]}'s (floor {floors[0]:.4f} vs {floors[1]:.4f}, weights "
+                    f"{digests[0]} vs {digests[1]}): rerun its evaluations with the shipped "
+                    "weights (delete the file and its eval_* directories)"
+                )
+
+
 def load_results(results: Path, plan: dict, work: Path = CHECK_WORK) -> dict[str, list[dict]]:
     """{method: [result per seed]} of every result file, each checked against this script.
 
     Raises:
-      StudyError: a file ran with another plan or other commands than this script would run.
+      StudyError: a file ran with another plan or other commands than this script would run, or
+        was scored by another feature network than the others (`check_same_networks`).
     """
     suite = plan["suite"]
     found: dict[str, list[dict]] = {}
-    for path in sorted(results.glob("*_seed*.json")):
-        result = json.loads(path.read_text())
+    loaded = [(path, json.loads(path.read_text())) for path in sorted(results.glob("*_seed*.json"))]
+    check_same_networks(loaded)
+    for path, result in loaded:
         method, seed = result["method"], result["seed"]
         if result.get("plan_digest") != plan["digest"]:
             raise StudyError(

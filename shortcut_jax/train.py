@@ -349,9 +349,9 @@ class SampleGridWriter:
 class PeriodicEvaluator:
     """Scores samples at config.eval_steps during training and writes them to the CLU writers.
 
-    The feature networks and reference statistics are built at the first evaluation (the FD-MNIST
-    classifier and the reference features are cached in WORKDIR/eval, so a resumed run reuses
-    them). Every process samples and extracts features; process 0 scores and writes.
+    The feature networks and reference statistics are built at the first evaluation (the
+    reference features are cached in WORKDIR/eval, keyed by the networks' weights, so a resumed
+    run reuses them). Every process samples and extracts features; process 0 scores and writes.
     """
 
     def __init__(

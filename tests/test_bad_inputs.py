@@ -20,7 +20,7 @@ from etils import epath
 from tiny import run_module, tiny_mnist_config
 
 from shortcut_jax import atomic_files, cli_inputs, config_lib, train
-from shortcut_jax.evaluators import fd_mnist, features, fid, report, sweep
+from shortcut_jax.evaluators import features, fid, report, sweep
 
 
 def toy_net(dim: int = 4) -> features.FeatureNet:
@@ -86,15 +86,18 @@ def test_sample_cli_writes_the_npz_and_the_grid_and_no_temporary(tiny_run, tmp_p
     assert sorted(os.listdir(out.parent)) == ["s.npz", "s.png"]
 
 
-def test_evaluate_names_a_broken_classifier_cache_in_one_line(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("SHORTCUT_JAX_CACHE", str(tmp_path))
-    broken = Path(fd_mnist.cache_path(str(tmp_path)))
+def test_evaluate_names_a_broken_feature_weights_file_in_one_line(tiny_run, tmp_path):
+    broken = tmp_path / "inception_fid.npz"
     broken.write_bytes(b"")
     result = run_module(
-        "shortcut_jax.evaluate", f"--workdir={tiny_run}", "--metrics=fd_mnist", "--num=2"
+        "shortcut_jax.evaluate",
+        f"--workdir={tiny_run}",
+        "--metrics=fid",
+        f"--inception={broken}",
+        "--num=2",
     )
     line = _error_line(result, 1)
-    assert str(broken) in line and "Delete it and it will be retrained" in line
+    assert str(broken) in line and "cannot read FID Inception weights" in line
 
 
 def test_fid_stats_names_a_truncated_images_file(tmp_path):

@@ -3,6 +3,7 @@ periodic evaluation in the train loop (with the project's FD-MNIST classifier)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,7 +38,6 @@ def toy_net(dim: int = 6) -> features.FeatureNet:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny MNIST run (6 steps) whose last step ran the periodic evaluation."""
-    fd_mnist.load_or_train()  # the classifier, once, in the user cache
     config = tiny_mnist_config(6)
     config.eval_every_steps = 6
     config.eval_steps = (1, 2)
@@ -111,6 +111,36 @@ def test_floor_is_small_for_real_halves_and_noise_is_far():
         *fid.feature_statistics(real + 3.0), *fid.feature_statistics(real)
     )
     assert 0 < floor < 0.5 < shifted
+
+
+def test_params_digest_follows_the_values_not_the_container():
+    params = {"dense": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)}}
+    digest = features.params_digest(params)
+    assert len(digest) == 16
+    assert features.params_digest(jax.tree.map(jnp.asarray, params)) == digest
+    kernel = params["dense"]["kernel"].copy()
+    kernel[0, 0] = 1e-7
+    changed = {"dense": {"kernel": kernel}}
+    assert features.params_digest(changed) != digest
+    renamed = {"proj": params["dense"]}
+    assert features.params_digest(renamed) != digest
+
+
+def test_cached_features_are_keyed_by_the_weights_digest(tmp_path):
+    net = toy_net()
+    first = dataclasses.replace(net, weights_digest=features.params_digest(net.params))
+    other_params = net.params * 2.0
+    second = dataclasses.replace(
+        net, params=other_params, weights_digest=features.params_digest(other_params)
+    )
+    a = sweep.noise_features(first, 8, (8, 8, 1), cache_dir=str(tmp_path))
+    b = sweep.noise_features(second, 8, (8, 8, 1), cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("noise_toy_*.npz"))) == 2
+    np.testing.assert_allclose(b, 2.0 * a, rtol=1e-5)  # not the first network's cached features
+    assert (
+        sweep.Metric("toy", second, a.mean(0), np.eye(6), "r").describe()["weights_digest"]
+        == second.weights_digest
+    )
 
 
 def test_metric_names_resolve_auto_and_reject_unknown(monkeypatch, tmp_path):

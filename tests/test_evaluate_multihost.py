@@ -14,7 +14,6 @@ import pytest
 from tiny import free_port, run_processes, tiny_mnist_config
 
 from shortcut_jax import train
-from shortcut_jax.evaluators import fd_mnist
 
 
 def evaluate_command(workdir: Path, out: Path, *extra: str) -> list[str]:
@@ -48,7 +47,6 @@ def environment(devices: int) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_scores_and_one_report(tmp_path):
-    fd_mnist.load_or_train()  # the classifier, cached once for every process
     workdir = tmp_path / "run"
     train.train_and_evaluate(tiny_mnist_config(3), str(workdir))
 

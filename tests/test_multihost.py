@@ -58,9 +58,6 @@ def scalar_history(workdir: Path, tag: str) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
-    from shortcut_jax.evaluators import fd_mnist
-
-    fd_mnist.load_or_train()  # cached once here rather than trained in every process
     port = free_port()
     multi = tmp_path / "two_processes"
     outputs = run_processes(

@@ -3,6 +3,7 @@ reflow, and progressive distillation with its teacher), and its report's refusal
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,16 @@ import pytest
 from tiny import REPO
 
 METHODS = "shortcut,live_reflow,progressive_distillation"
+
+
+def load_study_module():
+    """benchmarks/objectives_study.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "objectives_study", REPO / "benchmarks" / "objectives_study.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def study(tmp_path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -78,3 +89,22 @@ def test_study_plans_equal_flops_runs_each_method_and_reports_only_matching_file
     path.write_text(json.dumps(edited))
     refused = study(tmp_path, "--report")
     assert refused.returncode != 0 and "ran with plan 0000000000000000" in refused.stderr
+
+
+def _scored(floor: float, digest: str | None) -> dict:
+    return {"scores": {"fd_mnist_floor": floor, "fd_mnist_weights": digest, "fid_floor": 4.86}}
+
+
+def test_report_refuses_rows_scored_by_another_feature_network(tmp_path):
+    study_module = load_study_module()
+    first, second = tmp_path / "shortcut_seed0.json", tmp_path / "diffusion_seed0.json"
+    same = [(first, _scored(3.3517, "a" * 16)), (second, _scored(3.3517001, "a" * 16))]
+    study_module.check_same_networks(same)
+    old_file = [(first, _scored(3.3517, None)), (second, _scored(3.3517001, "a" * 16))]
+    study_module.check_same_networks(old_file)  # no digest recorded: the floor decides
+    retrained = [(first, _scored(3.3182, None)), (second, _scored(3.3517, "a" * 16))]
+    with pytest.raises(study_module.StudyError, match="diffusion_seed0.json: its fd_mnist"):
+        study_module.check_same_networks(retrained)
+    swapped = [(first, _scored(3.3517, "a" * 16)), (second, _scored(3.3517, "b" * 16))]
+    with pytest.raises(study_module.StudyError, match="weights b+ vs a+"):
+        study_module.check_same_networks(swapped)

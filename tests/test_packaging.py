@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 PROJECT = PYPROJECT["project"]
 EXTRAS = PROJECT["optional-dependencies"]
+GPU_TARGETS = sorted((REPO / "shortcut_jax" / "gpu_targets").glob("*.txtpb"))
 
 # The JAX stack CI installs on Python 3.11 (the newest there): each is its package's lower bound.
 TESTED_LOWER_BOUNDS = {
@@ -228,3 +230,17 @@ def test_the_tpu_extra_resolves_to_the_libtpu_its_jax_pins():
     assert Version(resolved["libtpu"]["version"]) in pins[0].specifier
     assert not [name for name in resolved if name.startswith(GPU_WHEEL_PREFIXES)]
     assert not [name for name in resolved if name in TENSORFLOW]
+
+
+def test_the_wheel_carries_the_data_files_the_package_reads(tmp_path):
+    pytest.importorskip("setuptools")  # the backend, to build without fetching it
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    command += ["--quiet", "--wheel-dir", str(tmp_path), str(REPO)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("shortcut_jax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    assert "shortcut_jax/evaluators/fd_mnist_classifier.npz" in names
+    shipped = {name for name in names if name.startswith("shortcut_jax/gpu_targets/")}
+    assert {f"shortcut_jax/gpu_targets/{p.name}" for p in GPU_TARGETS} == shipped

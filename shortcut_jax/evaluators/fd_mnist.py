@@ -20,9 +20,14 @@ no batch norm or dropout, so `apply` is a pure function without state or randomn
 features are the dense(128) *pre-activations*: no dead (always-zero) ReLU dimensions, and closer
 to Gaussian than rectified values, which suits a Frechet distance.
 
-The trained parameters are cached as an ``.npz`` in ``cache_dir`` (default ``$SHORTCUT_JAX_CACHE``
-or ``~/.cache/shortcut_jax``) under a name that contains a hash of the training recipe, so a
-changed recipe trains into a new file and versions never collide. Nothing is ever downloaded.
+The classifier that defines the score ships with the package (`PINNED_PATH`, 1.7 MB: the default
+recipe and seed, trained once by `train_classifier`). Training is bitwise deterministic on one
+machine, but CPUs of this kind differ in their float rounding, and a classifier trained on
+another machine moved FD-MNIST readings by 1-2 % (floor 3.318 vs 3.352): a metric has to be one
+fixed function, so every FD-MNIST number, on every machine, comes from the shipped weights.
+Other recipes or seeds (studies of the metric itself) train on demand and are cached as an
+``.npz`` in ``cache_dir`` (default ``$SHORTCUT_JAX_CACHE`` or ``~/.cache/shortcut_jax``) under a
+name that contains a hash of the recipe, so versions never collide. Nothing is ever downloaded.
 
 Samples are scored against real digits loaded at the generator's size (`sweep.reference_features`
 reads them as the run's data serves them), which pass through the same resize to 28x28 as the
@@ -63,6 +68,7 @@ _CACHE_ENV = "SHORTCUT_JAX_CACHE"
 _FILE_PREFIX = "fd_mnist_classifier"
 _PARAM_PREFIX = "param/"
 _META_KEY = "metadata_json"
+PINNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fd_mnist_classifier.npz")
 # Last entries of numpy seed sequences, keeping the streams of this module apart.
 _SPLIT_TAG = 0x46D1
 _EPOCH_TAG = 0x46D2
@@ -367,9 +373,15 @@ def _save(path: str, params: Params, info: dict[str, Any]) -> None:
 
 
 def _load(path: str, expected_hash: str) -> tuple[Params, dict[str, Any]]:
-    """Reads a cache file; raises `CacheError` naming the file on any problem."""
+    """Reads a classifier file; raises `CacheError` naming the file on any problem."""
 
     def fail(reason: str) -> CacheError:
+        if path == PINNED_PATH:
+            return CacheError(
+                f"the FD-MNIST classifier shipped with shortcut_jax, {path!r}, is unusable "
+                f"({reason}). Reinstall shortcut_jax (pip install --force-reinstall) or restore "
+                "the file from the repository."
+            )
         return CacheError(
             f"FD-MNIST classifier cache file {path!r} is unusable ({reason}). "
             f"Delete it and it will be retrained (a few seconds)."
@@ -411,24 +423,30 @@ def _load(path: str, expected_hash: str) -> tuple[Params, dict[str, Any]]:
 def load_or_train(
     cache_dir: str | None = None, recipe: Recipe = DEFAULT_RECIPE, seed: int = DEFAULT_SEED
 ) -> tuple[Params, dict[str, Any]]:
-    """The cached classifier for (recipe, seed), trained and cached first if there is none.
+    """The classifier for (recipe, seed): the shipped one, a cached one, or trained and cached.
 
     Args:
-      cache_dir: directory of the cache (created if needed); `default_cache_dir()` if None. A
-        training run may pass its workdir.
+      cache_dir: directory of the cache (created if needed). None with the default recipe and
+        seed means the shipped classifier (`PINNED_PATH`), which is what every FD-MNIST score
+        uses; None otherwise means `default_cache_dir()`. Given explicitly, the default recipe
+        is trained into it too (to check the shipped weights against the training code).
       recipe: the training recipe.
       seed: the training seed.
 
     Returns:
       params: the classifier's parameter pytree.
-      info: the dict of `train_classifier` plus 'cache_path' and 'loaded_from_cache' (bool).
+      info: the dict of `train_classifier` (as recorded when the file was written) plus
+        'cache_path' (the file read or written) and 'loaded_from_cache' (bool).
 
     Raises:
-      CacheError: if the cache file exists but is unreadable or does not match; the message
-        names the file and says to delete it (it is never overwritten silently).
+      CacheError: if the file exists but is unreadable or does not match; the message names
+        the file and what to do (it is never overwritten silently).
     """
-    path = cache_path(cache_dir, recipe, seed)
     expected_hash = recipe_hash(recipe, seed)
+    if cache_dir is None and (recipe, seed) == (DEFAULT_RECIPE, DEFAULT_SEED):
+        params, info = _load(PINNED_PATH, expected_hash)
+        return params, {**info, "cache_path": PINNED_PATH, "loaded_from_cache": True}
+    path = cache_path(cache_dir, recipe, seed)
     if os.path.exists(path):
         params, info = _load(path, expected_hash)
         return params, {**info, "cache_path": path, "loaded_from_cache": True}
@@ -443,7 +461,7 @@ def load_or_train(
 
 
 def feature_net(cache_dir: str | None = None, batch_size: int = 256) -> features.FeatureNet:
-    """The FD-MNIST feature network (the default recipe, trained or loaded from the cache).
+    """The FD-MNIST feature network: the shipped classifier (another one with `cache_dir`).
 
     Args:
       cache_dir: see `load_or_train`.
@@ -461,4 +479,5 @@ def feature_net(cache_dir: str | None = None, batch_size: int = 256) -> features
         params=jax.device_put(params),
         apply=_apply_features,
         batch_size=int(batch_size),
+        weights_digest=features.params_digest(params),
     )

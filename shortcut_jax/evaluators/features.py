@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,9 @@ class FeatureNet:
         with C in {1, 3} and any H, W (the network resizes and tiles channels itself); returns
         (B, D) float32.
       batch_size: a good number of images per device per call (memory-bound on CPU).
+      weights_digest: `params_digest` of the weights as loaded ('' for ad-hoc networks); it
+        keys cached reference features and is recorded with every score, so features of other
+        weights are never reused and scores of different networks are never compared.
     """
 
     name: str
@@ -50,6 +54,25 @@ class FeatureNet:
     params: Any
     apply: FeatureFn
     batch_size: int = 64
+    weights_digest: str = ""
+
+
+def params_digest(params: Any) -> str:
+    """A 16-hex-digit SHA-256 of a parameter tree: its structure, shapes, dtypes and values.
+
+    Args:
+      params: a pytree of host or fully addressable arrays.
+
+    Returns:
+      The digest; equal trees give equal digests on every machine.
+    """
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves:
+        value = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
 
 
 class WeightsError(Exception):

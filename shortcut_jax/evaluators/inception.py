@@ -482,10 +482,12 @@ def feature_net(path: str | os.PathLike | None = None, batch_size: int = 32) -> 
     Raises:
       InceptionWeightsError: see `load_params`.
     """
+    params = load_params(path)
     return features.FeatureNet(
         name=NAME,
         dim=FEATURE_DIM,
-        params=load_params(path),
+        params=params,
         apply=inception_features,
         batch_size=batch_size,
+        weights_digest=features.params_digest(params),
     )

@@ -81,7 +81,7 @@ def _fd_mnist_data_problem(config: Config) -> str | None:
 
 
 def _load_fd_mnist(config: Config) -> features.FeatureNet:
-    del config  # the classifier lives in the user cache, whatever the run
+    del config  # the classifier ships with the package, whatever the run
     from shortcut_jax.evaluators import fd_mnist
 
     return fd_mnist.feature_net()

@@ -66,9 +66,10 @@ class Metric:
     ceiling: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description: network, feature dimension, reference, floor and ceiling."""
+        """JSON-ready: network, weights digest, feature dimension, reference, floor, ceiling."""
         return {
             "network": self.net.name,
+            "weights_digest": self.net.weights_digest,
             "feature_dim": int(self.net.dim),
             "reference": self.reference,
             "floor": self.floor,
@@ -102,9 +103,8 @@ def metric_names(config: ml_collections.ConfigDict, requested: str | None = None
 def load_feature_net(config: ml_collections.ConfigDict, name: str) -> features.FeatureNet:
     """The feature network of metric `name` (its `registry.MetricSpec.load`).
 
-    'fd_mnist' loads the project's classifier from the user cache ($SHORTCUT_JAX_CACHE or
-    ~/.cache/shortcut_jax), training it there once; 'fid' loads the converted Inception weights
-    from config.eval_inception_path or the default path.
+    'fd_mnist' loads the classifier that ships with the package; 'fid' loads the converted
+    Inception weights from config.eval_inception_path or the default path.
     """
     return registry.get(name).load(config)
 
@@ -191,7 +191,9 @@ def reference_features(
         return features.compute_features(net, real), f"{len(real)} real examples of {name}"
 
     data_fields = {key: config.data.get(key) for key in sorted(config.data.keys())}
-    cache = _cache_file(cache_dir, f"reference_{net.name}", net.name, num, data_fields)
+    cache = _cache_file(
+        cache_dir, f"reference_{net.name}", net.name, net.weights_digest, num, data_fields
+    )
     return _cached_features(cache, compute, net.dim, num)
 
 
@@ -208,7 +210,9 @@ def noise_features(
         images = noise_images(num, shape)
         return features.compute_features(net, images), f"{num} noise images {tuple(shape)}"
 
-    cache = _cache_file(cache_dir, f"noise_{net.name}", net.name, num, list(shape), _NOISE_SEED)
+    cache = _cache_file(
+        cache_dir, f"noise_{net.name}", net.name, net.weights_digest, num, list(shape), _NOISE_SEED
+    )
     return _cached_features(cache, compute, net.dim, num)[0]
 
 
