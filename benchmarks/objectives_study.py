@@ -362,41 +362,28 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------- report
-# Floors of one feature network on one reference agree to float rounding across machines (~1e-6);
-# two trainings of the FD-MNIST classifier on different CPUs gave floors 1 % apart.
-FLOOR_RTOL = 1e-3
-
-
 def check_same_networks(results: list[tuple[Path, dict]]) -> None:
-    """Refuses results scored by different feature networks than the first file's.
-
-    The weights digest decides where both files record one; files without it (written before
-    evaluations recorded it) are compared by their floor, which the network fixes.
+    """Refuses results scored by other feature-network weights than the first file's.
 
     Raises:
-      StudyError: naming both files, the floors and the digests.
+      StudyError: naming both files, the floors and the weights digests.
     """
-    for metric in ("fd_mnist", "fid"):
-        first: tuple[Path, dict] | None = None
-        for path, result in results:
-            scores = result["scores"]
-            if scores.get(f"{metric}_floor") is None:
-                continue
-            if first is None:
-                first = (path, scores)
-                continue
-            other = first[1]
-            digests = (scores.get(f"{metric}_weights"), other.get(f"{metric}_weights"))
-            floors = (scores[f"{metric}_floor"], other[f"{metric}_floor"])
-            differ = digests[0] != digests[1] if all(digests) else False
-            differ |= abs(floors[0] - floors[1]) > FLOOR_RTOL * abs(floors[1])
-            if differ:
-                raise StudyError(
-                    f"{path}: its {metric} comes from another feature network than "
-                    f"{first[0]}'s (floor {floors[0]:.4f} vs {floors[1]:.4f}, weights "
-                    f"{digests[0]} vs {digests[1]}): rerun its evaluations with the shipped "
-                    "weights (delete the file and its eval_* directories)"
-                )
+    scored = [
+        (
+            str(path),
+            {
+                metric: {
+                    "floor": result["scores"].get(f"{metric}_floor"),
+                    "weights_digest": result["scores"].get(f"{metric}_weights"),
+                }
+                for metric in ("fd_mnist", "fid")
+            },
+        )
+        for path, result in results
+    ]
+    problems = study_runs.network_mismatches(scored)
+    if problems:
+        raise StudyError(problems[0] + " (delete the file and its eval_* directories)")
 
 
 def load_results(results: Path, plan: dict, work: Path = CHECK_WORK) -> dict[str, list[dict]]:

@@ -51,7 +51,7 @@ written atomically when the run is scored; a finished file is skipped when the s
 sittings add up. Intermediate outputs (checkpoints, calibration, every evaluation) stay in
 --workdir and are reused by a rerun. `--report` assembles the tables from the result files only,
 and refuses a file whose recorded variant, protocol or resolved training config differs from what
-the script would run now.
+the script would run now, or whose scores come from other feature-network weights than the rest.
 """
 
 from __future__ import annotations
@@ -696,15 +696,22 @@ def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_results(results_dir: Path, phase: str, expected: Mapping[str, Any]) -> list[dict]:
-    """Every result file of a phase; raises SystemExit listing the files it refuses."""
+    """Every result file of a phase; raises SystemExit listing the files it refuses (other
+    settings than the script's, or scores from other feature-network weights than the first's)."""
     results, refused = [], []
-    for path in sorted((results_dir / phase).glob("*.json")):
-        result = json.loads(path.read_text())
+    loaded = [
+        (path, json.loads(path.read_text()))
+        for path in sorted((results_dir / phase).glob("*.json"))
+    ]
+    for path, result in loaded:
         problems = refusals(result, expected)
         if problems:
             refused.append(f"{path}: " + "; ".join(problems))
         else:
             results.append(result)
+    refused += study_runs.network_mismatches(
+        [(str(path), result.get("metrics") or {}) for path, result in loaded]
+    )
     if refused:
         raise SystemExit(
             "refused result files (recorded settings differ from the script's):\n  "

@@ -127,6 +127,45 @@ def evaluation_metrics(out: Path) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())["metrics"]
 
 
+# Floors of one feature network on one reference agree to float rounding across machines (~1e-6);
+# two trainings of the FD-MNIST classifier on different CPUs gave floors 1 % apart.
+FLOOR_RTOL = 1e-3
+
+
+def network_mismatches(scored: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]]) -> list[str]:
+    """Why some results were scored by other feature-network weights than the first ([] = same).
+
+    Args:
+      scored: (name, {metric: {'floor': float | None, 'weights_digest': str | None}}) per
+        result, e.g. the 'metrics' of evaluate's results.json. The digest decides where both
+        results record one; results written before evaluations recorded it are compared by their
+        floor (the real halves' distance), which the network's weights fix.
+
+    Returns:
+      One message per result that differs from the first result scored with that metric.
+    """
+    problems = []
+    first: dict[str, tuple[str, Mapping[str, Any]]] = {}
+    for name, metrics in scored:
+        for metric, described in metrics.items():
+            if described.get("floor") is None:
+                continue
+            if metric not in first:
+                first[metric] = (name, described)
+                continue
+            other_name, other = first[metric]
+            digests = (described.get("weights_digest"), other.get("weights_digest"))
+            floors = (described["floor"], other["floor"])
+            differ = all(digests) and digests[0] != digests[1]
+            if differ or abs(floors[0] - floors[1]) > FLOOR_RTOL * abs(floors[1]):
+                problems.append(
+                    f"{name}: its {metric} comes from other feature-network weights than "
+                    f"{other_name}'s (floor {floors[0]:.4f} vs {floors[1]:.4f}, weights "
+                    f"{digests[0]} vs {digests[1]}): rerun its evaluation with the shipped weights"
+                )
+    return problems
+
+
 def load_config(overrides: Mapping[str, Any], config: Path = CONFIG) -> Any:
     """`get_config()` of a config file with `overrides` ({'a.b': value}) set, as the CLI sets them.
 

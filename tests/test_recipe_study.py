@@ -226,3 +226,21 @@ def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| default | default | 1 | 10 | 1 |" in report.stdout
     assert "| sample_cfg_1.5_fixed | sampling |" in report.stdout
+
+
+def test_results_scored_by_other_feature_weights_are_named():
+    def metrics(floor: float, digest: str | None) -> dict:
+        return {"fd_mnist": {"floor": floor, "weights_digest": digest}, "fid": {"floor": 4.86}}
+
+    shipped = "2d287acf9eaed4e0"
+    assert not study_runs.network_mismatches(
+        [("default", metrics(3.3517, shipped)), ("boot_1_2", metrics(3.35171, None))]
+    )
+    problems = study_runs.network_mismatches(
+        [("default", metrics(3.3517, shipped)), ("boot_1_2", metrics(3.3182, None))]
+    )
+    assert len(problems) == 1 and problems[0].startswith("boot_1_2: its fd_mnist comes from")
+    problems = study_runs.network_mismatches(
+        [("default", metrics(3.3517, shipped)), ("batch_64", metrics(3.3517, "f" * 16))]
+    )
+    assert len(problems) == 1 and f"weights {'f' * 16} vs {shipped}" in problems[0]
