@@ -479,7 +479,8 @@ def report(suite: str, results: Path) -> str:
         lines += [
             f"{title} (lower is better; mean ± half the range over seeds; bold: the best mean):",
             "",
-            f"| method | gradient steps | training FLOPs | train wall | {header} |",
+            "| method | gradient steps | training FLOPs | train wall (matmul GFLOP/s) | "
+            f"{header} |",
             "|---" * (4 + len(STEP_COUNTS)) + "|",
         ]
         for m in rows:
@@ -487,7 +488,10 @@ def report(suite: str, results: Path) -> str:
             steps = str(first["steps"])
             if first.get("teacher_steps"):
                 steps = f"{first['teacher_steps']} teacher + {first['steps']}"
-            wall = statistics.fmean(r["train_wall_seconds"] for r in found[m]) / 60
+            walls = ", ".join(
+                f"{r['train_wall_seconds'] / 60:.1f} min ({r['matmul_gflops']:.0f})"
+                for r in found[m]
+            )
             cells = []
             for n in STEP_COUNTS:
                 if n not in means[m]:
@@ -496,7 +500,7 @@ def report(suite: str, results: Path) -> str:
                 text = _cell([r["scores"][metric][str(n)] for r in found[m]], digits)
                 cells.append(f"**{text}**" if means[m][n] == best[n] else text)
             lines.append(
-                f"| {m} | {steps} | {_flops_text(first['flops']['total'])} | {wall:.1f} min | "
+                f"| {m} | {steps} | {_flops_text(first['flops']['total'])} | {walls} | "
                 + " | ".join(cells)
                 + " |"
             )
@@ -506,7 +510,11 @@ def report(suite: str, results: Path) -> str:
             lines += ["", f"floor {floor:.{digits}f}, ceiling {ceiling:.{digits}f}"]
         lines.append("")
     rates = sorted({r["matmul_gflops"] for rows in found.values() for r in rows})
-    lines.append(f"float32 matmul rate of the machine at each run: {rates[0]}-{rates[-1]} GFLOP/s.")
+    lines.append(
+        f"Train wall: each seed's teacher, pairs and training time, with the float32 matmul rate "
+        f"of its machine measured after the run ({rates[0]}-{rates[-1]} GFLOP/s); runs on other "
+        "machines or sittings compare only through those rates."
+    )
     lines += ["", "Settings that differ from each method's paper:", ""]
     lines.append(f"- every method: {paper_settings.SHARED_DEVIATION}")
     for m in ORDER:
