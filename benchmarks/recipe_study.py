@@ -5,6 +5,7 @@
     python benchmarks/recipe_study.py --phase full --workdir /tmp/recipe --only default NAME \
         --combine NAME+OTHER                                     # 2 seeds each, full budget
     python benchmarks/recipe_study.py --phase screen --report    # the table, from the result files
+    python benchmarks/recipe_study.py --plot docs/benchmarks     # FD against steps and minutes
     python benchmarks/recipe_study.py --list                     # the variants and their overrides
     python benchmarks/recipe_study.py --quick --workdir /tmp/q   # smoke run (~1 min)
 
@@ -833,6 +834,101 @@ def report(phase: str, args: argparse.Namespace) -> str:
     return "\n\n".join(notes + [report_table(results, args.step_counts)])
 
 
+def _seed_means(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{variant: {'fd': {count: mean FD-MNIST}, 'minutes': mean train minutes}} over seeds."""
+    by_variant: dict[str, list[Mapping[str, Any]]] = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], []).append(result)
+    means = {}
+    for name, runs in by_variant.items():
+        counts = sorted(int(c) for c in runs[0]["scores"])
+        minutes = [
+            sum(t.get("wall_seconds", 0.0) for t in r["training"].values() if isinstance(t, dict))
+            / 60
+            for r in runs
+        ]
+        means[name] = {
+            "fd": {
+                c: statistics.fmean(float(r["scores"][str(c)]["fd_mnist"]) for r in runs)
+                for c in counts
+            },
+            "minutes": statistics.fmean(minutes),
+            "sampling_only": runs[0]["definition"]["sampling_only"],
+        }
+    return means
+
+
+def plot(args: argparse.Namespace, figures: Path) -> list[Path]:
+    """Two figures from the result files: FD-MNIST against sampling steps per variant (each phase
+    with results), and FD-MNIST at the fewest and most steps against training minutes for the
+    variants run in both phases (the quality-per-minute frontier)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
+    phases = {}
+    for phase, (fraction, _) in PHASES.items():
+        expected = protocol(phase, args, max(1, round(full_steps * fraction)))
+        results = load_results(Path(args.results_dir), phase, expected)
+        if results:
+            phases[phase] = _seed_means(results)
+    if not phases:
+        raise SystemExit(f"error: no result files under {args.results_dir}")
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(1, len(phases), figsize=(6.5 * len(phases), 4.5), squeeze=False)
+    for ax, (phase, means) in zip(axes[0], phases.items(), strict=True):
+        for name in sorted(means, key=_order):
+            counts = sorted(means[name]["fd"])
+            values = [means[name]["fd"][c] for c in counts]
+            if name == "default":
+                ax.plot(counts, values, "k-", marker="o", linewidth=2.5, label=name, zorder=3)
+            else:
+                ax.plot(counts, values, marker=".", linewidth=1, alpha=0.8, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel("FD-MNIST (tuned guidance; lower is better)")
+        ax.set_title(f"{phase} ({PHASES[phase][0]:g} of the budget)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = figures / "recipe_fd_vs_steps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    both = [
+        name
+        for name in phases.get("full", {})
+        if name in phases.get("screen", {}) and not phases["full"][name]["sampling_only"]
+    ]
+    if both:
+        counts = sorted(phases["full"][both[0]]["fd"])
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, count in zip(axes, (counts[0], counts[-1]), strict=True):
+            for name in sorted(both, key=_order):
+                points = [
+                    (phases[p][name]["minutes"], phases[p][name]["fd"][count]) for p in PHASES
+                ]
+                style = "k-" if name == "default" else "-"
+                ax.plot(*zip(*sorted(points), strict=True), style, marker="o", label=name)
+            ax.set_yscale("log")
+            ax.set_xlabel("training minutes (the runs' own machines)")
+            ax.set_ylabel(f"FD-MNIST at {count} step{'s' if count > 1 else ''}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = figures / "recipe_fd_vs_minutes.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -861,6 +957,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="print the tables and stop")
     parser.add_argument("--report_out", default=None, help="also write the report here")
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    parser.add_argument(
+        "--plot", default=None, help="write the figures into this directory (e.g. docs/benchmarks)"
+    )
     parser.add_argument("--calibrate_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -884,6 +983,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for variant in VARIANTS.values():
             print(f"{variant.name}: {json.dumps(variant.definition())}")
+        return 0
+    if args.plot:
+        for path in plot(args, Path(args.plot)):
+            print(path)
         return 0
     if args.report:
         text = report(args.phase, args)

@@ -99,12 +99,14 @@ def _args(**changes) -> argparse.Namespace:
     return args
 
 
-def _result(name: str, args: argparse.Namespace) -> dict:
+def _result(name: str, args: argparse.Namespace, phase: str = "screen") -> dict:
     """A result file as `run` writes it, for a run that trained exactly what the script says."""
     variant = recipe_study.resolve(name)
+    fraction = recipe_study.PHASES[phase][0]
+    steps = round(recipe_study.QUICK_STEPS * fraction)
     overrides = {
-        **recipe_study.training_overrides(variant, True, 0.25),
-        "total_steps": 10,
+        **recipe_study.training_overrides(variant, True, fraction),
+        "total_steps": steps,
         "seed": 0,
     }
     from shortcut_jax import resume_policy
@@ -113,9 +115,9 @@ def _result(name: str, args: argparse.Namespace) -> dict:
         "variant": name,
         "seed": 0,
         "definition": variant.definition(),
-        "protocol": recipe_study.protocol("screen", args, 10),
+        "protocol": recipe_study.protocol(phase, args, steps),
         "training_configs": {"train": resume_policy.flatten(study_runs.load_config(overrides))},
-        "steps": {"train": 10},
+        "steps": {"train": steps},
         "calibration": {"seconds_per_step": {"default": 0.1, "train": 0.1}},
         "training": {"train": {"wall_seconds": 60.0}},
         "cfg_by_steps": {"1": 1.0, "2": 2.0},
@@ -244,3 +246,22 @@ def test_results_scored_by_other_feature_weights_are_named():
         [("default", metrics(3.3517, shipped)), ("batch_64", metrics(3.3517, "f" * 16))]
     )
     assert len(problems) == 1 and f"weights {'f' * 16} vs {shipped}" in problems[0]
+
+
+def test_the_plots_hold_every_variant_and_the_minutes_frontier(tmp_path):
+    args = _args(results_dir=str(tmp_path / "results"))
+    for phase, minutes in (("screen", 1.0), ("full", 4.0)):
+        (tmp_path / "results" / phase).mkdir(parents=True)
+        for name, fd_1 in (("default", 50.0), ("lr_4e-3", 40.0)):
+            result = _result(name, args, phase)
+            result["training"]["train"]["wall_seconds"] = 60.0 * minutes
+            result["scores"]["1"]["fd_mnist"] = fd_1 / minutes
+            path = tmp_path / "results" / phase / f"{name}_seed0.json"
+            path.write_text(json.dumps(result))
+    means = recipe_study._seed_means(
+        [json.loads(p.read_text()) for p in (tmp_path / "results" / "full").glob("*.json")]
+    )
+    assert means["lr_4e-3"]["fd"] == {1: 10.0, 2: 30.0} and means["default"]["minutes"] == 4.0
+    written = recipe_study.plot(args, tmp_path / "figures")
+    assert [p.name for p in written] == ["recipe_fd_vs_steps.png", "recipe_fd_vs_minutes.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
