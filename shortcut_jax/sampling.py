@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import objectives, sharding
+from shortcut_jax import objectives, preemption, sharding
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -480,15 +480,15 @@ def sample_batch(
             chunk_noise = jnp.pad(chunk_noise, [(0, chunk - valid)] + [(0, 0)] * len(shape))
             chunk_labels = np.pad(chunk_labels, (0, chunk - valid))
         if mesh is None:
-            images = np.asarray(sampler(params, chunk_noise, jnp.asarray(chunk_labels)))
+            images = sampler(params, chunk_noise, jnp.asarray(chunk_labels))
+            images = np.asarray(preemption.wait_until_ready(images))
         else:
-            images = sharding.gather(
-                sampler(
-                    params,
-                    sharding.shard_batch(mesh, np.asarray(chunk_noise)),
-                    sharding.shard_batch(mesh, chunk_labels),
-                )
+            images = sampler(
+                params,
+                sharding.shard_batch(mesh, np.asarray(chunk_noise)),
+                sharding.shard_batch(mesh, chunk_labels),
             )
+            images = sharding.gather(preemption.wait_until_ready(images))
         outputs.append(images[:valid])
         if progress is not None:
             progress(valid)

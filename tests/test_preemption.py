@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +154,35 @@ def test_the_watcher_only_sets_a_flag_on_sigterm_and_restores_the_previous_handl
         assert signal.getsignal(signal.SIGTERM) is previous  # JAX's service keeps SIGTERM
         assert [w.reached(step) for step in (1, 2, 3)] == [False, False, True]
     assert asked == [1, 2, 3]
+
+
+def test_sigterm_is_answered_while_a_program_runs_not_after_it():
+    @jax.jit
+    def spin(x, iterations):  # dispatched asynchronously, like a sampling program
+        return jax.lax.fori_loop(0, iterations, lambda i, y: jnp.tanh(y @ y), x)
+
+    x = jnp.full((512, 512), 1.0 / 512)
+    start = time.monotonic()
+    spin(x, 8).block_until_ready()  # compiles and times 8 iterations
+    spin(x, 8).block_until_ready()
+    per_iteration = max((time.monotonic() - start) / 16, 1e-4)
+    iterations = int(3.0 / per_iteration)  # about 3 s on this machine, whatever its speed
+
+    def stop(signum, frame):
+        raise preemption.Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        result = spin(x, iterations)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        start = time.monotonic()
+        with pytest.raises(preemption.Terminated):
+            preemption.wait_until_ready(result)
+        assert time.monotonic() - start < 1.5
+        assert not result.is_ready()  # answered while the program was still running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert np.isfinite(np.asarray(preemption.wait_until_ready(result))).all()
 
 
 def _infinite_gradient_at(step: int) -> optax.GradientTransformation:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import sharding
+from shortcut_jax import preemption, sharding
 
 FeatureFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -197,9 +197,10 @@ def compute_features(
         if valid < chunk:  # pad the last chunk so it reuses the compiled program
             block = np.pad(block, [(0, chunk - valid)] + [(0, 0)] * 3)
         if mesh is None:
-            features = np.asarray(apply(params, jnp.asarray(block)))
+            features = np.asarray(preemption.wait_until_ready(apply(params, jnp.asarray(block))))
         else:
-            features = sharding.gather(apply(params, sharding.shard_batch(mesh, block)))
+            result = apply(params, sharding.shard_batch(mesh, block))
+            features = sharding.gather(preemption.wait_until_ready(result))
         outputs.append(features[:valid])
         if progress is not None:
             progress(valid)

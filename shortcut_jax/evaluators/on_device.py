@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shortcut_jax import latent_space, objectives, sampling, sharding
+from shortcut_jax import latent_space, objectives, preemption, sampling, sharding
 from shortcut_jax.evaluators import features, fid
 
 
@@ -381,6 +381,7 @@ def sample_statistics(
 
     def collect(start: int, result: tuple[Any, ...]) -> None:
         nonlocal bad
+        preemption.wait_until_ready(result)
         valid = min(chunk, num - start)
         bad = bad + sharding.to_host(result[1])
         for stats, first, feats in zip(running, firsts, result[0], strict=True):
