@@ -275,6 +275,9 @@ def test_evaluate_cli_writes_json_table_and_plot(trained_run, tmp_path):
     assert all(np.isfinite(row["fd_mnist"]) for row in results["rows"])
     assert results["metrics"]["fd_mnist"]["floor"] < results["metrics"]["fd_mnist"]["ceiling"]
     assert "| 8 | 8 |" in (out / "results.md").read_text()
+    digest = fd_mnist.feature_net().weights_digest  # the shipped classifier, recorded
+    assert results["metrics"]["fd_mnist"]["weights_digest"] == digest
+    assert f"features of fd_mnist (weights {digest})." in (out / "results.md").read_text()
     assert (out / "scores_vs_nfe.png").stat().st_size > 1000
     assert "| steps | NFE | CFG | fd_mnist |" in result.stdout
 

@@ -93,11 +93,12 @@ def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
             if name in described:
                 continue
             described.add(name)
+            weights = f" (weights {info['weights_digest']})" if info.get("weights_digest") else ""
             notes.append(
                 f"- {registry.label(name)}: floor {_format(info.get('floor'))} "
                 f"(two halves of the real set), ceiling {_format(info.get('ceiling'))} "
                 f"(clipped noise); reference: {info.get('reference')}; "
-                f"{info.get('feature_dim')}-d features of {info.get('network')}."
+                f"{info.get('feature_dim')}-d features of {info.get('network')}{weights}."
             )
     return "\n".join(lines + [""] + notes) + "\n"
 
