@@ -792,11 +792,7 @@ def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int
                 for r in runs
             )
         )
-        minutes = [
-            sum(t.get("wall_seconds", 0.0) for t in r["training"].values() if isinstance(t, dict))
-            / 60
-            for r in runs
-        ]
+        minutes = [_train_minutes(r) for r in runs]
         cells.append("" if first["definition"]["sampling_only"] else _mean_spread(minutes))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -834,6 +830,12 @@ def report(phase: str, args: argparse.Namespace) -> str:
     return "\n\n".join(notes + [report_table(results, args.step_counts)])
 
 
+def _train_minutes(result: Mapping[str, Any]) -> float:
+    """Wall minutes of a run's training phases (a reused run's as recorded)."""
+    phases = result["training"].values()
+    return sum(t.get("wall_seconds", 0.0) for t in phases if isinstance(t, dict)) / 60
+
+
 def _seed_means(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """{variant: {'fd': {count: mean FD-MNIST}, 'minutes': mean train minutes}} over seeds."""
     by_variant: dict[str, list[Mapping[str, Any]]] = {}
@@ -842,11 +844,7 @@ def _seed_means(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     means = {}
     for name, runs in by_variant.items():
         counts = sorted(int(c) for c in runs[0]["scores"])
-        minutes = [
-            sum(t.get("wall_seconds", 0.0) for t in r["training"].values() if isinstance(t, dict))
-            / 60
-            for r in runs
-        ]
+        minutes = [_train_minutes(r) for r in runs]
         means[name] = {
             "fd": {
                 c: statistics.fmean(float(r["scores"][str(c)]["fd_mnist"]) for r in runs)
