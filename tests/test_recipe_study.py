@@ -72,6 +72,30 @@ def test_each_step_count_gets_its_best_scale_and_one_evaluation_per_scale():
     ]
 
 
+def test_the_local_guidance_search_finds_the_grid_minimum_of_unimodal_scores():
+    grid = (1.0, 1.5, 2.0, 3.0, 4.5)
+    counts = (1, 2, 4, 8, 128)
+    best_scale = {1: 4.5, 2: 3.0, 4: 2.0, 8: 1.5, 128: 1.0}  # every position on the grid
+
+    def score(scale: float, count: int) -> float:
+        return 100.0 + count + (scale - best_scale[count]) ** 2
+
+    tuning: dict[float, dict[int, float]] = {}
+    rounds = []
+    while requests := recipe_study.next_tuning(grid, counts, tuning):
+        rounds.append(requests)
+        for scale, asked in requests.items():
+            assert not set(asked) & set(tuning.get(scale, {})), "a scale is tried twice"
+            tuning.setdefault(scale, {}).update({c: score(scale, c) for c in asked})
+    assert rounds[0] == {1.5: counts, 2.0: counts, 3.0: counts}
+    assert recipe_study.tuned_scales(tuning) == best_scale
+    # Counts whose best lies inside never reach the far scales: 4 stops after the first round.
+    assert 4 not in tuning[1.0] and 4 not in tuning[4.5]
+    assert 1 not in tuning[1.0] and 128 not in tuning[4.5]
+    tried = sum(len(scores) for scores in tuning.values())
+    assert tried < len(grid) * len(counts)
+
+
 def test_combinations_merge_overrides_and_refuse_conflicts():
     combined = recipe_study.resolve("lr_4e-3+boot_1_2")
     assert combined.overrides == {"optim.learning_rate": 4e-3, "bootstrap_every": 2}
