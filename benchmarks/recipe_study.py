@@ -867,8 +867,8 @@ def report(phase: str, args: argparse.Namespace) -> str:
         f"({PHASES[phase][0]:g} of {full_steps:,}); other variants train that wall time "
         "converted through their back-to-back step time. "
         f"FD-MNIST of {args.num:,} samples (seed {SCORE_SEED}) at each step count's guidance "
-        f"scale tuned on {args.tune_num:,} other samples (seed {TUNE_SEED}) over "
-        f"{list(args.cfg_grid)} (^ = the top of the grid)"
+        f"scale tuned on {args.tune_num:,} other samples (seed {TUNE_SEED}) by a local search "
+        f"over {list(args.cfg_grid)} (^ = the top of the grid)"
         f"{'; FID of the 1-step samples' if args.fid else ''}. "
         f"float32 matmul {min(rates):.0f}-{max(rates):.0f} GFLOP/s over the runs."
         if rates
