@@ -799,7 +799,7 @@ def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int
     default = by_variant.get("default", [])
     header = ["variant", "group", "seeds", "steps", "step time / default"]
     header += [f"FD {count}" for count in step_counts] + ["FID 1"]
-    header += [f"Δ FD {step_counts[0]} / {step_counts[-1]} vs default"]
+    header += [f"Δ FD {step_counts[0]} / {step_counts[-1]} vs default (same seeds)"]
     header += ["tuned CFG " + "/".join(map(str, step_counts)), "train min (loaded machine)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in sorted(by_variant, key=_order):
@@ -822,10 +822,13 @@ def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int
         fids = [r["scores"]["1"]["fid"] for r in runs if "fid" in r["scores"].get("1", {})]
         cells.append(_mean_spread(fids))
         if default and name != "default":
+            # Paired: against the default's runs of the same seeds where there are any.
+            seeds = {r["seed"] for r in runs}
+            paired = [r for r in default if r["seed"] in seeds] or default
             deltas = []
             for count in (step_counts[0], step_counts[-1]):
                 mine = statistics.fmean(fd(r, count) for r in runs)
-                theirs = statistics.fmean(fd(r, count) for r in default)
+                theirs = statistics.fmean(fd(r, count) for r in paired)
                 deltas.append(f"{mine - theirs:+.1f}")
             cells.append(" / ".join(deltas))
         else:

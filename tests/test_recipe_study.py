@@ -190,8 +190,14 @@ def test_the_report_refuses_results_whose_settings_differ_from_the_script(tmp_pa
     (tmp_path / "screen").mkdir()
     (tmp_path / "screen" / "lr_4e-3_seed0.json").write_text(json.dumps(good))
     (tmp_path / "screen" / "default_seed0.json").write_text(json.dumps(_result("default", args)))
+    other_seed = _result("default", args) | {"seed": 1}
+    other_seed["scores"] = copy.deepcopy(other_seed["scores"])
+    other_seed["scores"]["1"]["fd_mnist"] = 90.0
+    (tmp_path / "screen" / "default_seed1.json").write_text(json.dumps(other_seed))
     table = recipe_study.report("screen", args)
     assert "| lr_4e-3 | optimisation | 1 | 10 | 1.00 | 50.0 | 30.0 |" in table
+    assert "| default | default | 2 | 10 | 1.00 | 70.0 ± 20.0 |" in table
+    assert "| +0.0 / +0.0 |" in table  # against the default of the same seed, not its mean
     (tmp_path / "screen" / "boot_1_8_seed0.json").write_text(
         json.dumps(stale_config | {"variant": "boot_1_8"})
     )
