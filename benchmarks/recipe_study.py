@@ -29,7 +29,10 @@ a screening run has the full run's schedule shape (`scaled_to_budget`). A varian
 only elementwise work of the step (learning rate, schedule, EMA rate, level draws and weights,
 flow times, loss kind: `STEP_COST_NEUTRAL`) runs the default's program and gets its steps untimed.
 Both step times, their ratio, every burst and the machine's float32 matmul rate
-(`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. A two-phase
+(`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. Only the
+timing needs the machine to itself, not the training: `--calibrate_only` measures (and caches in
+each run's directory) the step times of every selected run in one quiet spell, and the runs read
+them later, even while another job shares the machine. A two-phase
 variant (flow matching first, then shortcut from it via config.init_from) splits the same budget:
 phase 1 gets fraction f of it converted through the flow-matching step's cost, phase 2 the rest
 converted through its own. Sampling and scoring cost is not part of the budget; sampling-only
@@ -354,6 +357,12 @@ def score_groups(
     return result
 
 
+def budget_steps(phase: str, quick: bool) -> tuple[int, int]:
+    """(the full budget's steps, the default's steps in `phase`)."""
+    full_steps = QUICK_STEPS if quick else int(study_runs.load_config({}).total_steps)
+    return full_steps, max(1, round(full_steps * PHASES[phase][0]))
+
+
 def protocol(phase: str, args: argparse.Namespace, default_steps: int) -> dict[str, Any]:
     """What every run of a phase shares; a result recorded under another protocol is refused."""
     return {
@@ -501,6 +510,20 @@ def calibrate(
     return calibration
 
 
+def calibrate_run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Measures (or reads the cached) step times of one run; returns {config: time / default's}.
+
+    The study's step times must be measured with the machine to itself, its training need not:
+    `--calibrate_only` measures every timed run's in one quiet spell, and the runs, which may then
+    share the machine, read them from the cache.
+    """
+    run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    calibration = calibrate(resolve(name), run_dir, args, budget_steps(phase, args.quick)[1])
+    seconds = calibration.get("seconds_per_step") or {}
+    return {key: value / seconds["default"] for key, value in seconds.items() if key != "default"}
+
+
 def calibrate_worker(request: Mapping[str, Any], rounds: int, burst: int) -> dict[str, Any]:
     """In a fresh process: the matmul rate, then the step times of the requested configs."""
     from shortcut_jax import allocator
@@ -605,8 +628,7 @@ def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str,
 
     variant = resolve(name)
     fraction, _ = PHASES[phase]
-    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
-    default_steps = max(1, round(full_steps * fraction))
+    _, default_steps = budget_steps(phase, args.quick)
     expected = protocol(phase, args, default_steps)
     path = result_path(Path(args.results_dir), phase, name, seed)
     existing = _json(path)
@@ -850,8 +872,7 @@ def report_table(results: Sequence[Mapping[str, Any]], step_counts: Sequence[int
 
 def report(phase: str, args: argparse.Namespace) -> str:
     """The phase's table and its settings, from the result files only."""
-    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
-    default_steps = max(1, round(full_steps * PHASES[phase][0]))
+    full_steps, default_steps = budget_steps(phase, args.quick)
     expected = protocol(phase, args, default_steps)
     results = load_results(Path(args.results_dir), phase, expected)
     if not results:
@@ -915,10 +936,9 @@ def plot(args: argparse.Namespace, figures: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full_steps = QUICK_STEPS if args.quick else int(study_runs.load_config({}).total_steps)
     phases = {}
-    for phase, (fraction, _) in PHASES.items():
-        expected = protocol(phase, args, max(1, round(full_steps * fraction)))
+    for phase in PHASES:
+        expected = protocol(phase, args, budget_steps(phase, args.quick)[1])
         results = load_results(Path(args.results_dir), phase, expected)
         if results:
             phases[phase] = _seed_means(results)
@@ -999,6 +1019,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="converted FID Inception weights (default: the evaluate CLI's default path)",
     )
+    parser.add_argument(
+        "--calibrate_only",
+        action="store_true",
+        help="only measure the step times (cached per run) while the machine is quiet, then stop",
+    )
     parser.add_argument("--calibration_rounds", type=int, default=3)
     parser.add_argument("--calibration_steps", type=int, default=30, help="steps per burst")
     parser.add_argument("--quick", action="store_true", help="tiny model, 40 steps (smoke)")
@@ -1058,6 +1083,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         resolve(name)  # unknown names fail before any training
     seeds = args.seeds if args.seeds is not None else list(PHASES[args.phase][1])
+    if args.calibrate_only:
+        for name in names:
+            if resolve(name).sampling_only:
+                continue
+            for seed in seeds:
+                ratios = calibrate_run(name, args.phase, seed, args)
+                print(f"[{name} seed {seed}] step time / default: {ratios}", flush=True)
+        return 0
     failed = []
     for name in names:
         for seed in seeds:

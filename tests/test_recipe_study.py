@@ -228,6 +228,14 @@ def test_step_times_are_measured_back_to_back_and_a_bigger_model_is_slower():
 def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp_path):
     base = [sys.executable, "benchmarks/recipe_study.py", "--quick", f"--workdir={tmp_path}"]
     command = base + ["--only", "default", "sample_cfg_1.5_fixed"]
+    measure = subprocess.run(
+        command + ["--calibrate_only"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert measure.returncode == 0, measure.stdout[-3000:] + measure.stderr[-3000:]
+    calibration = tmp_path / "screen" / "default_seed0" / "calibration.json"
+    measured = calibration.read_text()
+    assert not (tmp_path / "results").exists()  # measured only: nothing trained or scored
+    assert not (tmp_path / "screen" / "sample_cfg_1.5_fixed_seed0").exists()
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = tmp_path / "results" / "screen"
@@ -235,6 +243,8 @@ def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp
     default = json.loads((results / "default_seed0.json").read_text())
     assert default["steps"] == {"train": 10}  # a quarter of the quick budget of 40
     assert default["matmul_gflops"]["before"] > 0
+    assert calibration.read_text() == measured  # the run read the quiet spell's measurement
+    assert default["matmul_gflops"] == json.loads(measured)["matmul_gflops"]
     assert set(default["tuning_fd_mnist"]) == {"1.0", "2.0"}
     for count in ("1", "2"):
         best = min(default["tuning_fd_mnist"], key=lambda s: default["tuning_fd_mnist"][s][count])
