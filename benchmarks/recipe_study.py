@@ -563,7 +563,7 @@ def train_phase(
     command = study_runs.train_command(workdir, overrides)
     print(f"[{name}] training: {' '.join(command[2:])}", flush=True)
     load_before = list(os.getloadavg())
-    timing = study_runs.run_timed(command, workdir / "train.log")
+    timing = study_runs.run_timed(command, workdir / "train.log", resumable=True)
     record = {
         "overrides": json.loads(json.dumps(dict(overrides))),
         **timing,

@@ -57,28 +57,86 @@ def config_commit(path: Path = CONFIG) -> str:
     return (head or "unknown") + ("+changes" if status else "")
 
 
+HEARTBEAT_SECONDS = 10.0
+
+
+def _process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process and its reaped children (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _write_ledger(path: Path, record: Mapping[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, path)
+
+
 def run_timed(
-    command: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+    command: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    resumable: bool = False,
 ) -> dict[str, float]:
     """Runs a command to completion, its output to `log`; its wall and CPU seconds and peak RSS.
+
+    With `resumable` (a training run that resumes from its checkpoint when started again), the
+    time of sittings that were cut off counts too: a ledger beside the log
+    (`<log>.sittings.json`, rewritten every HEARTBEAT_SECONDS and at the end) carries the seconds
+    spent so far into the next sitting, the log is appended to, and the result adds 'sittings'.
+    A sitting killed outright loses at most the last heartbeat's worth.
 
     Raises:
       RuntimeError naming the command and the log when it exits with a non-zero status.
     """
+    ledger = log.with_name(log.name + ".sittings.json")
+    prior = {"wall_seconds": 0.0, "cpu_seconds": 0.0, "sittings": 0}
+    if resumable and ledger.exists():
+        prior.update(json.loads(ledger.read_text()))
+
+    def spent(wall: float, cpu: float) -> dict[str, float]:
+        return {
+            "wall_seconds": prior["wall_seconds"] + wall,
+            "cpu_seconds": prior["cpu_seconds"] + cpu,
+            "sittings": prior["sittings"] + 1,
+        }
+
     start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as out:
+    with open(log, "a" if resumable else "w", encoding="utf-8") as out:
+        if resumable:
+            out.write(
+                f"=== sitting {prior['sittings'] + 1}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+            )
+            out.flush()
         process = subprocess.Popen(
             list(command), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env
         )
-        _, status, usage = os.wait4(process.pid, 0)
+        cpu, beat = 0.0, start
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            now = time.perf_counter()
+            if resumable and now - beat >= HEARTBEAT_SECONDS:
+                cpu = _process_cpu_seconds(process.pid) or cpu
+                _write_ledger(ledger, spent(now - start, cpu))
+                beat = now
+            time.sleep(0.2)
     wall = time.perf_counter() - start
+    cpu = usage.ru_utime + usage.ru_stime
+    total = spent(wall, cpu)
     if os.waitstatus_to_exitcode(status) != 0:
+        if resumable:
+            _write_ledger(ledger, total)
         raise RuntimeError(f"{' '.join(command)} failed; its output is in {log}")
-    return {
-        "wall_seconds": wall,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-    }
+    if resumable:
+        ledger.unlink(missing_ok=True)
+        return {**total, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def train_command(workdir: Path, overrides: Mapping[str, Any], config: Path = CONFIG) -> list[str]:

@@ -108,3 +108,11 @@ def test_report_refuses_rows_scored_by_another_feature_network(tmp_path):
     swapped = [(first, _scored(3.3517, "a" * 16)), (second, _scored(3.3517, "b" * 16))]
     with pytest.raises(study_module.StudyError, match="weights b+ vs a+"):
         study_module.check_same_networks(swapped)
+
+
+def test_a_training_run_resumed_before_its_sittings_were_timed_is_marked(tmp_path):
+    study_module = load_study_module()
+    (tmp_path / "starts.json").write_text(json.dumps([{"step": 0}, {"step": 5020}]))
+    assert study_module._untimed_sittings(tmp_path, {"wall_seconds": 1360.0}) == 1
+    assert study_module._untimed_sittings(tmp_path, {"wall_seconds": 3300.0, "sittings": 2}) == 0
+    assert study_module._untimed_sittings(tmp_path / "pairs", {"wall_seconds": 9.0}) == 0

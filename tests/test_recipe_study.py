@@ -305,3 +305,28 @@ def test_the_plots_hold_every_variant_and_the_minutes_frontier(tmp_path):
     written = recipe_study.plot(args, tmp_path / "figures")
     assert [p.name for p in written] == ["recipe_fd_vs_steps.png", "recipe_fd_vs_minutes.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_a_resumed_training_run_is_timed_over_all_its_sittings(tmp_path, monkeypatch):
+    monkeypatch.setattr(study_runs, "HEARTBEAT_SECONDS", 0.1)
+    log = tmp_path / "train.log"
+    ledger = tmp_path / "train.log.sittings.json"
+    # The first sitting sees its own heartbeat in the ledger, then is cut off (exit status 1).
+    cut_off = (
+        "import os, sys, time; time.sleep(0.6); "
+        f"print('ledger during the run:', os.path.exists({str(ledger)!r})); sys.exit(1)"
+    )
+    with pytest.raises(RuntimeError, match="train.log"):
+        study_runs.run_timed([sys.executable, "-c", cut_off], log, resumable=True)
+    first = json.loads(ledger.read_text())
+    assert first["sittings"] == 1 and first["wall_seconds"] >= 0.6
+    finish = "import time; time.sleep(0.3); print('resumed')"
+    timing = study_runs.run_timed([sys.executable, "-c", finish], log, resumable=True)
+    assert timing["sittings"] == 2 and timing["wall_seconds"] >= first["wall_seconds"] + 0.3
+    assert not ledger.exists()  # the total now lives in the caller's record
+    text = log.read_text()
+    assert "ledger during the run: True" in text and "resumed" in text
+    assert "=== sitting 1," in text and "=== sitting 2," in text
+    # A one-off command (an evaluation) is timed alone and its log rewritten.
+    once = study_runs.run_timed([sys.executable, "-c", "print('once')"], log)
+    assert "sittings" not in once and log.read_text().strip() == "once"
