@@ -497,6 +497,11 @@ def calibrate(
     previous = _json(cached)
     if previous is not None and previous["request"] == json.loads(json.dumps(request)):
         return previous
+    if getattr(args, "require_calibrated", False) and len(configs) > 1:
+        raise RuntimeError(
+            f"{cached} is missing or stale and --require_calibrated is set: measure the step "
+            "times with --calibrate_only while nothing else runs"
+        )
     rounds, burst = (2, 3) if args.quick else (args.calibration_rounds, args.calibration_steps)
     worker = [sys.executable, __file__, "--calibrate_worker", json.dumps(request)]
     worker += [f"--calibration_rounds={rounds}", f"--calibration_steps={burst}"]
@@ -1023,6 +1028,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--calibrate_only",
         action="store_true",
         help="only measure the step times (cached per run) while the machine is quiet, then stop",
+    )
+    parser.add_argument(
+        "--require_calibrated",
+        action="store_true",
+        help="fail a timed run whose step times were not measured by --calibrate_only (for runs "
+        "that share the machine)",
     )
     parser.add_argument("--calibration_rounds", type=int, default=3)
     parser.add_argument("--calibration_steps", type=int, default=30, help="steps per burst")

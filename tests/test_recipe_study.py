@@ -235,6 +235,14 @@ def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp
     calibration = tmp_path / "screen" / "default_seed0" / "calibration.json"
     measured = calibration.read_text()
     assert not (tmp_path / "results").exists()  # measured only: nothing trained or scored
+    unmeasured = subprocess.run(
+        base + ["--only", "boot_1_2", "--require_calibrated"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unmeasured.returncode == 1 and "--calibrate_only while nothing else" in unmeasured.stdout
     assert not (tmp_path / "screen" / "sample_cfg_1.5_fixed_seed0").exists()
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
