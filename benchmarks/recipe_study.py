@@ -330,9 +330,10 @@ def next_tuning(
         first = grid[max(0, middle - 1) : middle + 2]
         return {scale: tuple(counts) for scale in first}
     wanted: dict[float, list[int]] = {}
+    best_scales = tuned_scales(tuning)
     for count in counts:
         tried = [index for index, scale in enumerate(grid) if count in tuning.get(scale, {})]
-        best = grid.index(tuned_scales(tuning)[count])
+        best = grid.index(best_scales[count])
         for edge, step in ((min(tried), -1), (max(tried), 1)):
             outward = best + step
             if best == edge and 0 <= outward < len(grid):
@@ -515,6 +516,13 @@ def calibrate(
     return calibration
 
 
+def _run_dir(args: argparse.Namespace, phase: str, name: str, seed: int) -> Path:
+    """The run's working directory under --workdir (created)."""
+    run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def calibrate_run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Measures (or reads the cached) step times of one run; returns {config: time / default's}.
 
@@ -522,8 +530,7 @@ def calibrate_run(name: str, phase: str, seed: int, args: argparse.Namespace) ->
     `--calibrate_only` measures every timed run's in one quiet spell, and the runs, which may then
     share the machine, read them from the cache.
     """
-    run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(args, phase, name, seed)
     calibration = calibrate(resolve(name), run_dir, args, budget_steps(phase, args.quick)[1])
     seconds = calibration.get("seconds_per_step") or {}
     return {key: value / seconds["default"] for key, value in seconds.items() if key != "default"}
@@ -643,8 +650,7 @@ def run(name: str, phase: str, seed: int, args: argparse.Namespace) -> dict[str,
             raise RuntimeError(f"{path} exists but differs ({'; '.join(problems)}): delete it")
         print(f"[{name} seed {seed}] done already: {path}", flush=True)
         return None
-    run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_dir(args, phase, name, seed)
 
     if variant.sampling_only:
         default_path = result_path(Path(args.results_dir), phase, "default", seed)
