@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs the two long MNIST studies side by side on one 2-core machine, one sitting at a time:
+# the objectives study (BENCHMARKS.md section 8) with priority and the recipe study (section 14)
+# as a scavenger on what it leaves idle. Both skip every run whose result file exists and resume a
+# run cut off by the end of a sitting, so the same command continues them in the next sitting.
+#
+#   bash benchmarks/run_studies.sh [--calibrate] [--no_objectives] [--no_recipe]
+#
+# --calibrate first measures the timed recipe variants' step times with the machine to itself
+# (recipe_study.py --calibrate_only, ~25 min on a 80 GFLOP/s machine); the timed variants run
+# only with those (--require_calibrated), the cost-neutral ones need none.
+# Why autogroup: a process started under setsid is in an autogroup of its own, and the kernel
+# shares the CPU between autogroups before it looks at a process's nice value; the scavenger sets
+# its autogroup's nice to 19 (measured: the objectives run then gets ~165 % of 200 % CPU).
+#
+# Environment: STUDY_RESULTS (default benchmarks/results of this checkout; point it at the
+# checkout you commit from when running from a worktree), STUDY_WORK (default runs/), STUDY_LOGS
+# (default runs/study_logs). Stop: kill the process groups (training saves on SIGTERM).
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+RESULTS="${STUDY_RESULTS:-$ROOT/benchmarks/results}"
+WORK="${STUDY_WORK:-$ROOT/runs}"
+LOGS="${STUDY_LOGS:-$WORK/study_logs}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$LOGS"
+cd "$ROOT" || exit 1
+
+calibrate=0 objectives=1 recipe=1
+for arg in "$@"; do
+  case $arg in
+    --calibrate) calibrate=1 ;;
+    --no_objectives) objectives=0 ;;
+    --no_recipe) recipe=0 ;;
+    *) echo "run_studies.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+# The recipe screen: the default's second seed (the screen's noise) first, then the variants whose
+# step costs the default's (their budget needs no timing), then the timed ones.
+RECIPE_NEUTRAL=(levels_coarse levels_curriculum weights_coarse weights_fine flow_logit_normal
+  loss_pseudo_huber loss_adaptive lr_1e-3 lr_4e-3 warmup_50 warmup_500 ema_0.99 ema_0.9995
+  clip_off clip_0.25)
+RECIPE_TIMED=(boot_1_8 boot_1_2 teacher_ema_0.99 teacher_ema_0.999 cfg_in_targets batch_16
+  batch_64 w96_d6 w192_d2 mlp_ratio_2 mlp_ratio_6 patch2_w64 fm_first_25 fm_first_50 fm_first_75)
+recipe_study() {
+  "$PYTHON" benchmarks/recipe_study.py --phase screen --workdir "$WORK/recipe_study" \
+    --results_dir "$RESULTS/recipe_study" "$@"
+}
+
+if ((calibrate)); then
+  recipe_study --calibrate_only --only "${RECIPE_TIMED[@]}" > "$LOGS/calibration.log" 2>&1
+fi
+
+if ((objectives)); then
+  setsid nice -n 5 "$PYTHON" benchmarks/objectives_study.py --suite mnist \
+    --workdir "$WORK/objectives_study" --results_dir "$RESULTS/objectives/mnist" \
+    >> "$LOGS/objectives_mnist.log" 2>&1 &
+  echo "objectives study: pid $!, log $LOGS/objectives_mnist.log"
+fi
+
+if ((recipe)); then
+  export -f recipe_study
+  export PYTHON WORK RESULTS
+  setsid bash -c '
+    echo 19 > /proc/self/autogroup || true
+    recipe_study --seeds 1 --only default
+    for variant in "$@"; do recipe_study --only "$variant"; done
+  ' recipe "${RECIPE_NEUTRAL[@]}" >> "$LOGS/recipe_screen.log" 2>&1 &
+  recipe_pid=$!
+  echo "recipe study: pid $recipe_pid, log $LOGS/recipe_screen.log"
+  # The timed variants, each only if its step times were measured in a quiet spell.
+  setsid bash -c '
+    echo 19 > /proc/self/autogroup || true
+    while kill -0 "$0" 2>/dev/null; do sleep 30; done
+    for variant in "$@"; do recipe_study --require_calibrated --only "$variant"; done
+  ' "$recipe_pid" "${RECIPE_TIMED[@]}" >> "$LOGS/recipe_screen.log" 2>&1 &
+fi
