@@ -516,6 +516,15 @@ def calibrate(
     return calibration
 
 
+def kind(variant: Variant) -> str:
+    """'sampling' (scores the default's run), 'neutral' (trains at the default's step time, so its
+    budget needs no timing) or 'timed' (its step times must be measured back to back)."""
+    if variant.sampling_only:
+        return "sampling"
+    timed = len(calibration_configs(variant, quick=False, fraction=PHASES["screen"][0])) > 1
+    return "timed" if timed else "neutral"
+
+
 def _run_dir(args: argparse.Namespace, phase: str, name: str, seed: int) -> Path:
     """The run's working directory under --workdir (created)."""
     run_dir = Path(args.workdir) / phase / f"{name}_seed{seed}"
@@ -1048,6 +1057,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report_out", default=None, help="also write the report here")
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
     parser.add_argument(
+        "--kind",
+        choices=("sampling", "neutral", "timed"),
+        default=None,
+        help="with --list: print the names of that kind of variant only, one a line",
+    )
+    parser.add_argument(
         "--plot", default=None, help="write the figures into this directory (e.g. docs/benchmarks)"
     )
     parser.add_argument("--calibrate_worker", default=None, help=argparse.SUPPRESS)
@@ -1072,7 +1087,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.list:
         for variant in VARIANTS.values():
-            print(f"{variant.name}: {json.dumps(variant.definition())}")
+            if args.kind is None:
+                print(f"{variant.name}: {json.dumps(variant.definition())}")
+            elif variant.name != "default" and kind(variant) == args.kind:
+                print(variant.name)
         return 0
     if args.plot:
         for path in plot(args, Path(args.plot)):

@@ -37,11 +37,12 @@ done
 
 # The recipe screen: the default's second seed (the screen's noise) first, then the variants whose
 # step costs the default's (their budget needs no timing), then the timed ones.
-RECIPE_NEUTRAL=(levels_coarse levels_curriculum weights_coarse weights_fine flow_logit_normal
-  loss_pseudo_huber loss_adaptive lr_1e-3 lr_4e-3 warmup_50 warmup_500 ema_0.99 ema_0.9995
-  clip_off clip_0.25)
-RECIPE_TIMED=(boot_1_8 boot_1_2 teacher_ema_0.99 teacher_ema_0.999 cfg_in_targets batch_16
-  batch_64 w96_d6 w192_d2 mlp_ratio_2 mlp_ratio_6 patch2_w64 fm_first_25 fm_first_50 fm_first_75)
+mapfile -t RECIPE_NEUTRAL < <("$PYTHON" benchmarks/recipe_study.py --list --kind neutral)
+mapfile -t RECIPE_TIMED < <("$PYTHON" benchmarks/recipe_study.py --list --kind timed)
+if ((${#RECIPE_NEUTRAL[@]} == 0 || ${#RECIPE_TIMED[@]} == 0)); then
+  echo "run_studies.sh: recipe_study.py --list --kind failed (is the virtual environment active?)" >&2
+  exit 1
+fi
 recipe_study() {
   "$PYTHON" benchmarks/recipe_study.py --phase screen --workdir "$WORK/recipe_study" \
     --results_dir "$RESULTS/recipe_study" "$@"

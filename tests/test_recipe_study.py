@@ -50,6 +50,18 @@ def test_only_configs_with_their_own_step_are_timed():
     assert timed("boot_1_2") == timed("w96_d6") == {"default", "train"}
 
 
+def test_the_queue_kinds_split_the_variants_by_what_their_budget_needs(capsys):
+    kinds = {}
+    for kind in ("sampling", "neutral", "timed"):
+        assert recipe_study.main(["--list", "--kind", kind]) == 0
+        kinds[kind] = capsys.readouterr().out.split()
+    assert kinds["sampling"] == ["sample_cfg_1.5_fixed", "sample_raw_params"]
+    assert {"levels_coarse", "lr_1e-3", "ema_0.99"} <= set(kinds["neutral"])
+    assert {"batch_64", "boot_1_2", "fm_first_50", "cfg_in_targets"} <= set(kinds["timed"])
+    everything = [name for names in kinds.values() for name in names] + ["default"]
+    assert sorted(everything) == sorted(recipe_study.VARIANTS)  # each variant once
+
+
 def test_a_finished_phase_is_reused_unless_its_training_would_change():
     recorded = {"total_steps": 1750, "checkpoint_every_steps": 2000, "ema_rate": 0.996}
     same = dict(recorded, checkpoint_every_steps=500, sample_num=8)
