@@ -45,12 +45,12 @@ the report gives mean ± half the range). Give --workdir outside the repository.
 Scoring. FD-MNIST of 1,000 samples (`--num`) at 1, 2, 4, 8 and 128 steps (sampling seed 0) and
 FID of the 1-step samples (the FID Inception weights are needed). The guidance scale of each step
 count is tuned first on a separate sample set (sampling seed 1, `--tune_num` = 250 samples, the
-scales `--cfg_grid` = 1, 1.5, 2, 3, 4.5, FD-MNIST: the same noise at every scale, so the
+scales `--cfg_grid` = 1, 1.5, 2, 3, 4.5, 6, 8, FD-MNIST: the same noise at every scale, so the
 comparison is paired) and the scores use the tuned scale; both are reported (a scale at the top of
 the grid is marked: the best may lie beyond it). The tuning is a local search on the grid
 (`next_tuning`): the middle three scales at every count, then outward only where a count's best
 is at the edge of what was tried; the measured scores are unimodal in the scale, so it picks what
-the full grid would at about 60 % of its cost. Sampling at 128 steps dominates the
+the full grid would at about half its cost. Sampling at 128 steps dominates the
 cost (about 200 s per 1,000 guided samples on a slow machine), more than a screening run's training.
 
 Results: one JSON per run, benchmarks/results/recipe_study/<phase>/<variant>_seed<k>.json,
@@ -82,7 +82,7 @@ from study_runs import ROOT  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "recipe_study"
 STEP_COUNTS = (1, 2, 4, 8, 128)
-CFG_GRID = (1.0, 1.5, 2.0, 3.0, 4.5)
+CFG_GRID = (1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0)
 SCORE_SEED, TUNE_SEED = 0, 1
 PHASES = {"screen": (0.25, (0,)), "full": (1.0, (0, 1))}  # budget fraction, default seeds
 # Every run of the study: no periodic evaluation (scores come from the evaluate CLI), sample grids

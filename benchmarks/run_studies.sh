@@ -35,8 +35,10 @@ for arg in "$@"; do
   esac
 done
 
-# The recipe screen: the default's second seed (the screen's noise) first, then the variants whose
-# step costs the default's (their budget needs no timing), then the timed ones.
+# The recipe screen: the default at seeds 0 and 1 (the second measures the screen's noise), the
+# sampling variants of its run, then the variants whose step costs the default's (their budget
+# needs no timing), then the timed ones.
+mapfile -t RECIPE_SAMPLING < <("$PYTHON" benchmarks/recipe_study.py --list --kind sampling)
 mapfile -t RECIPE_NEUTRAL < <("$PYTHON" benchmarks/recipe_study.py --list --kind neutral)
 mapfile -t RECIPE_TIMED < <("$PYTHON" benchmarks/recipe_study.py --list --kind timed)
 if ((${#RECIPE_NEUTRAL[@]} == 0 || ${#RECIPE_TIMED[@]} == 0)); then
@@ -64,9 +66,9 @@ if ((recipe)); then
   export PYTHON WORK RESULTS
   setsid bash -c '
     echo 19 > /proc/self/autogroup || true
-    recipe_study --seeds 1 --only default
+    recipe_study --seeds 0 1 --only default
     for variant in "$@"; do recipe_study --only "$variant"; done
-  ' recipe "${RECIPE_NEUTRAL[@]}" >> "$LOGS/recipe_screen.log" 2>&1 &
+  ' recipe "${RECIPE_SAMPLING[@]}" "${RECIPE_NEUTRAL[@]}" >> "$LOGS/recipe_screen.log" 2>&1 &
   recipe_pid=$!
   echo "recipe study: pid $recipe_pid, log $LOGS/recipe_screen.log"
   # The timed variants, each only if its step times were measured in a quiet spell.
