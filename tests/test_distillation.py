@@ -235,6 +235,27 @@ def test_heun_ode_step_is_second_order_on_a_linear_ode():
     assert errors["heun"][0] / errors["heun"][1] == pytest.approx(8, rel=0.25)
 
 
+def test_the_distilled_students_f_is_x_at_sigma_min_and_its_denoiser_far_from_it():
+    """The student is a velocity network in flow time: f(x, sigma_min) = x exactly, and where
+    sigma >> sigma_min f is the network's own flow denoiser x_f + (1 - s) v (what a student copied
+    from the teacher starts as)."""
+    settings = SETTINGS.__class__(**{**SETTINGS.__dict__, "name": "consistency_distillation"})
+    params = {"a": -0.3, "b": 0.2, "c": 1.0}
+
+    def network(x, t, d):
+        return linear_velocity(params, x, t, d, None)
+
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)), jnp.float32)
+    at_min = consistency_distillation.student_function(network, x, jnp.ones((3,)), settings)
+    np.testing.assert_allclose(at_min, x, rtol=1e-6, atol=1e-6)
+    t = jnp.zeros((3,))  # sigma_max = 80
+    sigma = float(consistency_distillation.sigma_of(t, settings)[0])
+    flow_s = 1 / (1 + sigma)
+    denoised = x * flow_s + (1 - flow_s) * network(x * flow_s, jnp.full((3,), flow_s), t + 1 / 8)
+    far = consistency_distillation.student_function(network, x, t, settings)
+    np.testing.assert_allclose(far, denoised, rtol=1e-3, atol=1e-3)
+
+
 def test_consistency_distillation_target_uses_the_target_network():
     settings = SETTINGS.__class__(
         **{**SETTINGS.__dict__, "name": "consistency_distillation", "distill_ode_solver": "euler"}
@@ -249,32 +270,41 @@ def test_consistency_distillation_target_uses_the_target_network():
     regression, _ = consistency_distillation.consistency_distillation_targets(
         other_velocity, run, batch, jax.random.PRNGKey(3), settings
     )
-    # Hand computation in float64: recover n from the student's time, then one Euler ODE step of
-    # the flow teacher from sigma_{n+1} to sigma_n, then the target network's f at sigma_n.
+    # Hand computation in float64: the student's input is x_sigma at flow time 1 / (1 + sigma);
+    # recover n from sigma, then one Euler ODE step of the flow teacher from sigma_{n+1} to
+    # sigma_n, then the target network's f at sigma_n.
     n_scales, sd, smin = 5, settings.consistency_sigma_data, settings.consistency_sigma_min
-    t_student = np.asarray(regression.t, np.float64)
-    t_target = t_student + 1 / (n_scales - 1)
-    s_student, s_target = karras_sigma(t_student, settings), karras_sigma(t_target, settings)
+    flow_student = np.asarray(regression.t, np.float64)
+    s_student = 1 / flow_student - 1
+    t_grid = np.arange(n_scales) / (n_scales - 1)
+    index = np.argmin(np.abs(karras_sigma(t_grid, settings)[None] - s_student[:, None]), axis=1)
+    s_target = karras_sigma(t_grid[index] + 1 / (n_scales - 1), settings)
+    np.testing.assert_allclose(regression.d, 1 / 8)
 
-    def coeffs(sigma):
+    def coeffs(sigma):  # f = a x + b v(x / (1 + sigma), 1 / (1 + sigma), 1 / T)
         c_skip = sd**2 / ((sigma - smin) ** 2 + sd**2)
-        c_out = sd * (sigma - smin) / np.sqrt(sd**2 + sigma**2)
-        return c_skip[:, None], c_out[:, None], (1 / np.sqrt(sigma**2 + sd**2))[:, None]
+        a = c_skip + (sigma - smin) / sigma * (1 / (1 + sigma) - sd**2 / (sigma**2 + sd**2))
+        return a[:, None], ((sigma - smin) / (1 + sigma))[:, None]
 
-    c_skip_s, c_out_s, c_in_s = coeffs(s_student)
-    x_student = np.asarray(regression.x_t, np.float64) / c_in_s
-    flow_s = 1 / (1 + s_student[:, None])
+    x_student = np.asarray(regression.x_t, np.float64) / flow_student[:, None]
+    flow_s = flow_student[:, None]
     x_flow = x_student * flow_s
     velocity = -0.3 * x_flow + 0.2 * flow_s + 1.0 / 8
     denoised = x_flow + (1 - flow_s) * velocity
     x_hat = (
         x_student + (s_target - s_student)[:, None] * (x_student - denoised) / s_student[:, None]
     )
-    c_skip_t, c_out_t, c_in_t = coeffs(s_target)
-    f_target = c_skip_t * x_hat + c_out_t * (0.25 * c_in_t * x_hat - t_target[:, None])
-    f_student_target = c_skip_s * x_student + c_out_s * np.asarray(regression.target)
+
+    def f_target_network(x, sigma):
+        a, b = coeffs(sigma)
+        flow = 1 / (1 + sigma[:, None])
+        return a * x + b * (0.25 * x * flow - flow)
+
+    f_target = f_target_network(x_hat, s_target)
+    a_s, b_s = coeffs(s_student)
+    np.testing.assert_allclose(regression.error_scale, b_s[:, 0], rtol=1e-5)
+    f_student_target = a_s * x_student + b_s * np.asarray(regression.target)
     np.testing.assert_allclose(f_student_target, f_target, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(regression.weight, c_out_s[:, 0] ** 2, rtol=1e-5)
     # Another target network gives another target.
     moved, _ = consistency_distillation.consistency_distillation_targets(
         other_velocity, run.replace(student={"w": 0.5}), batch, jax.random.PRNGKey(3), settings
@@ -287,18 +317,19 @@ def test_consistency_distillation_target_uses_the_target_network():
     )
     np.testing.assert_array_equal(heun.t, regression.t)
     assert not np.allclose(heun.target, regression.target)
-    velocity = -0.3 * x_hat / (1 + s_target[:, None]) + 0.2 / (1 + s_target[:, None]) + 1.0 / 8
     flow_t = 1 / (1 + s_target[:, None])
+    velocity = -0.3 * x_hat * flow_t + 0.2 * flow_t + 1.0 / 8
     slope_end = (x_hat - (x_hat * flow_t + (1 - flow_t) * velocity)) / s_target[:, None]
     slope = (x_student - denoised) / s_student[:, None]
     x_heun = x_student + (s_target - s_student)[:, None] * (slope + slope_end) / 2
-    f_heun = c_skip_t * x_heun + c_out_t * (0.25 * c_in_t * x_heun - t_target[:, None])
     np.testing.assert_allclose(
-        c_skip_s * x_student + c_out_s * np.asarray(heun.target), f_heun, rtol=1e-4, atol=1e-5
+        a_s * x_student + b_s * np.asarray(heun.target),
+        f_target_network(x_heun, s_target),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
-# --------------------------------------------------------------------- reflow
 def test_reflow_target_is_the_straight_line_of_a_stored_pair():
     noise = jnp.array([[1.0, -2.0], [0.5, 0.5], [0.0, 3.0]], jnp.float32)
     sample = jnp.array([[0.2, 0.4], [-1.0, 1.0], [0.7, -0.1]], jnp.float32)
@@ -560,8 +591,9 @@ def test_pair_runs_are_scored_against_real_data_not_the_teachers_samples(teacher
     np.testing.assert_array_equal(real, data.get_source(config).real_examples(5)["image"])
 
 
-def test_progressive_student_starts_as_a_copy_of_the_teacher_model(teacher_run):
-    config = toy_config("progressive_distillation")
+@pytest.mark.parametrize("objective", ["progressive_distillation", "consistency_distillation"])
+def test_a_distilled_student_starts_as_a_copy_of_the_teacher_model(teacher_run, objective):
+    config = toy_config(objective)
     config.teacher.workdir = teacher_run
     model, optimizer = models.get_model(config), optim.make_optimizer(config)
     state = init_state(config, model, optimizer)

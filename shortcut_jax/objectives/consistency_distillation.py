@@ -28,9 +28,22 @@ state's target slot. The teacher's denoiser D comes from its flow velocity: x + 
 
 the data prediction of the flow teacher at its finest step size (its flow level). The metric is
 squared L2 (lambda = 1): the paper's best CD runs use LPIPS, whose pretrained weights cannot be
-loaded offline. As in consistency training, the step regresses F, so the target is written in F's
-terms, (f_target - c_skip x) / c_out with per-example weight c_out^2, making the weighted loss the
-squared L2 distance of the two f values.
+loaded offline.
+
+The student starts as a copy of the teacher (`student_starts_as_teacher`; the consistency models
+code copies the teacher's weights into the model and the target model before training, and so
+does the shortcut paper's CD baseline), so it is the same velocity network in the same flow
+parametrisation. Its consistency function is the paper's with the teacher's denoiser in place of
+EDM's: with EDM's D = c_skip_edm x + c_out_edm F, F = (D - c_skip_edm x) / c_out_edm, and
+
+    f(x, sigma) = c_skip x + c_out F = c_skip x + (sigma - sigma_min) / sigma (D - c_skip_edm x),
+    c_skip_edm = sigma_data^2 / (sigma^2 + sigma_data^2),  D the student's own flow denoiser,
+
+which is x at sigma_min and the student's denoiser where sigma >> sigma_min. It is affine in the
+network's velocity, f = a x + b v(x / (1 + sigma), 1 / (1 + sigma), 1 / T) with
+b = (sigma - sigma_min) / (1 + sigma) (`student_coefficients`), so the step regresses v onto
+(f_target - a x) / b with the error scaled by b: the loss is the squared L2 distance of the two f
+values.
 """
 
 from __future__ import annotations
@@ -47,12 +60,7 @@ from shortcut_jax.objectives import (
     expand,
     register,
 )
-from shortcut_jax.objectives.consistency_training import (
-    coefficients,
-    consistency_function,
-    consistency_step,
-    sigma_of,
-)
+from shortcut_jax.objectives.consistency_training import coefficients, renoise, sigma_of
 from shortcut_jax.objectives.flow_matching import drop_labels
 
 
@@ -105,6 +113,46 @@ def _ode_slope(velocity: ApplyFn, x: jax.Array, sigma: jax.Array, teacher_d: flo
     return (x - flow_denoiser(velocity, x, sigma, teacher_d)) / expand(sigma, x.ndim)
 
 
+def student_coefficients(
+    sigma: jax.Array, settings: ObjectiveConfig
+) -> tuple[jax.Array, jax.Array]:
+    """(a, b) at noise levels sigma (B,): f(x, sigma) = a x + b v(x / (1 + sigma), ...)."""
+    sigma_data, sigma_min = settings.consistency_sigma_data, settings.consistency_sigma_min
+    c_skip, _, _ = coefficients(sigma, settings)
+    c_skip_edm = sigma_data**2 / (sigma**2 + sigma_data**2)
+    a = c_skip + (sigma - sigma_min) / sigma * (1.0 / (1.0 + sigma) - c_skip_edm)
+    return a, (sigma - sigma_min) / (1.0 + sigma)
+
+
+def student_function(
+    network: ApplyFn, x: jax.Array, t: jax.Array, settings: ObjectiveConfig
+) -> jax.Array:
+    """f(x, sigma(t)) of a student that is a velocity network in flow time (module docstring).
+
+    Args:
+      network: network(x, flow time, d) -> velocity; queried at its finest level 1 / T.
+      x: (B, ...) points x + sigma z. t: (B,) our consistency time (`sigma_of`).
+    """
+    sigma = sigma_of(t, settings)
+    a, b = student_coefficients(sigma, settings)
+    flow_t = 1.0 / (1.0 + sigma)
+    fine = jnp.full_like(sigma, 1.0 / settings.denoise_timesteps)
+    v = network(x * expand(flow_t, x.ndim), flow_t, fine)
+    return expand(a, x.ndim) * x + expand(b, x.ndim) * v
+
+
+def distilled_step(
+    network: ApplyFn,
+    x: jax.Array,
+    t: jax.Array,
+    d: jax.Array,
+    fresh_noise: jax.Array,
+    settings: ObjectiveConfig,
+) -> jax.Array:
+    """One step of multistep consistency sampling with the distilled student's f."""
+    return renoise(student_function(network, x, t, settings), t, d, fresh_noise, settings)
+
+
 def _start(noise: jax.Array, settings: ObjectiveConfig) -> jax.Array:
     return settings.consistency_sigma_max * noise
 
@@ -120,7 +168,8 @@ def _target_rate(step: jax.Array, settings: ObjectiveConfig) -> jax.Array:
     target_network=True,
     teacher_ema_rate=_target_rate,
     needs_teacher_run=True,
-    sampler=Sampler(step=consistency_step, start=_start),
+    student_starts_as_teacher=True,
+    sampler=Sampler(step=distilled_step, start=_start),
 )
 def consistency_distillation_targets(
     apply_fn: ApplyFn,
@@ -133,7 +182,7 @@ def consistency_distillation_targets(
     """The consistency-distillation regression batch.
 
     Args:
-      apply_fn: apply_fn(params, x, t, d, labels) -> F, the student network.
+      apply_fn: apply_fn(params, x, t, d, labels) -> velocity, the student network.
       teacher: the frozen flow teacher run; `teacher.student` is the EMA target network theta-.
       batch: {'image': (B, ...) data, 'label': (B,) int32}.
       rng: key.
@@ -165,17 +214,19 @@ def consistency_distillation_targets(
         return apply_fn(teacher.student, x, t, d, labels)
 
     f_target = jax.lax.stop_gradient(
-        consistency_function(target_network, x_hat, t_target, settings)
+        student_function(target_network, x_hat, t_target, settings)
     )
-    c_skip, c_out, c_in = coefficients(sigma_student, settings)
-    target = (f_target - expand(c_skip, x1.ndim) * x_student) / expand(c_out, x1.ndim)
+    a, b = student_coefficients(sigma_student, settings)
+    flow_t = 1.0 / (1.0 + sigma_student)
+    target = (f_target - expand(a, x1.ndim) * x_student) / expand(b, x1.ndim)
     regression = Regression(
-        x_t=expand(c_in, x1.ndim) * x_student,
-        t=t_student,
-        d=jnp.zeros((batch_size,), jnp.float32),
+        x_t=expand(flow_t, x1.ndim) * x_student,
+        t=flow_t,
+        d=jnp.full((batch_size,), 1.0 / settings.denoise_timesteps, jnp.float32),
         labels=labels,
         target=jax.lax.stop_gradient(target),
         is_bootstrap=jnp.ones((batch_size,), bool),
-        weight=c_out**2,
+        weight=jnp.ones((batch_size,), jnp.float32),
+        error_scale=b,
     )
     return regression, {"consistency_scales": jnp.asarray(scales, jnp.float32)}

@@ -123,11 +123,17 @@ def consistency_step(
     settings: ObjectiveConfig,
 ) -> jax.Array:
     """One step of multistep consistency sampling: denoise at t, re-noise to t + d."""
-    x0 = consistency_function(network, x, t, settings)
+    return renoise(consistency_function(network, x, t, settings), t, d, fresh_noise, settings)
+
+
+def renoise(
+    x0: jax.Array, t: jax.Array, d: jax.Array, fresh_noise: jax.Array, settings: ObjectiveConfig
+) -> jax.Array:
+    """The denoised x0 taken to the noise level of time t + d (multistep consistency sampling)."""
     sigma_next = sigma_of(jnp.minimum(t + d, 1.0), settings)
     # At the last time point sigma_next = sigma_min, so no noise is added.
     scale = jnp.sqrt(jnp.maximum(sigma_next**2 - settings.consistency_sigma_min**2, 0.0))
-    return x0 + expand(scale, x.ndim) * fresh_noise
+    return x0 + expand(scale, x0.ndim) * fresh_noise
 
 
 def _start(noise: jax.Array, settings: ObjectiveConfig) -> jax.Array:
