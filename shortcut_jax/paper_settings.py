@@ -154,9 +154,9 @@ METHODS: dict[str, Method] = {
         "the student and its target network starting as the teacher (as the paper's code does)",
         deviations=(
             "squared L2 instead of LPIPS (no pretrained VGG weights offline)",
-            "the consistency function is built on the flow teacher's denoiser (F = (D - c_skip_edm "
-            "x) / c_out_edm, module docstring) instead of EDM's network output, so that the student "
-            "can start as the teacher",
+            "the consistency function is built on the flow teacher's denoiser (F = (D - "
+            "c_skip_edm x) / c_out_edm, module docstring) instead of EDM's network output, so "
+            "that the student can start as the teacher",
         ),
         two_stage=True,
     ),
