@@ -213,9 +213,7 @@ def consistency_distillation_targets(
     def target_network(x: jax.Array, t: jax.Array, d: jax.Array) -> jax.Array:
         return apply_fn(teacher.student, x, t, d, labels)
 
-    f_target = jax.lax.stop_gradient(
-        student_function(target_network, x_hat, t_target, settings)
-    )
+    f_target = jax.lax.stop_gradient(student_function(target_network, x_hat, t_target, settings))
     a, b = student_coefficients(sigma_student, settings)
     flow_t = 1.0 / (1.0 + sigma_student)
     target = (f_target - expand(a, x1.ndim) * x_student) / expand(b, x1.ndim)
