@@ -220,6 +220,7 @@ def run_commands(plan: dict, suite: str, method: str, seed: int, work: Path) -> 
             command += [f"--num={entry['pairs']['num']}", f"--steps={entry['pairs']['steps']}"]
             steps.append({"role": "pairs", "workdir": pairs_dir, "command": command})
             overrides["data.pairs_dir"] = str(pairs_dir)
+            overrides["init_from"] = str(teacher)  # 2-rectified flow fine-tunes the teacher
         else:
             overrides["teacher.workdir"] = str(teacher)
     steps.append(

@@ -164,7 +164,8 @@ METHODS: dict[str, Method] = {
         objective="reflow",
         overrides={},
         source="Liu et al. 2023 (2-rectified flow): the student regresses straight lines between "
-        "noise and the teacher's 128-step samples",
+        "noise and the teacher's samples, starting as the teacher (the rectified-flow code "
+        "fine-tunes its 1-rectified flow: config.init_from, set by the study)",
         two_stage=True,
     ),
 }

@@ -116,3 +116,27 @@ def test_a_training_run_resumed_before_its_sittings_were_timed_is_marked(tmp_pat
     assert study_module._untimed_sittings(tmp_path, {"wall_seconds": 1360.0}) == 1
     assert study_module._untimed_sittings(tmp_path, {"wall_seconds": 3300.0, "sittings": 2}) == 0
     assert study_module._untimed_sittings(tmp_path / "pairs", {"wall_seconds": 9.0}) == 0
+
+
+def test_distilled_students_start_as_their_seeds_teacher(tmp_path):
+    """Reflow fine-tunes the teacher (config.init_from); PD and CD copy it (teacher.workdir with
+    teacher.init_student); one-stage methods start fresh."""
+    module = load_study_module()
+    plan = {
+        "runs": {
+            "reflow": {"teacher_steps": 4, "pairs": {"num": 8, "steps": 2}, "steps": 3},
+            "consistency_distillation": {"teacher_steps": 4, "steps": 3},
+            "shortcut": {"steps": 5},
+        }
+    }
+
+    def train_command(method):
+        steps = module.run_commands(plan, "toy2d", method, 1, tmp_path)
+        return next(step["command"] for step in steps if step["role"] == "train")
+
+    teacher = tmp_path / "teacher_seed1"
+    assert f"--config.init_from={teacher}" in train_command("reflow")
+    distilled = train_command("consistency_distillation")
+    assert f"--config.teacher.workdir={teacher}" in distilled
+    assert "--config.teacher.init_student=true" in distilled
+    assert not any("init_from" in arg or "teacher." in arg for arg in train_command("shortcut"))
