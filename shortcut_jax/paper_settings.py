@@ -3,7 +3,7 @@
     config = paper_settings.apply(base, "meanflow")   # objective + that paper's settings
 
 A `Method` names the objective, the config fields its paper sets (everything else, the network,
-batch, optimiser, schedule and EMA, is the run's own, the same for every method of a comparison),
+batch, optimiser and schedule, is the run's own, the same for every method of a comparison),
 where those settings come from, and each way ours differs from that paper with the reason.
 `benchmarks/objectives_study.py` builds its runs from here, and BENCHMARKS.md lists the
 deviations under its tables from here.
@@ -39,8 +39,10 @@ class Method:
 
 # Listed once under every comparison table.
 SHARED_DEVIATION = (
-    "the comparison's network, batch, optimiser, learning-rate schedule and EMA (the same for "
-    "every method) instead of each paper's own"
+    "the comparison's network, batch, optimiser and learning-rate schedule (the same for every "
+    "method) instead of each paper's own; the sampling EMA at the suite's rate, except that a "
+    "distilled student that starts as its teacher averages over the same fraction of its "
+    "shorter run (objectives_study.student_ema_rate) unless its paper sets none"
 )
 
 METHODS: dict[str, Method] = {
@@ -132,9 +134,11 @@ METHODS: dict[str, Method] = {
     ),
     "progressive_distillation": Method(
         objective="progressive_distillation",
-        overrides={"teacher.steps_per_stage": 0, "teacher.init_student": True},
+        overrides={"teacher.steps_per_stage": 0, "teacher.init_student": True, "ema_rate": 0.0},
         source="Salimans and Ho 2022, Algorithm 2: halving the student's steps stage by stage "
-        "(64 -> 1), the student starting as the teacher, a fresh schedule and EMA per stage",
+        "(64 -> 1), the student starting as the teacher, a fresh learning-rate schedule per "
+        "stage, and no sampling EMA: each stage's student is scored from its own parameters "
+        "(the official distillation configs set ema_decay 0)",
         deviations=(
             "the Adam moments carry over between stages",
             "velocity (flow) parametrisation with the 1 / (1 - t)^2-weighted x-space loss (module "

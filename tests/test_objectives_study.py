@@ -123,11 +123,13 @@ def test_distilled_students_start_as_their_seeds_teacher(tmp_path):
     teacher.init_student); one-stage methods start fresh."""
     module = load_study_module()
     plan = {
+        "reference": {"method": "shortcut", "steps": 5},
         "runs": {
             "reflow": {"teacher_steps": 4, "pairs": {"num": 8, "steps": 2}, "steps": 3},
             "consistency_distillation": {"teacher_steps": 4, "steps": 3},
+            "progressive_distillation": {"teacher_steps": 4, "steps": 2},
             "shortcut": {"steps": 5},
-        }
+        },
     }
 
     def train_command(method):
@@ -140,3 +142,40 @@ def test_distilled_students_start_as_their_seeds_teacher(tmp_path):
     assert f"--config.teacher.workdir={teacher}" in distilled
     assert "--config.teacher.init_student=true" in distilled
     assert not any("init_from" in arg or "teacher." in arg for arg in train_command("shortcut"))
+
+
+def test_students_that_start_as_their_teacher_average_over_the_same_fraction_of_their_run(
+    tmp_path,
+):
+    """toy2d's EMA rate 0.99 spans 100 of the reference run's 3,000 steps; a 1,000-step student
+    gets a 33-step horizon (0.97), PD none (its paper), the teacher and one-stage methods the
+    suite's rate."""
+    module = load_study_module()
+    assert module.student_ema_rate("toy2d", 3000, 1000) == pytest.approx(0.97)
+    assert module.student_ema_rate("toy2d", 3000, 3000) == pytest.approx(0.99)
+    assert module.student_ema_rate("toy2d", 3000, 20) == 0.0  # never negative
+    plan = {
+        "reference": {"method": "shortcut", "steps": 3000},
+        "runs": {
+            "consistency_distillation": {"teacher_steps": 1500, "steps": 1000},
+            "progressive_distillation": {"teacher_steps": 1500, "steps": 1000},
+            "reflow": {"teacher_steps": 1500, "pairs": {"num": 8, "steps": 2}, "steps": 1000},
+            "shortcut": {"steps": 3000},
+        },
+    }
+
+    def ema_flags(method):
+        steps = module.run_commands(plan, "toy2d", method, 0, tmp_path)
+        return {
+            step["role"]: [arg for arg in step["command"] if arg.startswith("--config.ema_rate")]
+            for step in steps
+            if step["role"] in ("teacher", "train")
+        }
+
+    assert ema_flags("consistency_distillation") == {
+        "teacher": [],
+        "train": ["--config.ema_rate=0.97"],
+    }
+    assert ema_flags("reflow")["train"] == ["--config.ema_rate=0.97"]
+    assert ema_flags("progressive_distillation")["train"] == ["--config.ema_rate=0.0"]
+    assert ema_flags("shortcut") == {"train": []}

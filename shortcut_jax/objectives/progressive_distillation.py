@@ -35,8 +35,11 @@ trained at the stage's level d = 1 / N_k.
 
 Each stage is its own training run, as in Algorithm 2: the learning-rate schedule (the run's
 warm-up and decay, over the stage's steps) restarts at every stage, and so does the sampling EMA
-(`ema_params` starts afresh from the student after the stage's first update), so each stage is
-scored from its own parameters and the final student's EMA holds nothing of earlier stages. The
+(`ema_params` starts afresh from the student after the stage's first update), so the final
+student's EMA holds nothing of earlier stages. A stage much shorter than the EMA's horizon is
+still scored mostly from its starting point (350 steps at rate 0.999 keep 70 % of the stage's
+first update); the paper's own configs use no EMA (`config.ema_rate = 0`, which
+`shortcut_jax.paper_settings` sets), so each stage is scored from its own final parameters. The
 Adam moments carry over from stage to stage.
 """
 
