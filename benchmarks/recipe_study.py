@@ -30,9 +30,11 @@ only elementwise work of the step (learning rate, schedule, EMA rate, level draw
 flow times, loss kind: `STEP_COST_NEUTRAL`) runs the default's program and gets its steps untimed.
 Both step times, their ratio, every burst and the machine's float32 matmul rate
 (`matmul_benchmark.matmul_rate`, before and after the timing) go into the result file. Only the
-timing needs the machine to itself, not the training: `--calibrate_only` measures (and caches in
-each run's directory) the step times of every selected run in one quiet spell, and the runs read
-them later, even while another job shares the machine. A two-phase
+timing needs the machine to itself, not the training: `--calibrate_only` measures the step times
+of every selected run in one quiet spell and keeps them in each run's directory and in
+benchmarks/results/recipe_study/<phase>/calibration/<variant>.json (commit these: a later sitting on
+a new machine, whose --workdir starts empty, reuses them), and the runs read them later, even
+while another job shares the machine. A two-phase
 variant (flow matching first, then shortcut from it via config.init_from) splits the same budget:
 phase 1 gets fraction f of it converted through the flow-matching step's cost, phase 2 the rest
 converted through its own. Sampling and scoring cost is not part of the budget; sampling-only
@@ -488,16 +490,35 @@ def calibration_configs(variant: Variant, quick: bool, fraction: float) -> dict[
     return configs
 
 
+def calibration_path(results_dir: Path, phase: str, name: str) -> Path:
+    """benchmarks/results/recipe_study/<phase>/calibration/<variant>.json: a variant's measured
+    step times, kept beside the results so that a later sitting on a new machine (whose --workdir
+    starts empty) reuses them instead of needing another quiet spell."""
+    return results_dir / phase / "calibration" / f"{name}.json"
+
+
 def calibrate(
     variant: Variant, run_dir: Path, args: argparse.Namespace, default_steps: int
 ) -> dict[str, Any]:
-    """Back-to-back step times of the default and the variant's training configs (cached)."""
-    cached = run_dir / "calibration.json"
+    """Back-to-back step times of the default and the variant's training configs.
+
+    Cached in the run's directory and in `calibration_path` (the first that matches the request
+    is used); a measurement is written to both, atomically.
+    """
+    from shortcut_jax import atomic_files
+
+    caches = [run_dir / "calibration.json"]
+    if getattr(args, "results_dir", None):
+        caches.append(calibration_path(Path(args.results_dir), args.phase, variant.name))
     configs = calibration_configs(variant, args.quick, PHASES[args.phase][0])
     request = {"configs": configs, "default_steps": default_steps, "quick": args.quick}
-    previous = _json(cached)
-    if previous is not None and previous["request"] == json.loads(json.dumps(request)):
-        return previous
+    for cached in caches:
+        previous = _json(cached)
+        if previous is not None and previous["request"] == json.loads(json.dumps(request)):
+            if cached != caches[0]:
+                atomic_files.write_json(caches[0], previous)
+            return previous
+    cached = caches[0]
     if getattr(args, "require_calibrated", False) and len(configs) > 1:
         raise RuntimeError(
             f"{cached} is missing or stale and --require_calibrated is set: measure the step "
@@ -510,9 +531,9 @@ def calibrate(
     study_runs.run_timed(worker, log)
     measured = json.loads(log.read_text().strip().splitlines()[-1])
     calibration = {"request": request, **measured}
-    from shortcut_jax import atomic_files
-
-    atomic_files.write_json(cached, calibration)
+    for path in caches:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_files.write_json(path, calibration)
     return calibration
 
 

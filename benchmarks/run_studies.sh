@@ -8,7 +8,9 @@
 #
 # --calibrate first measures the timed recipe variants' step times with the machine to itself
 # (recipe_study.py --calibrate_only, ~25 min on a 80 GFLOP/s machine); the timed variants run
-# only with those (--require_calibrated), the cost-neutral ones need none.
+# only with those (--require_calibrated), the cost-neutral ones need none. The measurements are
+# kept in $STUDY_RESULTS/recipe_study/screen/calibration/ too: commit them, and later sittings on
+# new machines need no quiet spell.
 # Why autogroup: a process started under setsid is in an autogroup of its own, and the kernel
 # shares the CPU between autogroups before it looks at a process's nice value; the scavenger sets
 # its autogroup's nice to 19 (measured: the objectives run then gets ~165 % of 200 % CPU).

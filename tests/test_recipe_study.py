@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny import REPO
@@ -218,6 +219,37 @@ def test_the_report_refuses_results_whose_settings_differ_from_the_script(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_new_workdir_reuses_the_step_times_kept_beside_the_results(tmp_path, monkeypatch):
+    """A sitting on a new machine starts with an empty --workdir: the timed variant's step times
+    come from results/<phase>/calibration/ (no quiet spell, no worker), are copied into the run's
+    directory, and a request that no longer matches is measured again."""
+    args = argparse.Namespace(
+        quick=False, phase="screen", results_dir=str(tmp_path / "results"), require_calibrated=True
+    )
+    variant = recipe_study.VARIANTS["batch_16"]
+    run_dir = tmp_path / "work" / "screen" / "batch_16_seed0"
+    run_dir.mkdir(parents=True)
+    configs = recipe_study.calibration_configs(variant, False, recipe_study.PHASES["screen"][0])
+    request = {"configs": configs, "default_steps": 1750, "quick": False}
+    kept = {
+        "request": json.loads(json.dumps(request)),
+        "seconds_per_step": {"default": 0.2, "train": 0.1},
+    }
+    shared = recipe_study.calibration_path(Path(args.results_dir), "screen", "batch_16")
+    shared.parent.mkdir(parents=True)
+    shared.write_text(json.dumps(kept))
+
+    def no_worker(*_args, **_kwargs):
+        raise AssertionError("measured again although a matching calibration was kept")
+
+    monkeypatch.setattr(study_runs, "run_timed", no_worker)
+    assert recipe_study.calibrate(variant, run_dir, args, 1750) == kept
+    assert json.loads((run_dir / "calibration.json").read_text()) == kept
+    (run_dir / "calibration.json").unlink()
+    with pytest.raises(RuntimeError, match="--require_calibrated"):
+        recipe_study.calibrate(variant, run_dir, args, 3500)  # another budget: stale
+
+
 def test_step_times_are_measured_back_to_back_and_a_bigger_model_is_slower():
     small = study_runs.load_config({**recipe_study.QUICK_OVERRIDES, "total_steps": 10})
     big = study_runs.load_config(
@@ -246,7 +278,9 @@ def test_the_quick_study_trains_tunes_scores_reports_and_skips_finished_runs(tmp
     assert measure.returncode == 0, measure.stdout[-3000:] + measure.stderr[-3000:]
     calibration = tmp_path / "screen" / "default_seed0" / "calibration.json"
     measured = calibration.read_text()
-    assert not (tmp_path / "results").exists()  # measured only: nothing trained or scored
+    screen_results = tmp_path / "results" / "screen"
+    assert not list(screen_results.glob("*.json"))  # measured only: nothing trained or scored
+    assert (screen_results / "calibration" / "default.json").read_text() == measured
     unmeasured = subprocess.run(
         base + ["--only", "boot_1_2", "--require_calibrated"],
         cwd=REPO,
