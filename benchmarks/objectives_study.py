@@ -173,15 +173,18 @@ def _shown(command: list[str], work: Path) -> list[str]:
 
 
 @functools.cache
-def suite_warmup_steps(suite: str) -> int:
-    """The suite config's warm-up steps (read once per suite)."""
-    return int(suite_config(suite).optim.warmup_steps)
+def suite_setting(suite: str, field: str) -> Any:
+    """One field of the suite config, dotted (e.g. 'optim.warmup_steps'; read once per suite)."""
+    node = suite_config(suite)
+    for part in field.split("."):
+        node = node[part]
+    return node
 
 
 def train_overrides(suite: str, method: str, steps: int, seed: int) -> dict[str, Any]:
     """The --config overrides of one training run: its paper's settings, steps and seed."""
     spec = paper_settings.get(method)
-    warmup = suite_warmup_steps(suite)
+    warmup = int(suite_setting(suite, "optim.warmup_steps"))
     return {
         "objective": spec.objective,
         **spec.overrides,
@@ -204,7 +207,7 @@ def student_ema_rate(suite: str, reference_steps: int, steps: int) -> float:
     distillation) and lags a third of its run behind; these students' own papers average over a
     small fraction of far longer runs.
     """
-    rate = float(suite_config(suite).ema_rate)
+    rate = float(suite_setting(suite, "ema_rate"))
     return max(0.0, round(1.0 - (1.0 - rate) * reference_steps / max(steps, 1), 4))
 
 
